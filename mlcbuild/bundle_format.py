@@ -1,0 +1,135 @@
+"""What a bundle holds: the one contract between the stages that write a bundle and the runtime
+that reads it. Only pydantic schemas and constants live here (no compiler, no tvm import).
+
+Bundle layout (one directory per (quantization, device)):
+
+    mlc-chat-config.json        ChatConfig
+    tokenizer.json, tokenizer_config.json, ... (copied from the source)
+    params/tensor-cache.json    TensorCacheIndex
+    params/params_shard_<N>.bin raw little-endian tensor bytes
+    lib/model.so                the compiled model library for the bundle's device
+    manifest.json               Manifest (recipe, node keys, every file's digest and size, tools)
+
+Functions the compiled library exports (driven through tvm's relax VM; ``params`` is the list
+of weight tensors in the order of ``_metadata()["params"]``; ``kv_cache`` is the object that
+``create_paged_kv_cache`` returns, driven with tvm's ``vm.builtin.kv_state_*`` functions):
+
+    _metadata() -> str (JSON: model_type, quantization, params [{name, shape, dtype}], limits)
+    embed(input_ids: int32[n], params) -> [n, hidden]
+    prefill(embeddings: [1, n, hidden], kv_cache, params) -> logits [1, 1, vocab] (last token)
+    batch_prefill(embeddings: [1, n, hidden], logit_positions: int32[b], kv_cache, params)
+        -> logits [1, b, vocab]
+    decode(embeddings: [1, 1, hidden], kv_cache, params) -> logits [1, 1, vocab]
+    batch_decode(embeddings: [b, 1, hidden], kv_cache, params) -> logits [b, 1, vocab]
+    create_paged_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                          support_sliding_window) -> kv_cache
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CHAT_CONFIG_FILE = "mlc-chat-config.json"
+TENSOR_CACHE_FILE = "params/tensor-cache.json"
+LIBRARY_FILE = "lib/model.so"
+MANIFEST_FILE = "manifest.json"
+
+# Named conversation templates a recipe may ask for; "auto" uses the tokenizer's chat template.
+KNOWN_CONV_TEMPLATES = ("auto", "llama-3", "llama-2", "phi-2", "chatml", "mistral")
+
+
+class ManifestFile(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    digest: str  # xxh3-128 hex of the file's bytes
+    size: int
+
+
+class Manifest(BaseModel):
+    """manifest.json: how a bundle was made and what it must contain."""
+
+    model_config = ConfigDict(frozen=True)
+
+    format_version: int = 1
+    name: str
+    quantization: str
+    device: str
+    recipe: dict  # the recipe fields that shaped this bundle
+    node_keys: dict[str, str]  # node label -> key, for every node that built the bundle
+    tools: dict[str, str]  # tvm, python, nvcc, mlcbuild versions; target
+    source: dict = {}  # where the weights came from (e.g. {"format": "gguf", "quantized": "Q4_1"})
+    files: list[ManifestFile]
+
+
+# --- Written by gen_config / convert_weight (compiler stages); read by the runtime. ---------------
+# Field names are a contract: add fields with defaults, never rename or remove.
+
+
+class ChatConfig(BaseModel):
+    """mlc-chat-config.json: everything the runtime needs besides weights and the library.
+
+    The JSON key ``model_config`` (attribute ``arch_config``: pydantic reserves the name) is the
+    architecture's normalized config; the compile stage rebuilds the model from it, so it holds
+    every field that shapes the compiled graph. The limits below are the values the library was
+    compiled for. Write with ``model_dump_json(by_alias=True)``.
+    """
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, protected_namespaces=())
+
+    format_version: int = 1
+    model_type: str  # key of mlcbuild.models.ARCHITECTURES, e.g. "llama", "qwen2", "phi"
+    arch_config: dict = Field(alias="model_config")  # normalized config, mlcbuild/models/<arch>.py
+    quantization: str  # key of mlcbuild.quantization.QUANTIZATIONS
+    model_dtype: str  # dtype of activations / KV cache: float32, float16 or bfloat16
+    vocab_size: int
+    context_window_size: int  # max tokens in one sequence (prompt + generated)
+    prefill_chunk_size: int  # max tokens per prefill call
+    sliding_window_size: int = -1  # -1: no sliding window
+    attention_sink_size: int = 0  # tokens kept at the start when a sliding window is active
+    tensor_parallel_shards: int = 1
+    max_batch_size: int = 1  # sequences decoded together by batch_decode
+    page_size: int = 16  # KV cache page size the runtime should pass to create_paged_kv_cache
+    conv_template: str  # "auto" (use chat_template) or a name in KNOWN_CONV_TEMPLATES
+    chat_template: str | None = None  # jinja template from the tokenizer (used when "auto")
+    # generation defaults (from generation_config.json where present)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: disabled
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    max_new_tokens: int | None = None
+    do_sample: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = []
+    pad_token_id: int | None = None
+    tokenizer_files: list[str] = []  # file names copied next to this config
+
+
+class TensorRecord(BaseModel):
+    """One tensor in the weight shards."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str  # parameter name, as in the library's _metadata()["params"]
+    shape: list[int]
+    dtype: str  # numpy-style name: float32, float16, bfloat16 (raw uint16 bits), uint32, ...
+    format: str = "raw"  # little-endian, C-contiguous bytes
+    shard: str  # file name inside params/, e.g. "params_shard_0.bin"
+    offset: int  # byte offset inside the shard
+    nbytes: int
+    digest: str  # xxh3-128 hex of the tensor's bytes
+
+
+class TensorCacheIndex(BaseModel):
+    """params/tensor-cache.json: where each weight tensor lives. ``tensors`` is in the order of
+    the library's ``_metadata()["params"]`` (the order the packed ``params`` argument takes)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    format_version: int = 1
+    quantization: str
+    model_type: str
+    shards: list[str]  # shard file names inside params/, in order
+    tensors: list[TensorRecord]

@@ -1,0 +1,334 @@
+"""The `mlcbuild` command line: the only place that parses argv and prints for humans."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.tree import Tree
+
+from mlcbuild.cache.store import ArtifactStore
+from mlcbuild.pipeline.executor import Event, Executor, RunOptions
+from mlcbuild.pipeline.graph import Graph
+from mlcbuild.recipe import LoadedRecipe, RecipeError, load_recipe
+
+app = typer.Typer(help="Build LLM checkpoints into compiled, deployable bundles, and run them.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+cache_app = typer.Typer(help="Inspect and maintain the artifact cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+EXIT_BUILD_FAILED = 1
+EXIT_USAGE = 2
+
+CacheDir = typer.Option(None, "--cache-dir", help="Artifact cache (default: $MLCBUILD_CACHE_DIR or the user cache dir).")
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    console.print(f"[red]error:[/red] {escape(message)}")
+    raise typer.Exit(code)
+
+
+def _load(recipe: Path) -> LoadedRecipe:
+    try:
+        return load_recipe(recipe)
+    except RecipeError as exc:
+        console.print(str(exc), markup=False)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _graph(loaded: LoadedRecipe, devices: list[str] | None = None, quantizations: list[str] | None = None,
+           until: str | None = None) -> Graph:
+    from mlcbuild.stages import LLM_TEMPLATE, build_graph
+
+    stages = [t.stage for t in LLM_TEMPLATE]
+    if until is not None and until not in stages:
+        _fail(f"--until: {until!r} is not a stage; stages: {', '.join(stages)}")
+    for flag, wanted, known in (("--device", devices, loaded.recipe.devices),
+                                ("--quantization", quantizations, loaded.recipe.quantization)):
+        for value in wanted or []:
+            if value not in known:
+                _fail(f"{flag}: {value!r} is not in the recipe; it has: {', '.join(known)}")
+    try:
+        graph = build_graph(loaded)
+    except (RecipeError, ValueError) as exc:
+        _fail(str(exc))
+    filters = {"device": set(devices or []), "quantization": set(quantizations or [])}
+
+    def keep(node: Any) -> bool:
+        if until is not None and node.stage != until:
+            return False
+        return all(not wanted or node.axes.get(axis) in wanted or axis not in node.axes
+                   for axis, wanted in filters.items())
+
+    return graph.select(keep)
+
+
+def _executor(loaded: LoadedRecipe, graph: Graph, cache_dir: Path | None, options: RunOptions,
+              on_event: Any = None) -> Executor:
+    from mlcbuild.stages import get_stage
+
+    return Executor(ArtifactStore(cache_dir), graph, get_stage, options, on_event)
+
+
+class _HumanProgress:
+    """Rich progress for a build: a spinner per running node, one line per finished node."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 DownloadColumn(), TimeElapsedColumn(), console=console, transient=True)
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, event: Event) -> None:
+        kind, node = event["event"], event.get("node", "")
+        if kind == "node_start":
+            console.print(f"[cyan]build [/cyan] {escape(node)}  [dim]({escape(event.get('reason', ''))})[/dim]")
+            self.tasks[node] = self.progress.add_task(escape(node), total=None)
+        elif kind == "progress" and node in self.tasks:
+            self.progress.update(self.tasks[node], completed=event["done"], total=event.get("total"))
+        elif kind == "log":
+            self.progress.console.print(f"[dim]{escape(node)}: {escape(str(event['message']))}[/dim]")
+        elif kind == "node_done":
+            self._finish(node)
+            console.print(f"[green]done  [/green] {escape(node)}  [dim]{event['duration_s']:.2f}s, "
+                          f"{_size(event.get('bytes', 0))}[/dim]")
+        elif kind == "node_cached":
+            console.print(f"[dim]cached {escape(node)}[/dim]")
+        elif kind == "node_failed":
+            self._finish(node)
+            console.print(f"[red]FAILED[/red] {escape(node)}\n{escape(event['error'])}")
+        elif kind == "node_skipped":
+            console.print(f"[yellow]skip  [/yellow] {escape(node)}  [dim]({escape(event.get('reason', ''))})[/dim]")
+        elif kind == "blob_corrupt":
+            console.print(f"[yellow]corrupt[/yellow] {escape(node)}: {escape(event['message'])}")
+        elif kind == "materialized":
+            console.print(f"[dim]wrote  {escape(event['path'])}[/dim]")
+
+    def _finish(self, node: str) -> None:
+        task = self.tasks.pop(node, None)
+        if task is not None:
+            self.progress.remove_task(task)
+
+
+def _json_event(event: Event) -> None:
+    print(json.dumps(event, sort_keys=True), flush=True)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    jobs: int = typer.Option(os.cpu_count() or 1, "-j", "--jobs", min=1, help="Nodes to run at once."),
+    keep_going: bool = typer.Option(False, "--keep-going", "-k", help="After a failure, finish the independent nodes."),
+    device: Optional[list[str]] = typer.Option(None, "--device", help="Only this device (repeatable)."),
+    quantization: Optional[list[str]] = typer.Option(None, "--quantization", "-q", help="Only this quantization (repeatable)."),
+    until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage."),
+    force: bool = typer.Option(False, "--force", help="Rebuild every selected node."),
+    force_stage: Optional[list[str]] = typer.Option(None, "--force-stage", help="Rebuild the nodes of this stage (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout (for CI)."),
+    cache_dir: Optional[Path] = CacheDir,
+) -> None:
+    """Build a recipe: reuse every cached node, build the rest, lay bundles out in its output dir."""
+    loaded = _load(recipe)
+    graph = _graph(loaded, device, quantization, until)
+    options = RunOptions(jobs=jobs, keep_going=keep_going, force=force,
+                         force_stages=frozenset(force_stage or []), output_dir=loaded.output_dir)
+    if as_json:
+        result = _executor(loaded, graph, cache_dir, options, _json_event).run()
+    else:
+        human = _HumanProgress()
+        with human.progress:
+            result = _executor(loaded, graph, cache_dir, options, human).run()
+        summary = (f"{result.count('built')} built, {result.count('cached')} cached, "
+                   f"{result.count('failed')} failed, {result.count('skipped')} skipped "
+                   f"in {result.duration_s:.2f}s")
+        console.print(("[green]ok[/green] " if result.ok else "[red]failed[/red] ") + summary)
+        if result.ok and any(n.materialize for n in graph.nodes):
+            console.print(f"outputs in {loaded.output_dir}")
+    if not result.ok:
+        raise typer.Exit(EXIT_BUILD_FAILED)
+
+
+@app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    device: Optional[list[str]] = typer.Option(None, "--device"),
+    quantization: Optional[list[str]] = typer.Option(None, "--quantization", "-q"),
+    until: Optional[str] = typer.Option(None, "--until"),
+    force: bool = typer.Option(False, "--force"),
+    force_stage: Optional[list[str]] = typer.Option(None, "--force-stage"),
+    as_json: bool = typer.Option(False, "--json"),
+    cache_dir: Optional[Path] = CacheDir,
+) -> None:
+    """Show what `run` would do for each node, and why (which input, param or tool changed)."""
+    loaded = _load(recipe)
+    graph = _graph(loaded, device, quantization, until)
+    options = RunOptions(force=force, force_stages=frozenset(force_stage or []))
+    entries = _executor(loaded, graph, cache_dir, options).plan()
+    if as_json:
+        for e in entries:
+            _json_event({"node": e.node.label, "stage": e.node.stage, "action": e.action,
+                         "reason": e.reason, "key": e.key})
+        return
+    style = {"cached": "dim", "run": "cyan", "after-upstream": "yellow"}
+    for e in entries:
+        out.print(f"[{style[e.action]}]{e.action:<14}[/{style[e.action]}] {escape(f'{e.node.label:<36}')} {escape(e.reason)}")
+    todo = sum(1 for e in entries if e.action != "cached")
+    out.print(f"{todo} of {len(entries)} nodes to run" if todo else "everything is up to date")
+
+
+@app.command()
+def dag(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    fmt: str = typer.Option("text", "--format", help="text | mermaid | dot"),
+) -> None:
+    """Print the recipe's DAG of stages."""
+    loaded = _load(recipe)
+    graph = _graph(loaded)
+    ids = {id(n): f"n{i}" for i, n in enumerate(graph.nodes)}
+    if fmt == "mermaid":
+        out.print("graph LR", markup=False)
+        for n in graph.nodes:
+            out.print(f'  {ids[id(n)]}["{n.label}"]', markup=False)
+        for n in graph.nodes:
+            for name, up in n.inputs.items():
+                out.print(f"  {ids[id(up)]} -->|{name}| {ids[id(n)]}", markup=False)
+    elif fmt == "dot":
+        out.print("digraph mlcbuild {\n  rankdir=LR;", markup=False)
+        for n in graph.nodes:
+            out.print(f'  {ids[id(n)]} [label="{n.label}"];', markup=False)
+        for n in graph.nodes:
+            for name, up in n.inputs.items():
+                out.print(f'  {ids[id(up)]} -> {ids[id(n)]} [label="{name}"];', markup=False)
+        out.print("}", markup=False)
+    elif fmt == "text":
+        sinks = [n for n in graph.nodes if not graph.dependents(n)]
+        root = Tree(f"[bold]{loaded.recipe.name}[/bold]")
+
+        def add(tree: Tree, node: Any) -> None:
+            for name, up in node.inputs.items():
+                add(tree.add(f"{escape(up.label)} [dim]({name})[/dim]"), up)
+
+        for sink in sinks:
+            add(root.add(escape(sink.label) + (f" [dim]-> {escape(', '.join(sink.materialize))}[/dim]" if sink.materialize else "")), sink)
+        out.print(root)
+    else:
+        _fail(f"--format: {fmt!r} is not a format; expected text, mermaid or dot")
+
+
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]?i?B?)\s*$", re.I)
+_AGE = re.compile(r"^\s*([0-9.]+)\s*([smhdw])\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE.match(text)
+    if not m:
+        raise typer.BadParameter(f"{text!r}: expected a size like 500MB, 20GB or 1.5TiB")
+    unit = m.group(2).upper().rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    power = " KMGT".index(unit[:1] or " ") if unit else 0
+    return int(float(m.group(1)) * base**power)
+
+
+def parse_age(text: str) -> float:
+    m = _AGE.match(text)
+    if not m:
+        raise typer.BadParameter(f"{text!r}: expected an age like 12h, 30d or 2w")
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2).lower()]
+
+
+@cache_app.command("ls")
+def cache_ls(cache_dir: Optional[Path] = CacheDir, as_json: bool = typer.Option(False, "--json")) -> None:
+    """List cached nodes, most recently built last."""
+    store = ArtifactStore(cache_dir)
+    records = sorted(store.records(), key=lambda r: r.created)
+    if as_json:
+        for r in records:
+            _json_event({"key": r.key, "label": r.label, "stage": r.stage, "bytes": r.size,
+                         "files": len(r.outputs), "created": r.created, "duration_s": r.duration_s})
+        return
+    table = Table("key", "node", "files", "size", "built", "took")
+    for r in records:
+        table.add_row(r.key[:16], r.label, str(len(r.outputs)), _size(r.size),
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)), f"{r.duration_s:.2f}s")
+    out.print(table)
+
+
+@cache_app.command("info")
+def cache_info(key: Optional[str] = typer.Argument(None, help="A node key (or prefix)."),
+               cache_dir: Optional[Path] = CacheDir) -> None:
+    """Show the cache's location and size, or one node's record."""
+    store = ArtifactStore(cache_dir)
+    if key is None:
+        records, blobs, size = store.usage()
+        out.print(f"cache:   {store.root}\nrecords: {records}\nblobs:   {blobs}\nsize:    {_size(size)}")
+        return
+    matches = [r for r in store.records() if r.key.startswith(key)]
+    if len(matches) != 1:
+        _fail(f"{len(matches)} records match key {key!r}; give a longer prefix" if matches else f"no record with key {key!r}")
+    out.print_json(matches[0].model_dump_json())
+
+
+@cache_app.command("verify")
+def cache_verify(cache_dir: Optional[Path] = CacheDir) -> None:
+    """Check every blob against its digest; drop bad blobs and the records that need them."""
+    problems = ArtifactStore(cache_dir).verify()
+    for problem in problems:
+        out.print(problem, markup=False)
+    if problems:
+        out.print(f"{len(problems)} problem(s); the affected nodes will be rebuilt on the next run")
+        raise typer.Exit(EXIT_BUILD_FAILED)
+    out.print("cache OK")
+
+
+@cache_app.command("gc")
+def cache_gc(
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="Evict least recently used until the cache fits (e.g. 20GB)."),
+    older_than: Optional[str] = typer.Option(None, "--older-than", help="Evict what was not used for this long (e.g. 30d)."),
+    cache_dir: Optional[Path] = CacheDir,
+) -> None:
+    """Evict cached nodes; never what a running build holds."""
+    if max_size is None and older_than is None:
+        _fail("give --max-size and/or --older-than")
+    store = ArtifactStore(cache_dir)
+    evicted, freed = store.gc(parse_size(max_size) if max_size else None, parse_age(older_than) if older_than else None)
+    out.print(f"evicted {len(evicted)} node(s), freed {_size(freed)}")
+
+
+@cache_app.command("rm")
+def cache_rm(keys: list[str] = typer.Argument(..., help="Node keys (or prefixes) to forget."),
+             cache_dir: Optional[Path] = CacheDir) -> None:
+    """Forget cached nodes (their blobs go at the next gc)."""
+    store = ArtifactStore(cache_dir)
+    for key in keys:
+        removed = store.remove(key)
+        if not removed:
+            _fail(f"no record with key {key!r}")
+        out.print(f"removed {', '.join(r[:16] for r in removed)}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

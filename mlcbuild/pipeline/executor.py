@@ -1,0 +1,391 @@
+"""Runs a DAG: cache lookup before run, parallel execution of ready nodes, and events.
+
+A node's key is computed once its inputs are known (built or found in the cache), from the
+content digests of those inputs, so a re-run upstream node that produces the same bytes leaves
+its dependents cached (early cutoff). Each node that must run is built under a per-key file
+lock, in a private work dir, and published atomically; then its outputs are laid out in the
+output directory if the template asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+import traceback
+import uuid
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from filelock import FileLock
+
+from mlcbuild.cache.store import ArtifactStore, CorruptBlob, NodeRecord
+from mlcbuild.pipeline.graph import Graph, Node
+from mlcbuild.pipeline.hashing import canonical_digest, tree_digest
+from mlcbuild.pipeline.stage import Stage, StageContext, StageError
+
+Event = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    jobs: int = os.cpu_count() or 1
+    keep_going: bool = False
+    force: bool = False
+    force_stages: frozenset[str] = frozenset()
+    output_dir: Path | None = None  # where nodes with ``materialize`` are laid out
+
+
+@dataclass
+class NodeState:
+    node: Node
+    status: str = "pending"  # pending | running | cached | built | failed | skipped
+    key: str | None = None
+    record: NodeRecord | None = None
+    reason: str = ""
+    error: str | None = None
+    duration_s: float = 0.0
+    retries: int = 0
+
+
+@dataclass
+class PlanEntry:
+    node: Node
+    action: str  # "cached" | "run" | "after-upstream"
+    reason: str
+    key: str | None = None
+
+
+@dataclass
+class RunResult:
+    states: list[NodeState]
+    duration_s: float
+
+    @property
+    def ok(self) -> bool:
+        return all(s.status in ("cached", "built") for s in self.states)
+
+    def count(self, status: str) -> int:
+        return sum(1 for s in self.states if s.status == status)
+
+
+class _CorruptInput(Exception):
+    def __init__(self, upstream: Node, cause: CorruptBlob) -> None:
+        super().__init__(str(cause))
+        self.upstream = upstream
+
+
+class Executor:
+    def __init__(
+        self,
+        store: ArtifactStore,
+        graph: Graph,
+        get_stage: Callable[[str], Stage],
+        options: RunOptions = RunOptions(),
+        on_event: Callable[[Event], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.graph = graph
+        self.get_stage = get_stage
+        self.options = options
+        self._on_event = on_event
+        self._event_lock = threading.Lock()
+        self._stages: dict[str, Stage] = {}
+
+    # -- keys --------------------------------------------------------------------------------
+    def _stage(self, name: str) -> Stage:
+        if name not in self._stages:
+            self._stages[name] = self.get_stage(name)
+        return self._stages[name]
+
+    def components(self, node: Node, inputs: dict[str, NodeRecord], lineage: dict[str, str]) -> dict:
+        """Everything that can change ``node``'s output; its key is the digest of this."""
+        stage = self._stage(node.stage)
+        source_files = [
+            entry
+            for path in stage.source_paths(node.params)
+            for entry in self.store.stat_cache.tree(Path(path))
+        ]
+        comps = {
+            "stage": node.stage,
+            "version": stage.version,
+            "params": node.params.model_dump(mode="json"),
+            "inputs": {name: record.tree_digest for name, record in sorted(inputs.items())},
+            "toolchain": stage.toolchain(node.params),
+            "sources": tree_digest(source_files) if source_files else None,
+        }
+        if stage.records_lineage:
+            comps["lineage"] = lineage
+        return {"components": comps, "source_files": [e[:2] for e in source_files]}
+
+    @staticmethod
+    def key_of(described: dict) -> str:
+        return canonical_digest(described["components"])
+
+    def _lineage(self, node: Node, states: dict[int, NodeState]) -> dict[str, str]:
+        if not self._stage(node.stage).records_lineage:
+            return {}
+        return {a.label: states[id(a)].key or "" for a in self.graph.ancestors(node)}
+
+    def _forced(self, node: Node) -> bool:
+        return self.options.force or node.stage in self.options.force_stages
+
+    # -- plan ----------------------------------------------------------------------------------
+    def plan(self) -> list[PlanEntry]:
+        """What ``run`` would do for each node, and why (like ``dvc status``)."""
+        entries: list[PlanEntry] = []
+        known: dict[int, NodeRecord | None] = {}
+        states: dict[int, NodeState] = {id(n): NodeState(n) for n in self.graph.nodes}
+        for node in self.graph.nodes:
+            waiting = [up for up in node.inputs.values() if known.get(id(up)) is None]
+            if waiting:
+                names = ", ".join(sorted({up.label for up in waiting}))
+                entries.append(PlanEntry(node, "after-upstream", f"checked after {names} runs"))
+                known[id(node)] = None
+                continue
+            inputs = {name: known[id(up)] for name, up in node.inputs.items()}
+            described = self.components(node, inputs, self._lineage(node, states))  # type: ignore[arg-type]
+            key = self.key_of(described)
+            states[id(node)].key = key
+            record = self.store.get_record(key)
+            if self._forced(node):
+                entries.append(PlanEntry(node, "run", "forced", key))
+                known[id(node)] = None
+            elif record is not None:
+                entries.append(PlanEntry(node, "cached", "up to date", key))
+                known[id(node)] = record
+            else:
+                reason = explain(self.store.read_index(node.slot), described, self._labels(node))
+                entries.append(PlanEntry(node, "run", reason, key))
+                known[id(node)] = None
+        return entries
+
+    @staticmethod
+    def _labels(node: Node) -> dict[str, str]:
+        return {name: up.label for name, up in node.inputs.items()}
+
+    # -- run -----------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        started = time.perf_counter()
+        states = {id(n): NodeState(n) for n in self.graph.nodes}
+        stop = False
+        with self.store.session() as session, ThreadPoolExecutor(max(1, self.options.jobs)) as pool:
+            futures: dict[Future, NodeState] = {}
+            while True:
+                if not stop:
+                    for state in states.values():
+                        if state.status != "pending":
+                            continue
+                        ups = [states[id(u)] for u in state.node.inputs.values()]
+                        if any(u.status in ("failed", "skipped") for u in ups):
+                            state.status = "skipped"
+                            bad = next(u for u in ups if u.status in ("failed", "skipped"))
+                            state.reason = f"upstream {bad.node.label} {bad.status}"
+                            self._emit("node_skipped", state)
+                        elif all(u.status in ("cached", "built") for u in ups):
+                            state.status = "running"
+                            futures[pool.submit(self._process, state, states, session)] = state
+                if not futures:
+                    break
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for future in done:
+                    state = futures.pop(future)
+                    try:
+                        future.result()
+                    except _CorruptInput as exc:
+                        # The upstream's blob went bad after it was recorded: rebuild it, then us.
+                        upstream = states[id(exc.upstream)]
+                        self._emit("blob_corrupt", upstream, message=str(exc))
+                        state.retries += 1
+                        if state.retries > 3:
+                            state.status, state.error = "failed", str(exc)
+                            self._emit("node_failed", state, error=state.error)
+                        else:
+                            upstream.status, upstream.record = "pending", None
+                            state.status = "pending"
+                    except Exception as exc:  # noqa: BLE001 - any stage failure is reported
+                        state.status = "failed"
+                        state.error = _describe_failure(exc)
+                        self._emit("node_failed", state, error=state.error)
+                        if not self.options.keep_going:
+                            stop = True
+            if stop:
+                for state in states.values():
+                    if state.status == "pending":
+                        state.status, state.reason = "skipped", "build stopped after a failure"
+                        self._emit("node_skipped", state)
+        result = RunResult(list(states.values()), time.perf_counter() - started)
+        self._emit_raw({"event": "run_done", "ok": result.ok, "duration_s": round(result.duration_s, 4),
+                        **{s: result.count(s) for s in ("built", "cached", "failed", "skipped")}})
+        return result
+
+    def _process(self, state: NodeState, states: dict[int, NodeState], session: Any) -> None:
+        node = state.node
+        inputs = {name: states[id(up)].record for name, up in node.inputs.items()}
+        described = self.components(node, inputs, self._lineage(node, states))  # type: ignore[arg-type]
+        key = state.key = self.key_of(described)
+        session.hold(key)
+        forced = self._forced(node)
+        record = None if forced else self.store.get_record(key)
+        if record is None:
+            previous = self.store.read_index(node.slot)
+            state.reason = "forced" if forced else explain(previous, described, self._labels(node))
+            with self.store.lock(key):
+                record = None if forced else self.store.get_record(key)
+                if record is not None:
+                    state.reason = "built meanwhile by another build sharing this cache"
+                else:
+                    record = self._build(state, inputs, described, states)  # type: ignore[arg-type]
+                    state.status = "built"
+        if state.status != "built":
+            state.status, state.reason = "cached", state.reason or "up to date"
+            self.store.touch(key)
+            self._emit("node_cached", state)
+        state.record = record
+        previous = self.store.read_index(node.slot)
+        if previous is None or previous.get("key") != key:
+            self.store.write_index(node.slot, {"key": key, **described})
+        self._materialize_outputs(state)
+
+    def _build(self, state: NodeState, inputs: dict[str, NodeRecord], described: dict,
+               states: dict[int, NodeState]) -> NodeRecord:
+        node = state.node
+        stage = self._stage(node.stage)
+        self._emit("node_start", state, reason=state.reason)
+        work = self.store.new_workdir(node.label)
+        started = time.perf_counter()
+        try:
+            input_dirs = {}
+            for name, record in inputs.items():
+                target = work / "in" / name
+                target.mkdir(parents=True)
+                try:
+                    self.store.materialize(record, target)
+                except CorruptBlob as exc:
+                    self.store.drop_record(record.key)
+                    raise _CorruptInput(node.inputs[name], exc) from None
+                input_dirs[name] = target
+            out = work / "out"
+            out.mkdir()
+            (work / "scratch").mkdir()
+            ctx = StageContext(
+                params=node.params,
+                inputs=input_dirs,
+                out=out,
+                work=work / "scratch",
+                toolchain=described["components"]["toolchain"],
+                key=state.key or "",
+                lineage=described["components"].get("lineage", {}),
+                log=lambda message: self._emit("log", state, message=message),
+                progress=lambda done, total: self._emit("progress", state, done=done, total=total),
+            )
+            stage.run(ctx)
+            state.duration_s = time.perf_counter() - started
+            record = self.store.publish(
+                state.key or "",
+                out,
+                {
+                    "label": node.label,
+                    "stage": node.stage,
+                    "version": stage.version,
+                    "params": node.params.model_dump(mode="json"),
+                    "inputs": described["components"]["inputs"],
+                    "toolchain": described["components"]["toolchain"],
+                    "duration_s": round(state.duration_s, 3),
+                },
+            )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        self._emit("node_done", state, bytes=record.size, duration_s=round(state.duration_s, 3))
+        return record
+
+    def _materialize_outputs(self, state: NodeState) -> None:
+        if not state.node.materialize or self.options.output_dir is None or state.record is None:
+            return
+        for sub in state.node.materialize:
+            dest = self.options.output_dir / sub
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(dest.parent / f".{dest.name}.lock")):
+                if self.store.is_materialized(state.record, dest):
+                    continue
+                staging = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+                try:
+                    self.store.materialize(state.record, staging)
+                except CorruptBlob as exc:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    self.store.drop_record(state.record.key)
+                    raise _CorruptInput(state.node, exc) from None
+                # Swap in the complete directory; never leave a half-written one at ``dest``.
+                if dest.exists():
+                    old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+                    os.rename(dest, old)
+                    os.rename(staging, dest)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.rename(staging, dest)
+                self._emit("materialized", state, path=str(dest))
+
+    # -- events ----------------------------------------------------------------------------
+    def _emit(self, kind: str, state: NodeState, **extra: Any) -> None:
+        event = {"event": kind, "node": state.node.label, "stage": state.node.stage}
+        if state.key:
+            event["key"] = state.key
+        if state.reason and kind in ("node_start", "node_cached", "node_skipped"):
+            event["reason"] = state.reason
+        event.update(extra)
+        self._emit_raw(event)
+
+    def _emit_raw(self, event: Event) -> None:
+        if self._on_event is not None:
+            with self._event_lock:
+                self._on_event(event)
+
+
+def _describe_failure(exc: BaseException) -> str:
+    if isinstance(exc, StageError):
+        return str(exc)
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip() + "\n" + "".join(
+        traceback.format_tb(exc.__traceback__)[-3:]
+    )
+
+
+def explain(previous: dict | None, described: dict, input_labels: dict[str, str]) -> str:
+    """Why a node must run, comparing its components with its last build."""
+    if previous is None:
+        return "new: never built"
+    old, new = previous["components"], described["components"]
+    reasons = []
+    if old.get("version") != new["version"]:
+        reasons.append(f"stage version changed ({old.get('version')} -> {new['version']})")
+    changed = _diff(old.get("params", {}), new["params"])
+    if changed:
+        reasons.append("params changed: " + ", ".join(changed))
+    changed = _diff(old.get("toolchain", {}), new["toolchain"])
+    if changed:
+        reasons.append("toolchain changed: " + ", ".join(changed))
+    for name, digest in new["inputs"].items():
+        if old.get("inputs", {}).get(name) != digest:
+            reasons.append(f"input '{name}' changed (output of {input_labels.get(name, name)})")
+    if old.get("sources") != new["sources"]:
+        before = {p: d for p, d in previous.get("source_files", [])}
+        after = {p: d for p, d in described.get("source_files", [])}
+        files = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+        shown = ", ".join(files[:5]) + (f" (+{len(files) - 5} more)" if len(files) > 5 else "")
+        reasons.append(f"source files changed: {shown}")
+    if old.get("lineage") != new.get("lineage") and not reasons:
+        reasons.append("an upstream node was rebuilt")
+    return "; ".join(reasons) or "not in the cache (evicted or never published)"
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for name in sorted(old.keys() | new.keys()):
+        a, b = old.get(name), new.get(name)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_diff(a, b, f"{prefix}{name}."))
+        elif a != b:
+            out.append(f"{prefix}{name}: {a!r} -> {b!r}")
+    return out

@@ -1,0 +1,114 @@
+"""Canonical encoding, xxh3-128 keys, file and tree digests, and the stat cache.
+
+Keys and digests are xxh3-128 hex strings. A value is encoded canonically (JSON with sorted
+keys, no whitespace, UTF-8) so that equal values always give equal keys, whatever the order
+in which they were built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import xxhash
+
+CHUNK = 8 << 20
+# A file modified less than this long before it was digested may be modified again within the
+# same mtime tick without its stat changing (git's "racy clean" problem): such digests are not
+# remembered.
+RACY_SECONDS = 2.0
+
+
+def canonical_bytes(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def canonical_digest(value: Any) -> str:
+    return xxhash.xxh3_128_hexdigest(canonical_bytes(value))
+
+
+def file_digest(path: str | Path) -> str:
+    hasher = xxhash.xxh3_128()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def tree_digest(entries: Iterable[tuple[str, str, int, int]]) -> str:
+    """Digest of a set of files given as (relative path, digest, size, mode)."""
+    return canonical_digest(sorted([list(e) for e in entries]))
+
+
+def iter_files(root: Path) -> list[Path]:
+    """Regular files under ``root`` (or ``root`` itself), sorted, following no symlinked dirs."""
+    if root.is_file():
+        return [root]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            found.append(Path(dirpath) / name)
+    return found
+
+
+class StatCache:
+    """Remembers file digests by (path, size, mtime_ns, inode) in a small SQLite database, so an
+    unchanged source is recognised by one ``stat`` per file instead of a read of its bytes."""
+
+    def __init__(self, db_path: Path) -> None:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._db_path = db_path
+        self._local = threading.local()
+        with self._connect() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, "
+                "mtime_ns INTEGER, inode INTEGER, digest TEXT)"
+            )
+        self.hashed_bytes = 0  # bytes actually read since creation (for tests and benchmarks)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self._db_path, timeout=60, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+        return db
+
+    def digest(self, path: Path) -> tuple[str, int, int]:
+        """(digest, size, mode) of a file, reading it only when its stat changed."""
+        st = path.stat()
+        key = str(path.resolve())
+        db = self._connect()
+        row = db.execute(
+            "SELECT digest FROM digests WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
+            (key, st.st_size, st.st_mtime_ns, st.st_ino),
+        ).fetchone()
+        mode = stat.S_IMODE(st.st_mode) & 0o111 and 0o755 or 0o644
+        if row:
+            return row[0], st.st_size, mode
+        digest = file_digest(path)
+        self.hashed_bytes += st.st_size
+        if time.time() - st.st_mtime_ns / 1e9 > RACY_SECONDS:
+            db.execute(
+                "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?)",
+                (key, st.st_size, st.st_mtime_ns, st.st_ino, digest),
+            )
+        return digest, st.st_size, mode
+
+    def tree(self, root: Path) -> list[tuple[str, str, int, int]]:
+        """(relative path, digest, size, mode) for every file under ``root``."""
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"source not found: {root}")
+        base = root.parent if root.is_file() else root
+        return [
+            (file.relative_to(base).as_posix(), *self.digest(file)) for file in iter_files(root)
+        ]

@@ -1,0 +1,70 @@
+"""The contract between the build engine and a stage.
+
+A stage is a small class: a name, a version, a pydantic schema for its params, and ``run()``.
+The engine knows nothing else about what a stage does; everything that can change a stage's
+output must reach it through its params, its inputs (upstream outputs, by content), the
+external source files it declares, or the toolchain facts it declares. Changing the code of a
+stage in a way that can change its output means bumping ``version``.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StageParams(BaseModel):
+    """Base class of every stage's params: frozen and strict about unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StageError(Exception):
+    """A stage failed for a reason a user can act on (the message says what to do)."""
+
+
+@dataclass
+class StageContext:
+    """What ``Stage.run`` gets.
+
+    ``inputs`` maps each input name to a read-only directory holding that upstream node's
+    outputs (hard links into the cache: never modify them). ``out`` is an empty private
+    directory; everything written there becomes the node's output once ``run`` returns.
+    ``work`` is scratch space that is thrown away.
+    """
+
+    params: Any
+    inputs: dict[str, Path]
+    out: Path
+    work: Path
+    toolchain: dict[str, str]
+    key: str
+    lineage: dict[str, str] = field(default_factory=dict)  # label -> key of every ancestor node
+    log: Callable[[str], None] = field(default=lambda msg: logging.getLogger("mlcbuild").info(msg))
+    progress: Callable[[int, int | None], None] = field(default=lambda done, total: None)
+
+
+class Stage(ABC):
+    name: ClassVar[str]
+    version: ClassVar[int]
+    Params: ClassVar[type[StageParams]]
+    # When true, the keys of every ancestor node enter this node's key and reach run() as
+    # ``ctx.lineage`` (the package stage records them in the bundle manifest).
+    records_lineage: ClassVar[bool] = False
+
+    def toolchain(self, params: Any) -> dict[str, str]:
+        """Facts about the tools this stage uses that can change its output (enter the key)."""
+        return {}
+
+    def source_paths(self, params: Any) -> list[Path]:
+        """Files or directories outside the cache whose content enters the key (digested through
+        the stat cache, so an unchanged multi-GB source costs a stat per file, not a read)."""
+        return []
+
+    @abstractmethod
+    def run(self, ctx: StageContext) -> None: ...

@@ -1,0 +1,198 @@
+"""The recipe: a YAML file naming one model source and the axes to fan out over.
+
+Loading reports every problem as ``FILE:LINE: FIELD.PATH: what is wrong; what was expected``
+so that a user can jump straight to the offending line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+
+from mlcbuild.devices import parse_device
+from mlcbuild.quantization import get_quantization
+
+
+class RecipeError(Exception):
+    """A recipe could not be loaded; the message names file, line and field."""
+
+
+class Overrides(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    context_window_size: PositiveInt | None = None
+    prefill_chunk_size: PositiveInt | None = None
+    sliding_window_size: PositiveInt | None = None
+    tensor_parallel_shards: PositiveInt | None = None
+    max_batch_size: PositiveInt | None = None
+
+    @field_validator("tensor_parallel_shards")
+    @classmethod
+    def _single_shard(cls, value: int | None) -> int | None:
+        if value is not None and value != 1:
+            raise ValueError("only 1 is supported (tensor parallelism is not implemented)")
+        return value
+
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Name
+    source: Annotated[str, Field(min_length=1)]
+    revision: Annotated[str, Field(min_length=1)] = "main"
+    conv_template: Annotated[str, Field(min_length=1)] = "auto"
+    quantization: Annotated[list[str], Field(min_length=1)]
+    devices: Annotated[list[str], Field(min_length=1)] = ["cpu"]
+    overrides: Overrides = Overrides()
+    output: str | None = None  # default: dist/<name>, relative to the recipe file
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("quantization")
+    @classmethod
+    def _known_quantization(cls, value: list[str]) -> list[str]:
+        return _validate_items(value, get_quantization)
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _one_or_many_devices(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("devices")
+    @classmethod
+    def _known_devices(cls, value: list[str]) -> list[str]:
+        return [parse_device(d).name for d in _validate_items(value, parse_device)]
+
+
+def _validate_items(values: list[str], check: Any) -> list[str]:
+    """Check each item and raise with the item's index so the error points at its line."""
+    seen: set[str] = set()
+    for index, item in enumerate(values):
+        try:
+            check(item)
+        except ValueError as exc:
+            raise ValueError(f"[{index}] {exc}") from None
+        if item in seen:
+            raise ValueError(f"[{index}] {item!r} is listed twice")
+        seen.add(item)
+    return values
+
+
+class LoadedRecipe(BaseModel):
+    """A validated recipe plus where it came from (paths in it are relative to its file)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    recipe: Recipe
+    path: Path
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+    @property
+    def output_dir(self) -> Path:
+        return (self.directory / (self.recipe.output or f"dist/{self.recipe.name}")).resolve()
+
+
+def _line_index(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+    """Map each field path (keys and list indices) to the 1-based line where it starts."""
+    out = {} if out is None else out
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            out[path + (key,)] = key_node.start_mark.line + 1
+            _line_index(value_node, path + (key,), out)
+            out[path + (key,)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _line_index(item, path + (index,), out)
+    return out
+
+
+def _format_loc(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + str(part)
+    return text or "(top level)"
+
+
+def _describe(error: dict) -> tuple[tuple, str]:
+    """Turn one pydantic error into (field path, message); indices hidden in our messages move
+    into the path so the line lookup finds the list item."""
+    loc = tuple(error["loc"])
+    msg: str = error["msg"]
+    kind = error["type"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if msg.startswith("[") and "] " in msg:
+        index_text, msg = msg[1:].split("] ", 1)
+        if index_text.isdigit():
+            loc = loc + (int(index_text),)
+    if kind == "extra_forbidden":
+        parent = loc[:-1]
+        known = _known_fields(parent)
+        msg = f"unknown field; known fields: {', '.join(known)}" if known else "unknown field"
+    elif kind == "missing":
+        msg = "required field is missing"
+    elif "input" in error and kind not in ("value_error",) and not isinstance(error["input"], (dict, list)):
+        msg = f"{msg} (got {error['input']!r})"
+    return loc, msg
+
+
+def _known_fields(parent: tuple) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in parent:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def parse_recipe(text: str, path: Path) -> Recipe:
+    display = str(path)
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise RecipeError(f"{display}:{line}: invalid YAML: {exc.problem or exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{display}:1: (top level): expected a mapping of recipe fields")
+    lines = _line_index(root) if root is not None else {}
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        messages = []
+        for error in exc.errors():
+            loc, msg = _describe(error)
+            line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), 1)
+            messages.append(f"{display}:{line}: {_format_loc(loc)}: {msg}")
+        raise RecipeError("\n".join(messages)) from None
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {exc.strerror}") from None
+    return LoadedRecipe(recipe=parse_recipe(text, path), path=path.resolve())

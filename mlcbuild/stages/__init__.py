@@ -1,0 +1,95 @@
+"""The LLM build: which stages exist, and how a recipe expands into a DAG of them.
+
+Each stage is one file in this package defining a ``Stage`` subclass decorated with
+``@register_stage``. ``params_for(recipe, axes)`` on each stage class turns a recipe and one
+combination of axis values into that node's validated params.
+
+Plugin modules named in ``$MLCBUILD_STAGE_PLUGINS`` (comma separated, importable) may replace
+stages: each lists its classes in a module-level ``STAGES``. The engine's own tests use this to
+run the pipeline with stages they define themselves.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+from mlcbuild.devices import parse_device
+from mlcbuild.pipeline.graph import Graph, StageTemplate, expand
+from mlcbuild.pipeline.stage import Stage
+from mlcbuild.recipe import LoadedRecipe
+
+STAGE_MODULES = ("download", "gen_config", "convert_weight", "compile", "package")
+
+LLM_TEMPLATE: tuple[StageTemplate, ...] = (
+    StageTemplate("download"),
+    StageTemplate("gen_config", axes=("quantization",), inputs={"source": "download"}),
+    StageTemplate(
+        "convert_weight",
+        axes=("quantization",),
+        inputs={"source": "download", "config": "gen_config"},
+    ),
+    StageTemplate("compile", axes=("quantization", "device"), inputs={"config": "gen_config"}),
+    StageTemplate(
+        "package",
+        axes=("quantization", "device"),
+        inputs={"config": "gen_config", "weights": "convert_weight", "library": "compile"},
+        materialize=lambda axes: bundle_dirname(axes["quantization"], axes["device"]),
+    ),
+)
+
+def bundle_dirname(quantization: str, device: str) -> str:
+    """The bundle directory of one (quantization, device) inside the recipe's output dir."""
+    return f"{quantization}-{parse_device(device).dirname}"
+
+
+_REGISTRY: dict[str, type[Stage]] = {}
+_OVERRIDES: dict[str, type[Stage]] = {}
+_plugins_loaded = False
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for plugin in filter(None, os.environ.get("MLCBUILD_STAGE_PLUGINS", "").split(",")):
+        module = importlib.import_module(plugin.strip())
+        for cls in getattr(module, "STAGES", ()):
+            _OVERRIDES[cls.name] = cls
+
+
+def stage_class(name: str) -> type[Stage]:
+    """The class of stage ``name``: a plugin's replacement, or the built-in one (imported on
+    first use, so that planning a cached build never imports the compiler)."""
+    _load_plugins()
+    if name in _OVERRIDES:
+        return _OVERRIDES[name]
+    if name not in _REGISTRY and name in STAGE_MODULES:
+        importlib.import_module(f"mlcbuild.stages.{name}")
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no stage named {name!r}; known: {', '.join(STAGE_MODULES)}") from None
+
+
+def get_stage(name: str) -> Stage:
+    return stage_class(name)()
+
+
+def build_graph(loaded: LoadedRecipe) -> Graph:
+    """Expand a recipe into its DAG: one download; per quantization one gen_config and one
+    convert_weight; per (quantization, device) one compile and one package."""
+    recipe = loaded.recipe
+    axes = {"quantization": list(recipe.quantization), "device": list(recipe.devices)}
+
+    def make_params(stage: str, values: dict[str, str]) -> Any:
+        return stage_class(stage).params_for(loaded, dict(values))  # type: ignore[attr-defined]
+
+    return expand(LLM_TEMPLATE, axes, make_params, namespace=str(loaded.path))
