@@ -27,6 +27,8 @@ of weight tensors in the order of ``_metadata()["params"]``; ``kv_cache`` is the
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field
 
 CHAT_CONFIG_FILE = "mlc-chat-config.json"
@@ -133,3 +135,50 @@ class TensorCacheIndex(BaseModel):
     model_type: str
     shards: list[str]  # shard file names inside params/, in order
     tensors: list[TensorRecord]
+
+
+SOURCE_INFO_FILE = "mlcbuild-source.json"  # written by the download stage: where weights came from
+
+
+def read_manifest(bundle: Path | str) -> Manifest:
+
+    path = Path(bundle) / MANIFEST_FILE
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no manifest; is {bundle} a bundle built by mlcbuild?") from None
+
+
+def verify_bundle(bundle: Path | str, manifest: Manifest | None = None) -> list[str]:
+    """Check every file of a bundle against its manifest: missing, extra, wrong size or digest.
+    Returns the problems found (empty when the bundle is intact)."""
+    import os
+
+    import xxhash
+
+    root = Path(bundle)
+    manifest = manifest or read_manifest(root)
+    problems = []
+    listed = {f.path for f in manifest.files}
+    for entry in manifest.files:
+        path = root / entry.path
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{entry.path}: missing")
+            continue
+        if size != entry.size:
+            problems.append(f"{entry.path}: size {size}, manifest says {entry.size}")
+            continue
+        hasher = xxhash.xxh3_128()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(8 << 20):
+                hasher.update(chunk)
+        if hasher.hexdigest() != entry.digest:
+            problems.append(f"{entry.path}: content differs from the manifest's digest")
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            rel = (Path(dirpath) / name).relative_to(root).as_posix()
+            if rel != MANIFEST_FILE and rel not in listed:
+                problems.append(f"{rel}: not in the manifest")
+    return problems

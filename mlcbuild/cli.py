@@ -27,7 +27,7 @@ app = typer.Typer(help="Build LLM checkpoints into compiled, deployable bundles,
 cache_app = typer.Typer(help="Inspect and maintain the artifact cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 EXIT_BUILD_FAILED = 1
@@ -324,6 +324,40 @@ def cache_rm(keys: list[str] = typer.Argument(..., help="Node keys (or prefixes)
         if not removed:
             _fail(f"no record with key {key!r}")
         out.print(f"removed {', '.join(r[:16] for r in removed)}")
+
+
+@app.command()
+def verify(bundle: Path = typer.Argument(..., help="A bundle directory (dist/<name>/<quantization>-<device>).")) -> None:
+    """Check every file of a bundle against its manifest."""
+    from mlcbuild.bundle_format import read_manifest, verify_bundle
+
+    try:
+        manifest = read_manifest(bundle)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc), EXIT_BUILD_FAILED)
+    problems = verify_bundle(bundle, manifest)
+    for problem in problems:
+        out.print(f"{bundle}/{problem}", markup=False)
+    if problems:
+        raise typer.Exit(EXIT_BUILD_FAILED)
+    out.print(f"{bundle}: OK ({len(manifest.files)} files match manifest.json)", markup=False)
+
+
+@app.command()
+def pack(
+    bundle: Path = typer.Argument(..., help="A bundle directory."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Archive path (default: BUNDLE.tar.gz)."),
+) -> None:
+    """Write a reproducible .tar.gz of a bundle (sorted entries, fixed times and owners)."""
+    from mlcbuild.bundle_format import read_manifest, verify_bundle
+    from mlcbuild.stages.package import write_bundle_tar
+
+    problems = verify_bundle(bundle, read_manifest(bundle))
+    if problems:
+        _fail(f"{bundle} does not match its manifest ({problems[0]}); rebuild it first", EXIT_BUILD_FAILED)
+    dest = output or bundle.with_name(bundle.name + ".tar.gz")
+    write_bundle_tar(bundle, dest)
+    out.print(str(dest), markup=False)
 
 
 def main() -> None:

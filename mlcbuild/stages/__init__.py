@@ -34,7 +34,7 @@ LLM_TEMPLATE: tuple[StageTemplate, ...] = (
     StageTemplate(
         "package",
         axes=("quantization", "device"),
-        inputs={"config": "gen_config", "weights": "convert_weight", "library": "compile"},
+        inputs={"source": "download", "config": "gen_config", "weights": "convert_weight", "library": "compile"},
         materialize=lambda axes: bundle_dirname(axes["quantization"], axes["device"]),
     ),
 )

@@ -201,7 +201,7 @@ def test_cache_ls_info_rm_gc_and_dag(ws):
     assert "evicted" in ws.mlcbuild("cache", "gc", "--max-size", "1B").stdout
     assert ws.mlcbuild("cache", "ls", "--json").stdout.strip() == ""
     mermaid = ws.mlcbuild("dag", "toy.yaml", "--format", "mermaid").stdout
-    assert mermaid.startswith("graph LR") and mermaid.count("-->") == 2 + 2 + 2 + 4 + 12
+    assert mermaid.startswith("graph LR") and mermaid.count("-->") == 2 + 2 + 2 + 4 + 16
     dot = ws.mlcbuild("dag", "toy.yaml", "--format", "dot").stdout
     assert "digraph" in dot
     text = ws.mlcbuild("dag", "toy.yaml").stdout

@@ -1,0 +1,139 @@
+"""package: assemble one bundle per (quantization, device) with its manifest.
+
+The bundle holds the chat config and tokenizer files, the weight shards and their index, the
+compiled library, and ``manifest.json`` naming the recipe, the key of every node that made the
+bundle, every file's digest and size, and the tool versions. Nothing in it depends on the time
+or the machine beyond what the node key already covers, so two clean builds of one recipe with
+one toolchain give byte-identical bundles.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import os
+import platform
+import subprocess
+import tarfile
+from importlib import metadata
+from pathlib import Path
+
+from mlcbuild import __version__
+from mlcbuild.bundle_format import MANIFEST_FILE, SOURCE_INFO_FILE, Manifest, ManifestFile
+from mlcbuild.devices import parse_device
+from mlcbuild.pipeline.hashing import file_digest, iter_files
+from mlcbuild.pipeline.stage import Stage, StageContext, StageError, StageParams
+from mlcbuild.recipe import LoadedRecipe
+from mlcbuild.stages import register_stage
+
+# Files of the inputs that are bookkeeping of the build, not part of a bundle.
+_NOT_BUNDLED = {SOURCE_INFO_FILE}
+
+
+class PackageParams(StageParams):
+    name: str
+    quantization: str
+    device: str
+    recipe: dict  # the recipe fields that shaped this bundle (recorded in the manifest)
+
+
+@functools.lru_cache(maxsize=1)
+def nvcc_version() -> str:
+    try:
+        text = subprocess.run(["nvcc", "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "absent"
+    release = [line for line in text.splitlines() if "release" in line]
+    return release[-1].strip() if release else "unknown"
+
+
+@register_stage
+class Package(Stage):
+    name = "package"
+    version = 1
+    Params = PackageParams
+    records_lineage = True
+
+    @classmethod
+    def params_for(cls, loaded: LoadedRecipe, axes: dict[str, str]) -> PackageParams:
+        r = loaded.recipe
+        return PackageParams(
+            name=r.name,
+            quantization=axes["quantization"],
+            device=axes["device"],
+            recipe={
+                "name": r.name,
+                "source": r.source,
+                "revision": r.revision,
+                "conv_template": r.conv_template,
+                "quantization": axes["quantization"],
+                "device": axes["device"],
+                "overrides": r.overrides.model_dump(exclude_none=True),
+            },
+        )
+
+    def toolchain(self, params: PackageParams) -> dict[str, str]:
+        tools = {
+            "mlcbuild": __version__,
+            "python": platform.python_version(),
+            "tvm": metadata.version("apache-tvm"),
+        }
+        if parse_device(params.device).kind == "cuda":
+            tools["nvcc"] = nvcc_version()
+        return tools
+
+    def run(self, ctx: StageContext) -> None:
+        placed: dict[str, str] = {}
+        for input_name in ("config", "weights", "library"):
+            root = ctx.inputs[input_name]
+            for file in iter_files(root):
+                rel = file.relative_to(root).as_posix()
+                if rel in _NOT_BUNDLED:
+                    continue
+                if rel in placed:
+                    raise StageError(f"package: {rel} comes from both {placed[rel]} and {input_name}")
+                placed[rel] = input_name
+                target = ctx.out / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(file, target)  # inputs are immutable blobs: linking costs nothing
+        source_info = ctx.inputs["source"] / SOURCE_INFO_FILE
+        source = json.loads(source_info.read_text()) if source_info.exists() else {}
+        files = [
+            ManifestFile(path=rel, digest=file_digest(ctx.out / rel), size=(ctx.out / rel).stat().st_size)
+            for rel in sorted(placed)
+        ]
+        manifest = Manifest(
+            name=ctx.params.name,
+            quantization=ctx.params.quantization,
+            device=ctx.params.device,
+            recipe=ctx.params.recipe,
+            node_keys=dict(sorted(ctx.lineage.items())),
+            tools=dict(sorted(ctx.toolchain.items())),
+            source=source,
+            files=files,
+        )
+        (ctx.out / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+        ctx.log(f"bundle of {len(files)} files, {sum(f.size for f in files) / 1e6:.1f} MB")
+
+
+def write_bundle_tar(bundle: Path, dest: Path) -> Path:
+    """A reproducible .tar.gz of a bundle: sorted entries, fixed mtime, uid/gid 0, no user names,
+    normalized modes, and a gzip header without a timestamp."""
+    bundle = Path(bundle)
+    tmp = dest.with_name(dest.name + ".tmp")
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+        with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            top = bundle.name
+            for file in iter_files(bundle):
+                rel = file.relative_to(bundle).as_posix()
+                info = tarfile.TarInfo(f"{top}/{rel}")
+                info.size = file.stat().st_size
+                info.mtime = 0
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                info.mode = 0o755 if os.access(file, os.X_OK) else 0o644
+                with open(file, "rb") as handle:
+                    tar.addfile(info, handle)
+    os.replace(tmp, dest)
+    return dest
