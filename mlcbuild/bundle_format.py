@@ -87,7 +87,11 @@ class ChatConfig(BaseModel):
     vocab_size: int
     context_window_size: int  # max tokens in one sequence (prompt + generated)
     prefill_chunk_size: int  # max tokens per prefill call
-    sliding_window_size: int = -1  # -1: no sliding window
+    # -1: no sliding window. Otherwise each token attends to the last sliding_window_size
+    # tokens (itself included, as in HF): create the KV cache with support_sliding_window=1 and
+    # call attention_kv_cache_enable_sliding_window_for_seq(kv, seq, sliding_window_size - 1,
+    # attention_sink_size) after adding a sequence (the cache keeps that many *previous* tokens).
+    sliding_window_size: int = -1
     attention_sink_size: int = 0  # tokens kept at the start when a sliding window is active
     tensor_parallel_shards: int = 1
     max_batch_size: int = 1  # sequences decoded together by batch_decode

@@ -94,6 +94,7 @@ class Executor:
         self._on_event = on_event
         self._event_lock = threading.Lock()
         self._stages: dict[str, Stage] = {}
+        self._exclusive = threading.Lock()  # held while a non-thread-safe stage runs
 
     # -- keys --------------------------------------------------------------------------------
     def _stage(self, name: str) -> Stage:
@@ -282,7 +283,12 @@ class Executor:
                 log=lambda message: self._emit("log", state, message=message),
                 progress=lambda done, total: self._emit("progress", state, done=done, total=total),
             )
-            stage.run(ctx)
+            if stage.thread_safe:
+                stage.run(ctx)
+            else:
+                with self._exclusive:
+                    started = time.perf_counter()  # time the work, not the wait
+                    stage.run(ctx)
             state.duration_s = time.perf_counter() - started
             record = self.store.publish(
                 state.key or "",

@@ -56,6 +56,9 @@ class Stage(ABC):
     # When true, the keys of every ancestor node enter this node's key and reach run() as
     # ``ctx.lineage`` (the package stage records them in the bundle manifest).
     records_lineage: ClassVar[bool] = False
+    # False for stages whose libraries keep process-global state (TVM's BlockBuilder stack, for
+    # one): the engine never runs two such nodes at once in one process.
+    thread_safe: ClassVar[bool] = True
 
     def toolchain(self, params: Any) -> dict[str, str]:
         """Facts about the tools this stage uses that can change its output (enter the key)."""

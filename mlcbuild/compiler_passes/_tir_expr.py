@@ -1,0 +1,188 @@
+"""Rebuilding TIR expressions (TVM 0.27 exposes no Python expression mutator).
+
+``Rewriter`` walks a PrimExpr and rebuilds it with variables substituted, buffer loads replaced
+(e.g. by loads of TE tensors) and, on request, half-precision arithmetic promoted to float32
+("cast after load": fp16/bf16 values are widened where they are read and all math runs in fp32).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import tvm
+from tvm import tirx
+from tvm.ir import expr as ir_expr
+from tvm.ir.prim import expr as pe
+
+HALF = ("float16", "bfloat16")
+
+_BINARY = (
+    pe.Add, pe.Sub, pe.Mul, pe.Div, pe.Mod, pe.FloorDiv, pe.FloorMod, pe.Min, pe.Max,
+    pe.LShift, pe.RShift, pe.BitwiseAnd, pe.BitwiseOr, pe.BitwiseXor,
+    pe.EQ, pe.NE, pe.LT, pe.LE, pe.GT, pe.GE, pe.And, pe.Or,
+)
+
+
+def _binary(e: Any, a: Any, b: Any) -> Any:
+    """Rebuild a binary node through the operator builders (they reconcile int32/int64)."""
+    builders = {
+        pe.Add: lambda: a + b,
+        pe.Sub: lambda: a - b,
+        pe.Mul: lambda: a * b,
+        pe.FloorDiv: lambda: tirx.floordiv(a, b),
+        pe.FloorMod: lambda: tirx.floormod(a, b),
+        pe.Min: lambda: tirx.min(a, b),
+        pe.Max: lambda: tirx.max(a, b),
+        pe.LShift: lambda: tirx.shift_left(a, b),
+        pe.RShift: lambda: tirx.shift_right(a, b),
+        pe.BitwiseAnd: lambda: tirx.bitwise_and(a, b),
+        pe.BitwiseOr: lambda: tirx.bitwise_or(a, b),
+        pe.BitwiseXor: lambda: tirx.bitwise_xor(a, b),
+    }
+    build = builders.get(type(e))
+    if build is not None:
+        return build()
+    return type(e)(a, b)
+
+
+def dtype_of(e: Any) -> str:
+    return str(e.ty)
+
+
+class RewriteError(ValueError):
+    """An expression node the rewriter does not know."""
+
+
+class Rewriter:
+    """Rebuild expressions.
+
+    var_map:  Var -> Expr substitution.
+    load:     (buffer, new_indices) -> Expr, replacing every TensorLoad (default: reload the buffer).
+    promote:  widen float16/bfloat16 arithmetic to float32.
+    """
+
+    def __init__(
+        self,
+        var_map: dict[Any, Any] | None = None,
+        load: Callable[[Any, list[Any]], Any] | None = None,
+        promote: bool = False,
+    ):
+        self.var_map = list((var_map or {}).items())
+        self.load = load or (lambda buf, idx: tirx.BufferLoad(buf, idx))
+        self.promote = promote
+
+    def _var(self, v: Any) -> Any:
+        for key, value in self.var_map:
+            if key.same_as(v):
+                return value
+        return v
+
+    def _widen(self, e: Any) -> Any:
+        if self.promote and dtype_of(e) in HALF:
+            return tirx.Cast("float32", e)
+        return e
+
+    def __call__(self, e: Any) -> Any:  # noqa: C901  (one branch per node kind)
+        if isinstance(e, (int, float)):
+            return e
+        if isinstance(e, ir_expr.TensorLoad):
+            idx = [self(i) for i in e.indices]
+            return self._widen(self.load(e.source, idx))
+        if isinstance(e, ir_expr.Var):
+            return self._var(e)
+        if isinstance(e, pe.IntImm):
+            return e
+        if isinstance(e, pe.FloatImm):
+            if self.promote and dtype_of(e) in HALF:
+                return tirx.FloatImm("float32", float(e.value))
+            return e
+        if isinstance(e, pe.Cast):
+            v = self(e.value)
+            target = dtype_of(e)
+            if self.promote and (target in HALF or target == "float32"):
+                src = dtype_of(v)
+                if src == "float32":
+                    return v
+                return tirx.Cast("float32", v)
+            if dtype_of(v) == target:
+                return v
+            return tirx.Cast(target, v)
+        if isinstance(e, _BINARY):
+            return _binary(e, self(e.a), self(e.b))
+        if isinstance(e, pe.Not):
+            return pe.Not(self(e.a))
+        if isinstance(e, pe.BitwiseNot):
+            return pe.BitwiseNot(self(e.a))
+        if isinstance(e, pe.Select):
+            return pe.Select(self(e.condition), self(e.true_value), self(e.false_value))
+        if isinstance(e, ir_expr.Call):
+            args = [self(a) for a in e.args]
+            ret = dtype_of(e)
+            if self.promote and ret in HALF:
+                ret = "float32"
+            return ir_expr.Call(e.op, args, ret_ty=ret)
+        raise RewriteError(f"cannot rebuild {type(e).__name__}: {e}")
+
+
+def loads_in(e: Any) -> list[Any]:
+    """All TensorLoad nodes of an expression (pre-order)."""
+    out: list[Any] = []
+
+    def visit(x: Any) -> None:
+        if isinstance(x, ir_expr.TensorLoad):
+            out.append(x)
+            for i in x.indices:
+                visit(i)
+        elif isinstance(x, pe.Cast):
+            visit(x.value)
+        elif isinstance(x, _BINARY):
+            visit(x.a)
+            visit(x.b)
+        elif isinstance(x, (pe.Not, pe.BitwiseNot)):
+            visit(x.a)
+        elif isinstance(x, pe.Select):
+            visit(x.condition)
+            visit(x.true_value)
+            visit(x.false_value)
+        elif isinstance(x, ir_expr.Call):
+            for a in x.args:
+                visit(a)
+
+    visit(e)
+    return out
+
+
+def vars_in(e: Any) -> list[Any]:
+    """All Vars of an expression (with repeats)."""
+    out: list[Any] = []
+
+    def visit(x: Any) -> None:
+        if isinstance(x, ir_expr.TensorLoad):
+            for i in x.indices:
+                visit(i)
+        elif isinstance(x, ir_expr.Var):
+            out.append(x)
+        elif isinstance(x, pe.Cast):
+            visit(x.value)
+        elif isinstance(x, _BINARY):
+            visit(x.a)
+            visit(x.b)
+        elif isinstance(x, (pe.Not, pe.BitwiseNot)):
+            visit(x.a)
+        elif isinstance(x, pe.Select):
+            visit(x.condition)
+            visit(x.true_value)
+            visit(x.false_value)
+        elif isinstance(x, ir_expr.Call):
+            for a in x.args:
+                visit(a)
+
+    visit(e)
+    return out
+
+
+def uses_var(e: Any, v: Any) -> bool:
+    return any(x.same_as(v) for x in vars_in(e))
+
+
+__all__ = ["HALF", "Rewriter", "RewriteError", "dtype_of", "loads_in", "uses_var", "vars_in", "tvm"]

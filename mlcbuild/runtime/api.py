@@ -1,0 +1,433 @@
+"""The Python API, shaped like the ``openai`` client: ``MLCEngine`` and ``AsyncMLCEngine``.
+
+    from mlcbuild import MLCEngine
+    with MLCEngine("dist/smollm2-135m-instruct/q4f16_1-cpu") as engine:
+        for chunk in engine.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], stream=True):
+            print(chunk.choices[0].delta.content or "", end="")
+
+Both classes validate requests with the pydantic models of :mod:`.protocol`, turn them into token ids
+and a :class:`~.engine.GenerationConfig` (:class:`Frontend`), submit them to the one :class:`~.engine.Engine`,
+and assemble the engine's deltas into OpenAI-shaped chunks or whole responses (:class:`ChatAssembler`,
+:class:`CompletionAssembler`). The REST server uses the same pieces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from . import protocol as p
+from .bundle import Bundle
+from .conversation import ChatTemplate, load_chat_template
+from .engine import Engine, GenerationConfig, RequestOutput, RequestStats, SequenceDelta, TokenLogprob
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+
+class EngineError(RuntimeError):
+    """Generation failed inside the engine (the cause is chained)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Requests -> (prompt token ids, GenerationConfig)
+# ----------------------------------------------------------------------------------------------
+
+
+class Frontend:
+    """An opened bundle with its engine, tokenizer and chat template: what every front end shares."""
+
+    def __init__(self, model: str | os.PathLike, device: str = "auto", *, conv_template: str | None = None,
+                 max_batch_size: int | None = None, context_window_size: int | None = None,
+                 prefill_chunk_size: int | None = None, kv_cache_tokens: int | None = None, verify: bool = True,
+                 quantization: str | None = None):
+        self.bundle = Bundle.open(model, device, verify=verify, quantization=quantization)
+        self.engine = Engine(self.bundle, max_batch_size=max_batch_size, context_window_size=context_window_size,
+                             prefill_chunk_size=prefill_chunk_size, kv_cache_tokens=kv_cache_tokens)
+        self.tokenizer: Tokenizer = self.engine.tokenizer
+        self.model_name = self.bundle.name
+        cc = self.bundle.chat_config
+        self.template: ChatTemplate = load_chat_template(conv_template or cc.conv_template, self.bundle.path,
+                                                         self.tokenizer, chat_template=cc.chat_template)
+        # A template's end-of-turn markers that are single tokens stop on the token (the text never shows
+        # special tokens); the others are stop strings.
+        self.template_stop_ids: tuple[int, ...] = tuple(
+            t for t in (self.tokenizer.token_id(s) for s in self.template.stop_strings) if t is not None)
+        self.template_stop_strings = tuple(s for s in self.template.stop_strings if self.tokenizer.token_id(s) is None)
+
+    def sampling(self, request: p.ChatCompletionRequest | p.CompletionRequest, logprobs: bool,
+                 top_logprobs: int) -> SamplingParams:
+        cc = self.bundle.chat_config
+
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        return SamplingParams(
+            temperature=pick(request.temperature, cc.temperature if cc.do_sample else 0.0),
+            top_p=pick(request.top_p, cc.top_p),
+            top_k=pick(request.top_k, cc.top_k),
+            frequency_penalty=pick(request.frequency_penalty, cc.frequency_penalty),
+            presence_penalty=pick(request.presence_penalty, cc.presence_penalty),
+            repetition_penalty=pick(request.repetition_penalty, cc.repetition_penalty),
+            logit_bias=dict(request.logit_bias or {}),
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            seed=request.seed,
+        )
+
+    def generation_config(self, request: p.ChatCompletionRequest | p.CompletionRequest, chat: bool,
+                          logprobs: bool, top_logprobs: int) -> GenerationConfig:
+        template_stops = self.template_stop_ids if chat and not request.ignore_eos else ()
+        stop_ids = tuple(request.stop_token_ids or ()) + template_stops
+        stops = tuple(request.stop_list) + (self.template_stop_strings if chat else ())
+        return GenerationConfig(
+            sampling=self.sampling(request, logprobs, top_logprobs),
+            max_tokens=request.max_tokens,
+            n=request.n,
+            stop=stops,
+            stop_token_ids=stop_ids,
+            ignore_eos=request.ignore_eos,
+            truncate_prompt_tokens=request.truncate_prompt_tokens,
+        )
+
+    def chat_prompt(self, request: p.ChatCompletionRequest) -> list[int]:
+        text = self.template.render(request.messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def prepare_chat(self, request: p.ChatCompletionRequest) -> tuple[list[int], GenerationConfig]:
+        if request.tools:
+            raise p.UnsupportedError("tools are not supported by this server", param="tools")
+        fmt = (request.response_format or {}).get("type", "text")
+        if fmt != "text":
+            raise p.UnsupportedError(f"response_format {fmt!r} is not supported (only 'text')",
+                                     param="response_format")
+        config = self.generation_config(request, True, request.logprobs, request.top_logprobs or 0)
+        return self.chat_prompt(request), config
+
+    def prepare_completion(self, request: p.CompletionRequest) -> tuple[list[int], GenerationConfig]:
+        if request.suffix:
+            raise p.UnsupportedError("suffix is not supported", param="suffix")
+        if isinstance(request.prompt, str):
+            prompt = self.tokenizer.encode(request.prompt, add_special_tokens=True)
+        else:
+            vocab = self.bundle.chat_config.vocab_size
+            if any(not 0 <= t < vocab for t in request.prompt):
+                raise p.RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+            prompt = list(request.prompt)
+        config = self.generation_config(request, False, request.logprobs is not None, request.logprobs or 0)
+        return prompt, config
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------
+# Engine deltas -> OpenAI-shaped objects
+# ----------------------------------------------------------------------------------------------
+
+
+def make_usage(stats: RequestStats) -> p.CompletionUsage:
+    return p.CompletionUsage(
+        prompt_tokens=stats.prompt_tokens,
+        completion_tokens=stats.completion_tokens,
+        total_tokens=stats.prompt_tokens + stats.completion_tokens,
+        extra=stats.as_dict(),
+    )
+
+
+class _Assembler:
+    """Accumulates one request's deltas; subclasses shape chunks and the whole response."""
+
+    def __init__(self, tokenizer: Tokenizer, model: str, n: int, include_usage: bool, id_prefix: str):
+        self.tokenizer = tokenizer
+        self.model = model
+        self.id = p.random_id(id_prefix)
+        self.created = int(time.time())
+        self.n = n
+        self.include_usage = include_usage
+        self.texts = [""] * n
+        self.finish: list[str | None] = [None] * n
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        self.usage: p.CompletionUsage | None = None
+
+    def _record(self, delta: SequenceDelta) -> bool:
+        """Accumulate; False for deltas a client should not see (nothing new, or an abort)."""
+        if delta.finish_reason == "abort":
+            return False
+        self.texts[delta.index] += delta.text
+        self.logprobs[delta.index] += delta.logprobs
+        self.finish[delta.index] = delta.finish_reason or self.finish[delta.index]
+        return bool(delta.text or delta.logprobs or delta.finish_reason)
+
+    def feed(self, out: RequestOutput) -> list[Any]:
+        chunks = [self._chunk(d) for d in out.deltas if self._record(d)]
+        if out.finished and out.stats is not None:
+            self.usage = make_usage(out.stats)
+            if self.include_usage:
+                chunks.append(self._usage_chunk())
+        return chunks
+
+    def _chunk(self, delta: SequenceDelta) -> Any:
+        raise NotImplementedError
+
+    def _usage_chunk(self) -> Any:
+        raise NotImplementedError
+
+    def _token(self, lp: TokenLogprob) -> tuple[str, list[int]]:
+        return self.tokenizer.token_str(lp.token_id), self.tokenizer.token_bytes(lp.token_id)
+
+
+class ChatAssembler(_Assembler):
+    def __init__(self, tokenizer: Tokenizer, model: str, request: p.ChatCompletionRequest):
+        super().__init__(tokenizer, model, request.n, request.include_usage, "chatcmpl")
+        self.role_sent = [False] * request.n
+
+    def _logprobs(self, items: list[TokenLogprob]) -> p.ChoiceLogprobs | None:
+        if not items:
+            return None
+        content = []
+        for lp in items:
+            token, raw = self._token(lp)
+            top = [p.TopLogprob(token=t, bytes=b, logprob=v)
+                   for t, b, v in ((*self._token(TokenLogprob(i, v, [])), v) for i, v in lp.top)]
+            content.append(p.ChatCompletionTokenLogprob(token=token, bytes=raw, logprob=lp.logprob, top_logprobs=top))
+        return p.ChoiceLogprobs(content=content)
+
+    def _chunk(self, delta: SequenceDelta) -> p.ChatCompletionChunk:
+        role = None if self.role_sent[delta.index] else "assistant"
+        self.role_sent[delta.index] = True
+        choice = p.ChatCompletionChunkChoice(
+            index=delta.index,
+            delta=p.ChoiceDelta(role=role, content=delta.text if delta.text or role else None),
+            finish_reason=delta.finish_reason,
+            logprobs=self._logprobs(delta.logprobs),
+        )
+        return p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+
+    def _usage_chunk(self) -> p.ChatCompletionChunk:
+        return p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=self.usage)
+
+    def result(self) -> p.ChatCompletion:
+        choices = [
+            p.ChatCompletionChoice(
+                index=i,
+                message=p.ChatCompletionMessage(content=self.texts[i]),
+                finish_reason=self.finish[i] or "stop",
+                logprobs=self._logprobs(self.logprobs[i]) if self.logprobs[i] else None,
+            )
+            for i in range(self.n)
+        ]
+        return p.ChatCompletion(id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage)
+
+
+class CompletionAssembler(_Assembler):
+    def __init__(self, tokenizer: Tokenizer, model: str, request: p.CompletionRequest, prompt: list[int]):
+        super().__init__(tokenizer, model, request.n, request.include_usage, "cmpl")
+        self.echo = ""
+        if request.echo:
+            self.echo = request.prompt if isinstance(request.prompt, str) else tokenizer.decode(prompt)
+        self.echo_sent = [False] * request.n
+        self.offsets = [len(self.echo)] * request.n
+
+    def _logprobs(self, index: int, items: list[TokenLogprob]) -> p.CompletionLogprobs | None:
+        if not items:
+            return None
+        tokens, offsets, tops = [], [], []
+        for lp in items:
+            token = self._token(lp)[0]
+            tokens.append(token)
+            offsets.append(self.offsets[index])
+            self.offsets[index] += len(token)
+            tops.append({self.tokenizer.token_str(i): v for i, v in lp.top})
+        return p.CompletionLogprobs(tokens=tokens, token_logprobs=[lp.logprob for lp in items], top_logprobs=tops,
+                                    text_offset=offsets)
+
+    def _chunk(self, delta: SequenceDelta) -> p.Completion:
+        prefix = "" if self.echo_sent[delta.index] else self.echo
+        self.echo_sent[delta.index] = True
+        choice = p.CompletionChoice(index=delta.index, text=prefix + delta.text, finish_reason=delta.finish_reason,
+                                    logprobs=self._logprobs(delta.index, delta.logprobs))
+        return p.Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
+
+    def _usage_chunk(self) -> p.Completion:
+        return p.Completion(id=self.id, created=self.created, model=self.model, choices=[], usage=self.usage)
+
+    def result(self) -> p.Completion:
+        self.offsets = [len(self.echo)] * self.n
+        choices = [
+            p.CompletionChoice(index=i, text=self.echo + self.texts[i], finish_reason=self.finish[i] or "stop",
+                               logprobs=self._logprobs(i, self.logprobs[i]))
+            for i in range(self.n)
+        ]
+        return p.Completion(id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a request: sync and async consumption of the engine's callback stream
+# ----------------------------------------------------------------------------------------------
+
+
+def _check(out: RequestOutput) -> RequestOutput:
+    if out.error is not None:
+        raise EngineError(f"generation failed: {out.error}") from out.error
+    return out
+
+
+def _iterate(engine: Engine, prompt: list[int], config: GenerationConfig, assembler: _Assembler) -> Iterator[Any]:
+    """Submit now (so bad requests fail at create()), stream later; closing the iterator aborts."""
+    outputs: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+    request_id = engine.submit(prompt, config, outputs.put)
+
+    def stream() -> Iterator[Any]:
+        finished = False
+        try:
+            while not finished:
+                out = _check(outputs.get())
+                finished = out.finished
+                yield from assembler.feed(out)
+        finally:
+            if not finished:
+                engine.abort(request_id)
+
+    return stream()
+
+
+def _aiterate(engine: Engine, prompt: list[int], config: GenerationConfig,
+              assembler: _Assembler) -> AsyncIterator[Any]:
+    loop = asyncio.get_running_loop()
+    outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+    def deliver(out: RequestOutput) -> None:
+        try:
+            loop.call_soon_threadsafe(outputs.put_nowait, out)
+        except RuntimeError:  # the event loop is gone; nobody is listening any more
+            engine.abort(out.request_id)
+
+    request_id = engine.submit(prompt, config, deliver)
+
+    async def stream() -> AsyncIterator[Any]:
+        finished = False
+        try:
+            while not finished:
+                out = _check(await outputs.get())
+                finished = out.finished
+                for chunk in assembler.feed(out):
+                    yield chunk
+        finally:
+            if not finished:
+                engine.abort(request_id)
+
+    return stream()
+
+
+def _chat_job(front: Frontend, kwargs: dict[str, Any]) -> tuple[p.ChatCompletionRequest, list[int], GenerationConfig,
+                                                                 _Assembler]:
+    request = kwargs.pop("_request", None) or p.ChatCompletionRequest.model_validate(kwargs)
+    prompt, config = front.prepare_chat(request)
+    return request, prompt, config, ChatAssembler(front.tokenizer, front.model_name, request)
+
+
+def _completion_job(front: Frontend, kwargs: dict[str, Any]) -> tuple[p.CompletionRequest, list[int],
+                                                                       GenerationConfig, _Assembler]:
+    request = kwargs.pop("_request", None) or p.CompletionRequest.model_validate(kwargs)
+    prompt, config = front.prepare_completion(request)
+    return request, prompt, config, CompletionAssembler(front.tokenizer, front.model_name, request, prompt)
+
+
+class _SyncCreate:
+    def __init__(self, front: Frontend, job: Callable[..., Any]):
+        self._front, self._job = front, job
+
+    def create(self, **kwargs: Any) -> Any:
+        """Same arguments as the openai client's ``create``; ``stream=True`` returns an iterator of chunks."""
+        request, prompt, config, assembler = self._job(self._front, kwargs)
+        chunks = _iterate(self._front.engine, prompt, config, assembler)
+        if request.stream:
+            return chunks
+        for _ in chunks:
+            pass
+        return assembler.result()
+
+
+class _AsyncCreate:
+    def __init__(self, front: Frontend, job: Callable[..., Any]):
+        self._front, self._job = front, job
+
+    async def create(self, **kwargs: Any) -> Any:
+        """``await`` it; with ``stream=True`` the result is an async iterator of chunks."""
+        request, prompt, config, assembler = self._job(self._front, kwargs)
+        chunks = _aiterate(self._front.engine, prompt, config, assembler)
+        if request.stream:
+            return chunks
+        async for _ in chunks:
+            pass
+        return assembler.result()
+
+
+class _Namespace:
+    def __init__(self, **members: Any):
+        self.__dict__.update(members)
+
+
+class _EngineBase:
+    def __init__(self, model: str | os.PathLike, device: str = "auto", *, conv_template: str | None = None,
+                 max_batch_size: int | None = None, context_window_size: int | None = None,
+                 prefill_chunk_size: int | None = None, kv_cache_tokens: int | None = None, verify: bool = True,
+                 quantization: str | None = None):
+        self.frontend = Frontend(model, device, conv_template=conv_template, max_batch_size=max_batch_size,
+                                 context_window_size=context_window_size, prefill_chunk_size=prefill_chunk_size,
+                                 kv_cache_tokens=kv_cache_tokens, verify=verify, quantization=quantization)
+        self._terminated = False
+
+    @property
+    def model(self) -> str:
+        return self.frontend.model_name
+
+    def stats(self) -> dict[str, Any]:
+        """Engine counters: running/queued requests, decode steps and batch sizes, KV pages in use, tokens."""
+        return self.frontend.engine.stats()
+
+    def terminate(self) -> None:
+        """Stop the engine thread; requests in flight end with an error."""
+        if not self._terminated:
+            self._terminated = True
+            self.frontend.close()
+
+
+class MLCEngine(_EngineBase):
+    """Synchronous engine with the openai client's shape: ``engine.chat.completions.create(...)``."""
+
+    def __init__(self, model: str | os.PathLike, device: str = "auto", **options: Any):
+        super().__init__(model, device, **options)
+        self.chat = _Namespace(completions=_SyncCreate(self.frontend, _chat_job))
+        self.completions = _SyncCreate(self.frontend, _completion_job)
+
+    def __enter__(self) -> MLCEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.terminate()
+
+
+class AsyncMLCEngine(_EngineBase):
+    """Asyncio twin of :class:`MLCEngine`; any number of concurrent requests share the batch."""
+
+    def __init__(self, model: str | os.PathLike, device: str = "auto", **options: Any):
+        super().__init__(model, device, **options)
+        self.chat = _Namespace(completions=_AsyncCreate(self.frontend, _chat_job))
+        self.completions = _AsyncCreate(self.frontend, _completion_job)
+
+    async def __aenter__(self) -> AsyncMLCEngine:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.terminate()
+
+    def __enter__(self) -> AsyncMLCEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.terminate()

@@ -1,0 +1,305 @@
+"""Open a bundle: find it (a bundle directory, a directory of bundles, or a recipe naming them), verify it
+against its manifest, pick it for a device, and load its library, weights, tokenizer and chat config.
+
+The runtime reads only what :mod:`mlcbuild.bundle_format` specifies; it never imports the build side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from mlcbuild import bundle_format as bf
+
+
+class BundleError(Exception):
+    """A bundle cannot be used (missing, corrupt, or not built for the requested device)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuntimeDevice:
+    """Where to run: ``kind`` cpu or cuda, and the device index."""
+
+    kind: str
+    index: int = 0
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "cpu" else f"{self.kind}:{self.index}"
+
+    def tvm_device(self) -> Any:
+        import tvm
+
+        return tvm.cpu(self.index) if self.kind == "cpu" else tvm.cuda(self.index)
+
+
+def _cuda_arch(index: int) -> str | None:
+    """``sm_XY`` of CUDA device ``index``, or None when there is no such device."""
+    import tvm
+
+    dev = tvm.cuda(index)
+    if not dev.exist:
+        return None
+    return "sm_" + str(dev.compute_version).replace(".", "")
+
+
+def parse_runtime_device(text: str) -> tuple[str, int | None]:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> (kind, index or None)."""
+    text = text.strip().lower()
+    if text in ("auto", "cpu", "cuda"):
+        return text, None
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return "cuda", int(text[5:])
+    raise BundleError(f"unknown device {text!r}; expected auto, cpu, cuda or cuda:N")
+
+
+def _cpu_ok(bundle_device: str) -> bool:
+    return bundle_device == "cpu" or bundle_device.startswith("cpu:")
+
+
+def _cuda_ok(bundle_device: str, arch: str) -> bool:
+    """A cuda:sm_XY library runs on a GPU of the same major version and an equal or newer minor."""
+    if not bundle_device.startswith("cuda:sm_"):
+        return False
+    want, have = bundle_device[len("cuda:sm_"):], arch[len("sm_"):]
+    return want == have or (want[:-1] == have[:-1] and want[-1:].isdigit() and have[-1:].isdigit()
+                            and want[-1] <= have[-1])
+
+
+def choose(candidates: dict[str, Path], device: str) -> tuple[Path, RuntimeDevice]:
+    """Pick the bundle (from bundle device name -> directory) that runs on ``device``."""
+    kind, index = parse_runtime_device(device)
+    available = ", ".join(sorted(candidates)) or "none"
+    cuda_bundles = [name for name in candidates if name.startswith("cuda")]
+    if kind == "cuda" and not cuda_bundles:
+        raise BundleError(f"no library for {device}; the bundle has libraries for: {available}")
+    if kind in ("cuda", "auto") and cuda_bundles:
+        arch = _cuda_arch(index or 0)
+        if arch is not None:
+            for name in sorted(cuda_bundles, key=lambda n: n != f"cuda:{arch}"):
+                if _cuda_ok(name, arch):
+                    return candidates[name], RuntimeDevice("cuda", index or 0)
+        if kind == "cuda":
+            where = f"cuda:{index or 0}"
+            if arch is None:
+                raise BundleError(f"no CUDA device {where} on this machine (the bundle has libraries for: {available})")
+            raise BundleError(f"no library for {where} ({arch}); the bundle has libraries for: {available}")
+    for name in sorted(candidates, key=lambda n: n != "cpu"):
+        if _cpu_ok(name):
+            return candidates[name], RuntimeDevice("cpu", 0)
+    raise BundleError(f"no library for {device}; the bundle has libraries for: {available}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding bundles
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_manifest(directory: Path) -> bf.Manifest:
+    try:
+        return bf.read_manifest(directory)
+    except FileNotFoundError:
+        raise BundleError(f"{directory} is not a bundle: it has no {bf.MANIFEST_FILE}") from None
+    except ValueError as exc:
+        raise BundleError(f"{directory / bf.MANIFEST_FILE} is not a valid manifest: {exc}") from None
+
+
+def _bundles_under(directory: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for child in sorted(directory.iterdir()):
+        if (child / bf.MANIFEST_FILE).is_file():
+            found.setdefault(_read_manifest(child).device, child)
+    return found
+
+
+def _recipe_bundles(recipe_path: Path, quantization: str | None) -> dict[str, Path]:
+    """The bundles a recipe names: ``<output>/<quantization>-<device with ':' as '-'>``."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(recipe_path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise BundleError(f"cannot read recipe {recipe_path}: {exc}") from None
+    if not isinstance(recipe, dict) or not recipe.get("name"):
+        raise BundleError(f"{recipe_path} is not a recipe (it has no 'name')")
+    output = Path(recipe.get("output") or f"dist/{recipe['name']}")
+    if not output.is_absolute():
+        output = recipe_path.parent / output
+    quants = recipe.get("quantization") or []
+    quants = [quants] if isinstance(quants, str) else list(quants)
+    devices = recipe.get("devices") or ["cpu"]
+    devices = [devices] if isinstance(devices, str) else list(devices)
+    if quantization is not None:
+        if quantization not in quants:
+            raise BundleError(f"recipe {recipe_path} has no quantization {quantization!r} (it has {quants})")
+        quants = [quantization]
+    found: dict[str, Path] = {}
+    for quant in quants:
+        for device in devices:
+            candidate = output / f"{quant}-{str(device).replace(':', '-')}"
+            if (candidate / bf.MANIFEST_FILE).is_file():
+                found.setdefault(str(device), candidate)
+    if not found:
+        raise BundleError(
+            f"recipe {recipe_path} names no built bundle under {output}; build it first (mlcbuild run {recipe_path})"
+        )
+    return found
+
+
+def find_bundle(bundle_or_recipe: str | os.PathLike, device: str = "auto",
+                quantization: str | None = None) -> tuple[Path, RuntimeDevice]:
+    """Resolve a bundle directory, a directory of bundles or a recipe file to one bundle for ``device``."""
+    path = Path(bundle_or_recipe).expanduser()
+    if not path.exists():
+        raise BundleError(f"{path} does not exist (expected a bundle directory or a recipe file)")
+    if path.is_file():
+        candidates = _recipe_bundles(path, quantization)
+    elif (path / bf.MANIFEST_FILE).is_file():
+        candidates = {_read_manifest(path).device: path}
+    else:
+        candidates = _bundles_under(path)
+        if not candidates:
+            raise BundleError(f"{path} is not a bundle: it has no {bf.MANIFEST_FILE}")
+    return choose(candidates, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Verification
+# ----------------------------------------------------------------------------------------------
+
+
+def _stamp_path(directory: Path) -> Path:
+    root = os.environ.get("MLCBUILD_VERIFY_CACHE")
+    if root is None:
+        import platformdirs
+
+        root = os.path.join(platformdirs.user_cache_dir("mlcbuild"), "verified-bundles")
+    return Path(root) / (xxhash.xxh3_64_hexdigest(str(directory.resolve()).encode()) + ".json")
+
+
+def _tree_stats(directory: Path) -> dict[str, list[int]]:
+    """(size, mtime, inode) of every file in the bundle: if none changed, neither did the content."""
+    stats = {}
+    for dirpath, _, filenames in os.walk(directory):
+        for name in filenames:
+            path = Path(dirpath) / name
+            st = path.stat()
+            stats[path.relative_to(directory).as_posix()] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return stats
+
+
+def verify_bundle(directory: Path, manifest: bf.Manifest, use_stamp: bool = True) -> None:
+    """Check the bundle against its manifest (every file's size and xxh3-128 digest; nothing extra).
+
+    When it verified before and no file's (size, mtime, inode) changed since, the digests are not
+    recomputed: the stamp saying so lives in the user cache, never in the bundle.
+    """
+    stamp = _stamp_path(directory)
+    stats = _tree_stats(directory)
+    if use_stamp:
+        try:
+            if json.loads(stamp.read_text()) == stats:
+                return
+        except (OSError, ValueError):
+            pass
+    problems = bf.verify_bundle(directory, manifest)
+    if problems:
+        raise BundleError(
+            f"bundle {directory} does not verify against its {bf.MANIFEST_FILE}:\n  " + "\n  ".join(problems)
+            + "\nRebuild it (mlcbuild run RECIPE) or pass verify=False / --no-verify at your own risk."
+        )
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stamp.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stats))
+        os.replace(tmp, stamp)
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def _numpy_dtype(dtype: str) -> np.dtype:
+    # bfloat16 is stored as raw uint16 bits; tvm takes the bits with the bfloat16 dtype via ml_dtypes.
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
+def read_tensor_cache(directory: Path) -> dict[str, np.ndarray]:
+    """All weights of ``params/tensor-cache.json`` as numpy arrays over memory-mapped shards."""
+    index_path = directory / bf.TENSOR_CACHE_FILE
+    try:
+        index = bf.TensorCacheIndex.model_validate_json(index_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot read {index_path}: {exc}") from None
+    shards = {name: np.memmap(index_path.parent / name, dtype=np.uint8, mode="r") for name in index.shards}
+    arrays: dict[str, np.ndarray] = {}
+    for rec in index.tensors:
+        if rec.format != "raw":
+            raise BundleError(f"{index_path}: tensor {rec.name} has unsupported format {rec.format!r}")
+        raw = shards[rec.shard][rec.offset : rec.offset + rec.nbytes]
+        arrays[rec.name] = raw.view(_numpy_dtype(rec.dtype)).reshape(rec.shape)
+    return arrays
+
+
+@dataclass
+class Bundle:
+    """An opened, verified bundle, ready to load onto a device."""
+
+    path: Path
+    device: RuntimeDevice
+    manifest: bf.Manifest
+    chat_config: bf.ChatConfig
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @classmethod
+    def open(cls, bundle_or_recipe: str | os.PathLike, device: str = "auto", verify: bool = True,
+             quantization: str | None = None) -> Bundle:
+        path, runtime_device = find_bundle(bundle_or_recipe, device, quantization)
+        manifest = _read_manifest(path)
+        if verify:
+            verify_bundle(path, manifest)
+        try:
+            chat_config = bf.ChatConfig.model_validate_json((path / bf.CHAT_CONFIG_FILE).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"cannot read {path / bf.CHAT_CONFIG_FILE}: {exc}") from None
+        return cls(path, runtime_device, manifest, chat_config)
+
+    def load_library(self) -> Any:
+        """The compiled module (load it once; tvm caches nothing)."""
+        import tvm
+
+        lib = self.path / bf.LIBRARY_FILE
+        if not lib.is_file():
+            raise BundleError(f"bundle {self.path} has no {bf.LIBRARY_FILE}")
+        return tvm.runtime.load_module(str(lib))
+
+    def load_params(self, param_names: list[str]) -> list[Any]:
+        """The weights in the order the library's ``_metadata()["params"]`` lists them, on the device."""
+        import tvm
+
+        arrays = read_tensor_cache(self.path)
+        missing = [n for n in param_names if n not in arrays]
+        if missing:
+            raise BundleError(f"bundle {self.path}: weights missing from {bf.TENSOR_CACHE_FILE}: {missing[:5]}")
+        dev = self.device.tvm_device()
+        return [tvm.runtime.tensor(np.ascontiguousarray(arrays[n]), dev) for n in param_names]

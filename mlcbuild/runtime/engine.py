@@ -1,0 +1,571 @@
+"""The one engine under every front end: a compiled model driven step by step, with continuous batching.
+
+Read it top-down, like gpt-fast's ``generate.py``:
+
+* :class:`CompiledModel` wraps the library's functions and the paged KV cache (``embed``,
+  ``batch_prefill``, ``batch_decode``, ``vm.builtin.kv_state_*``).
+* :func:`prefill` runs one chunk of prompt tokens for one or more sequences and returns each one's
+  last-position logits; :func:`decode_one_step` feeds one token to each running sequence;
+  :func:`sample_next` turns a row of logits into a token (penalties, logprobs, sampling).
+* :class:`Engine` adds batching on top: a background thread loops *admit -> prefill a chunk ->
+  decode one step*. New requests join between decode steps; a long prompt is prefilled in chunks of
+  ``prefill_chunk_size`` interleaved with decode steps of the running requests; decode is batched
+  across all running sequences (up to ``max_batch_size``); a sequence's KV pages are freed as soon as
+  it finishes, is aborted, or its client goes away.
+
+Front ends submit token ids with a :class:`GenerationConfig` and a callback; the engine thread calls
+it with :class:`RequestOutput` deltas (text, token ids, logprobs, finish reason; usage and timing at
+the end). The callback must be quick and thread-safe (a queue put).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle
+from .sampling import SamplingParams, TokenHistory, apply_penalties, make_rng, sample, token_logprobs
+from .tokenizer import IncrementalDecoder, StopStringMatcher, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KV_CACHE_TOKENS_CAP = 1 << 16
+COUNTERS = ("requests", "finished", "aborted", "failed", "prompt_tokens", "completion_tokens", "prefill_steps",
+            "prefill_tokens", "decode_steps", "decode_sequences")
+
+
+class ContextWindowError(ValueError):
+    """The prompt (plus the requested completion) does not fit the model's context window."""
+
+    param = "messages"
+    code = "context_length_exceeded"
+
+
+class EngineClosedError(RuntimeError):
+    """The engine was terminated."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled model
+# ----------------------------------------------------------------------------------------------
+
+
+class CompiledModel:
+    """The library's functions on one device, with weights bound and a paged KV cache created."""
+
+    def __init__(self, bundle: Bundle, max_batch_size: int, kv_cache_tokens: int, prefill_chunk_size: int,
+                 page_size: int):
+        import tvm
+        from tvm import relax
+        from tvm.runtime import ShapeTuple
+
+        self._tvm, self._shape = tvm, ShapeTuple
+        self.device = bundle.device.tvm_device()
+        self.vm = relax.VirtualMachine(bundle.load_library(), self.device)
+        self.metadata: dict[str, Any] = json.loads(self.vm["_metadata"]())
+        self.params = bundle.load_params([p["name"] for p in self.metadata["params"]])
+        self._embed, self._prefill, self._decode = (self.vm[n] for n in ("embed", "batch_prefill", "batch_decode"))
+        builtin = tvm.get_global_func
+        self._begin = builtin("vm.builtin.kv_state_begin_forward")
+        self._end = builtin("vm.builtin.kv_state_end_forward")
+        self._add = builtin("vm.builtin.kv_state_add_sequence")
+        self._remove = builtin("vm.builtin.kv_state_remove_sequence")
+        self._fork = builtin("vm.builtin.kv_state_fork_sequence")
+        self._available = builtin("vm.builtin.attention_kv_cache_get_num_available_pages")
+        self._reshape = builtin("vm.builtin.reshape")
+        self.page_size = page_size
+        self.kv_cache = self.vm["create_paged_kv_cache"](
+            ShapeTuple([max_batch_size]), ShapeTuple([kv_cache_tokens]), ShapeTuple([prefill_chunk_size]),
+            ShapeTuple([page_size]), ShapeTuple([0]),
+        )
+        self.total_pages = self.available_pages()
+
+    # --- KV cache ------------------------------------------------------------------------------
+    def available_pages(self) -> int:
+        return int(self._available(self.kv_cache))
+
+    def add_sequence(self, seq_id: int) -> None:
+        self._add(self.kv_cache, seq_id)
+
+    def fork_sequence(self, parent: int, child: int) -> None:
+        self._fork(self.kv_cache, parent, child, -1)
+
+    def remove_sequence(self, seq_id: int) -> None:
+        self._remove(self.kv_cache, seq_id)
+
+    # --- forward passes ------------------------------------------------------------------------
+    def _embed_tokens(self, token_ids: list[int], shape: list[int]) -> Any:
+        ids = self._tvm.runtime.tensor(np.asarray(token_ids, dtype=np.int32), self.device)
+        embeddings = self._embed(ids, self.params)
+        return self._reshape(embeddings, self._shape([*shape, embeddings.shape[-1]]))
+
+    def forward_prefill(self, seq_ids: list[int], chunks: list[list[int]]) -> np.ndarray:
+        """Append each sequence's chunk to the cache; logits [len(seq_ids), vocab] at each chunk's end."""
+        flat = [t for chunk in chunks for t in chunk]
+        ends = np.cumsum([len(c) for c in chunks]).astype(np.int32) - 1
+        embeddings = self._embed_tokens(flat, [1, len(flat)])
+        positions = self._tvm.runtime.tensor(ends, self.device)
+        self._begin(self.kv_cache, self._shape(seq_ids), self._shape([len(c) for c in chunks]))
+        try:
+            logits = self._prefill(embeddings, positions, self.kv_cache, self.params)
+        finally:
+            self._end(self.kv_cache)
+        return logits.numpy()[0].astype(np.float32, copy=False)
+
+    def forward_decode(self, seq_ids: list[int], token_ids: list[int]) -> np.ndarray:
+        """One new token per sequence; logits [len(seq_ids), vocab]."""
+        embeddings = self._embed_tokens(token_ids, [len(token_ids), 1])
+        self._begin(self.kv_cache, self._shape(seq_ids), self._shape([1] * len(seq_ids)))
+        try:
+            logits = self._decode(embeddings, self.kv_cache, self.params)
+        finally:
+            self._end(self.kv_cache)
+        return logits.numpy()[:, 0].astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Requests and their sequences
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What a front end asks for, already validated (see ``protocol``)."""
+
+    sampling: SamplingParams = SamplingParams()
+    max_tokens: int | None = None  # None: up to the context window
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    truncate_prompt_tokens: int | None = None  # keep the last k prompt tokens; -1: as many as fit
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class SequenceDelta:
+    """What one choice produced since the last output."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None  # stop | length | abort
+
+
+@dataclass
+class RequestStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    arrival: float = 0.0
+    prefill_start: float | None = None
+    first_token: float | None = None
+    finish: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Usage ``extra``: latency and speed of this request."""
+        out: dict[str, Any] = {}
+        if self.prefill_start is not None:
+            out["queue_time_s"] = self.prefill_start - self.arrival
+        if self.first_token is not None and self.prefill_start is not None:
+            out["ttft_s"] = self.first_token - self.arrival
+            prefill_time = max(self.first_token - self.prefill_start, 1e-9)
+            out["prefill_time_s"] = prefill_time
+            out["prefill_tokens_per_s"] = self.prompt_tokens / prefill_time
+        if self.finish is not None and self.first_token is not None:
+            decode_time = self.finish - self.first_token
+            out["decode_time_s"] = decode_time
+            if decode_time > 0:
+                out["decode_tokens_per_s"] = self.decode_tokens / decode_time
+        return out
+
+    decode_tokens: int = 0  # tokens produced by decode steps (the first one comes from prefill)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    deltas: list[SequenceDelta]
+    finished: bool = False
+    stats: RequestStats | None = None  # set on the last output
+    error: BaseException | None = None
+
+
+@dataclass
+class _Sequence:
+    index: int
+    seq_id: int
+    history: TokenHistory
+    rng: np.random.Generator
+    decoder: IncrementalDecoder
+    stopper: StopStringMatcher
+    tokens: list[int] = field(default_factory=list)
+    last_token: int = -1
+    finish_reason: str | None = None
+    pending: SequenceDelta | None = None
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: list[int]
+    config: GenerationConfig
+    callback: Callable[[RequestOutput], None]
+    max_tokens: int
+    reserved_pages: int
+    stats: RequestStats
+    prefilled: int = 0
+    admitted: bool = False
+    seqs: list[_Sequence] = field(default_factory=list)
+
+    @property
+    def live(self) -> list[_Sequence]:
+        return [s for s in self.seqs if s.finish_reason is None]
+
+
+# ----------------------------------------------------------------------------------------------
+# The generation steps
+# ----------------------------------------------------------------------------------------------
+
+
+def prefill(model: CompiledModel, work: list[tuple[_Request, list[int]]]) -> np.ndarray:
+    """One prefill call: each request's next chunk of prompt (into its first sequence's KV)."""
+    return model.forward_prefill([r.seqs[0].seq_id for r, _ in work], [chunk for _, chunk in work])
+
+
+def decode_one_step(model: CompiledModel, seqs: list[_Sequence]) -> np.ndarray:
+    """Feed every running sequence its last token; next-token logits for each."""
+    return model.forward_decode([s.seq_id for s in seqs], [s.last_token for s in seqs])
+
+
+def sample_next(seq: _Sequence, params: SamplingParams, logits: np.ndarray) -> tuple[int, TokenLogprob | None]:
+    """Penalize, sample, and (if asked) report logprobs for one sequence's next token."""
+    logits = apply_penalties(logits, params, seq.history)
+    token = sample(logits, params, seq.rng)
+    logprob = None
+    if params.logprobs:
+        value, top = token_logprobs(logits, token, params.top_logprobs)
+        logprob = TokenLogprob(token, value, top)
+    return token, logprob
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """Continuous batching over one :class:`CompiledModel`; thread-safe ``submit``/``abort``/``stats``."""
+
+    def __init__(self, bundle: Bundle, *, max_batch_size: int | None = None, context_window_size: int | None = None,
+                 prefill_chunk_size: int | None = None, kv_cache_tokens: int | None = None):
+        cc = bundle.chat_config
+        self.bundle = bundle
+        self.tokenizer = Tokenizer(bundle.path)
+        self.max_batch_size = max(1, max_batch_size or max(cc.max_batch_size, 1))
+        self.context_window_size = min(context_window_size or cc.context_window_size, cc.context_window_size)
+        self.prefill_chunk_size = min(prefill_chunk_size or cc.prefill_chunk_size, cc.prefill_chunk_size)
+        if kv_cache_tokens is None:
+            kv_cache_tokens = min(self.context_window_size * self.max_batch_size,
+                                  max(DEFAULT_KV_CACHE_TOKENS_CAP, self.context_window_size))
+        self.model = CompiledModel(bundle, self.max_batch_size, kv_cache_tokens, self.prefill_chunk_size,
+                                   cc.page_size)
+        eos = list(cc.eos_token_id) or [t for t in [self.tokenizer.eos_token_id] if t is not None]
+        self.eos_token_ids: tuple[int, ...] = tuple(eos)
+
+        self._lock = threading.Condition()
+        self._incoming: deque[_Request] = deque()
+        self._aborts: set[str] = set()
+        self._waiting: deque[_Request] = deque()
+        self._prefilling: list[_Request] = []
+        self._running: list[_Request] = []
+        self._free_seq_ids = list(range(self.max_batch_size))[::-1]
+        self._reserved_pages = 0
+        self._ids = itertools.count()
+        self._closed = False
+        self._counters: Counter = Counter()
+        self._batch_sizes: Counter = Counter()
+        self._pages_in_use = 0  # read by stats() from other threads; updated by the engine thread
+        self._thread = threading.Thread(target=self._loop, name="mlcbuild-engine", daemon=True)
+        self._thread.start()
+
+    # --- front-end side (any thread) ------------------------------------------------------------
+    def prepare_prompt(self, prompt: list[int], config: GenerationConfig) -> tuple[list[int], int]:
+        """Check (or truncate) the prompt against the context window; return it with its max_tokens."""
+        window = self.context_window_size
+        if config.truncate_prompt_tokens is not None:
+            keep = config.truncate_prompt_tokens
+            if keep < 0:
+                keep = window - (config.max_tokens or 1)
+            prompt = prompt[-keep:] if 0 < keep < len(prompt) else prompt
+        if not prompt:
+            raise ContextWindowError("the prompt is empty")
+        if len(prompt) >= window:
+            raise ContextWindowError(
+                f"This model's maximum context length is {window} tokens. However, your prompt has "
+                f"{len(prompt)} tokens, which leaves no room for a completion. Shorten the prompt, or pass "
+                "truncate_prompt_tokens to keep only its end."
+            )
+        if config.max_tokens is not None and len(prompt) + config.max_tokens > window:
+            err = ContextWindowError(
+                f"This model's maximum context length is {window} tokens. However, you requested "
+                f"{len(prompt) + config.max_tokens} tokens ({len(prompt)} in the prompt, {config.max_tokens} in the "
+                "completion). Please reduce the length of the prompt or of the completion."
+            )
+            err.param = "max_tokens"
+            raise err
+        max_tokens = config.max_tokens if config.max_tokens is not None else window - len(prompt)
+        if config.n > self.max_batch_size:
+            err = ContextWindowError(f"n={config.n} exceeds the engine's max_batch_size {self.max_batch_size}")
+            err.param, err.code = "n", "invalid_value"
+            raise err
+        return prompt, max_tokens
+
+    def submit(self, prompt: list[int], config: GenerationConfig, callback: Callable[[RequestOutput], None],
+               request_id: str | None = None) -> str:
+        """Queue a request; outputs arrive through ``callback`` on the engine thread."""
+        prompt, max_tokens = self.prepare_prompt(prompt, config)
+        pages = config.n * (-(-(len(prompt) + max_tokens) // self.model.page_size) + 1)
+        if pages > self.model.total_pages:
+            raise ContextWindowError(
+                f"the request needs {pages} KV-cache pages, the engine has {self.model.total_pages}; "
+                "lower max_tokens or n, or start the engine with more kv_cache_tokens"
+            )
+        request_id = request_id or f"req-{next(self._ids)}"
+        request = _Request(request_id, prompt, config, callback, max_tokens, pages,
+                           RequestStats(prompt_tokens=len(prompt), arrival=time.perf_counter()))
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine was terminated")
+            self._incoming.append(request)
+            self._counters["requests"] += 1
+            self._lock.notify()
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (client gone, cancelled); its pages are freed on the engine thread."""
+        with self._lock:
+            self._aborts.add(request_id)
+            self._lock.notify()
+
+    def stats(self) -> dict[str, Any]:
+        """Live counts: requests, tokens, decode steps and their batch sizes, KV pages."""
+        with self._lock:
+            counters = {k: self._counters[k] for k in COUNTERS}
+            return {
+                "running": len(self._running),
+                "prefilling": len(self._prefilling),
+                "queued": len(self._waiting) + len(self._incoming),
+                "running_sequences": sum(len(r.live) for r in list(self._running)),
+                "kv_pages_total": self.model.total_pages,
+                "kv_pages_in_use": self._pages_in_use,
+                "decode_batch_sizes": dict(sorted(self._batch_sizes.items())),
+                **counters,
+            }
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        self._thread.join(timeout=30)
+
+    # --- engine thread ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._closed or self._incoming or self._aborts or self._waiting
+                           or self._prefilling or self._running):
+                    self._lock.wait()
+                if self._closed:
+                    break
+                self._waiting.extend(self._incoming)
+                self._incoming.clear()
+                aborts, self._aborts = self._aborts, set()
+            try:
+                self._apply_aborts(aborts)
+                self._admit()
+                self._prefill_step()
+                self._decode_step()
+            except Exception as exc:  # a failing step fails its requests, not the engine
+                logger.exception("engine step failed")
+                self._fail_all(exc)
+            self._refresh_pages()
+        self._fail_all(EngineClosedError("the engine was terminated"), aborted=True)
+
+    def _apply_aborts(self, aborts: set[str]) -> None:
+        if not aborts:
+            return
+        for request in [r for r in self._waiting if r.request_id in aborts]:
+            self._waiting.remove(request)
+            self._finish_request(request, "abort")
+        for request in [r for r in self._prefilling + self._running if r.request_id in aborts]:
+            for seq in request.live:
+                self._end_sequence(request, seq, "abort")
+            (self._prefilling if request in self._prefilling else self._running).remove(request)
+            self._finish_request(request, "abort")
+
+    def _admit(self) -> None:
+        """Start waiting requests (first come, first served) while sequence slots and KV pages last."""
+        while self._waiting:
+            request = self._waiting[0]
+            if request.config.n > len(self._free_seq_ids) or \
+                    self._reserved_pages + request.reserved_pages > self.model.total_pages:
+                break
+            self._waiting.popleft()
+            request.admitted = True
+            self._reserved_pages += request.reserved_pages
+            request.stats.prefill_start = time.perf_counter()
+            self._new_sequence(request, index=0)
+            self.model.add_sequence(request.seqs[0].seq_id)
+            self._prefilling.append(request)
+
+    def _new_sequence(self, request: _Request, index: int) -> _Sequence:
+        params = request.config.sampling
+        seq = _Sequence(
+            index=index,
+            seq_id=self._free_seq_ids.pop(),
+            history=TokenHistory.of_prompt(request.prompt),
+            rng=make_rng(params.seed, index),
+            decoder=IncrementalDecoder(self.tokenizer),
+            stopper=StopStringMatcher(list(request.config.stop)),
+        )
+        request.seqs.append(seq)
+        return seq
+
+    def _prefill_step(self) -> None:
+        """Prefill up to ``prefill_chunk_size`` prompt tokens, across prefilling requests in order."""
+        budget, work = self.prefill_chunk_size, []
+        for request in self._prefilling:
+            if budget <= 0:
+                break
+            chunk = request.prompt[request.prefilled : request.prefilled + budget]
+            work.append((request, chunk))
+            budget -= len(chunk)
+        if not work:
+            return
+        logits = prefill(self.model, work)
+        self._counters["prefill_steps"] += 1
+        self._counters["prefill_tokens"] += sum(len(c) for _, c in work)
+        for row, (request, chunk) in enumerate(work):
+            request.prefilled += len(chunk)
+            if request.prefilled == len(request.prompt):
+                self._prefilling.remove(request)
+                self._start_decoding(request, logits[row])
+
+    def _start_decoding(self, request: _Request, logits: np.ndarray) -> None:
+        """Prompt done: fork the other n-1 choices off its KV, sample each choice's first token."""
+        for index in range(1, request.config.n):
+            seq = self._new_sequence(request, index)
+            self.model.fork_sequence(request.seqs[0].seq_id, seq.seq_id)
+        request.stats.first_token = time.perf_counter()
+        self._counters["prompt_tokens"] += len(request.prompt)
+        for seq in request.seqs:
+            self._accept(request, seq, *sample_next(seq, request.config.sampling, logits))
+        self._emit(request)
+        if request.live:
+            self._running.append(request)
+        else:
+            self._finish_request(request)
+
+    def _decode_step(self) -> None:
+        seqs = [(r, s) for r in self._running for s in r.live][: self.max_batch_size]
+        if not seqs:
+            return
+        logits = decode_one_step(self.model, [s for _, s in seqs])
+        self._counters["decode_steps"] += 1
+        self._counters["decode_sequences"] += len(seqs)
+        self._batch_sizes[len(seqs)] += 1
+        for row, (request, seq) in enumerate(seqs):
+            request.stats.decode_tokens += 1
+            self._accept(request, seq, *sample_next(seq, request.config.sampling, logits[row]))
+        for request in {id(r): r for r, _ in seqs}.values():
+            self._emit(request)
+            if not request.live:
+                self._running.remove(request)
+                self._finish_request(request)
+
+    def _accept(self, request: _Request, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        """Record a sampled token: stop tokens, text (held back at possible stop strings), limits."""
+        seq.tokens.append(token)
+        seq.last_token = token
+        seq.history.add(token)
+        request.stats.completion_tokens += 1
+        delta = seq.pending = seq.pending or SequenceDelta(seq.index)
+        delta.token_ids.append(token)
+        if logprob is not None:
+            delta.logprobs.append(logprob)
+        stop_ids = request.config.stop_token_ids + (() if request.config.ignore_eos else self.eos_token_ids)
+        if token in stop_ids:
+            self._end_sequence(request, seq, "stop")
+            return
+        delta.text += seq.stopper.feed(seq.decoder.add(token))
+        if seq.stopper.stopped:
+            self._end_sequence(request, seq, "stop")
+        elif len(seq.tokens) >= request.max_tokens or \
+                len(request.prompt) + len(seq.tokens) >= self.context_window_size:
+            self._end_sequence(request, seq, "length")
+
+    def _end_sequence(self, request: _Request, seq: _Sequence, reason: str) -> None:
+        """Finish one choice and free its KV pages now."""
+        delta = seq.pending = seq.pending or SequenceDelta(seq.index)
+        if reason != "abort" and not seq.stopper.stopped:
+            delta.text += seq.stopper.feed(seq.decoder.flush())
+            delta.text += seq.stopper.flush()
+        delta.finish_reason = seq.finish_reason = reason
+        self.model.remove_sequence(seq.seq_id)
+        self._free_seq_ids.append(seq.seq_id)
+        self._refresh_pages()
+
+    def _refresh_pages(self) -> None:
+        self._pages_in_use = self.model.total_pages - self.model.available_pages()
+
+    def _emit(self, request: _Request) -> None:
+        deltas = [s.pending for s in request.seqs if s.pending is not None]
+        for seq in request.seqs:
+            seq.pending = None
+        if deltas:
+            request.callback(RequestOutput(request.request_id, deltas))
+
+    def _finish_request(self, request: _Request, reason: str | None = None) -> None:
+        if request.admitted:
+            self._reserved_pages -= request.reserved_pages
+        request.stats.finish = time.perf_counter()
+        self._counters["completion_tokens"] += request.stats.completion_tokens
+        self._counters["aborted" if reason == "abort" else "finished"] += 1
+        deltas = [SequenceDelta(i, finish_reason="abort") for i in range(request.config.n)] if reason else []
+        request.callback(RequestOutput(request.request_id, deltas, finished=True, stats=request.stats))
+
+    def _fail_all(self, exc: BaseException, aborted: bool = False) -> None:
+        """Fail every request in flight (after an error in a step, or at shutdown) and free the cache."""
+        with self._lock:
+            self._waiting.extend(self._incoming)
+            self._incoming.clear()
+        for request in list(self._waiting) + self._prefilling + self._running:
+            for seq in request.live:
+                try:
+                    self.model.remove_sequence(seq.seq_id)
+                except Exception:  # the cache may be inconsistent after a failed step
+                    pass
+                seq.finish_reason = "abort"
+                self._free_seq_ids.append(seq.seq_id)
+            self._counters["aborted" if aborted else "failed"] += 1
+            request.callback(RequestOutput(request.request_id, [], finished=True, stats=request.stats, error=exc))
+        self._waiting.clear()
+        self._prefilling.clear()
+        self._running.clear()
+        self._reserved_pages = 0

@@ -1,0 +1,274 @@
+"""compile: mlc-chat-config.json + (quantization, device) -> lib/model.so.
+
+Builds the architecture's Relax module with the scheme's quantized layers, exports the functions
+listed in ``mlcbuild.bundle_format``, lowers it with TVM (operator fusion, dequantize+matmul
+fusion, dlight schedules) and links one shared library for the device.
+
+Devices: ``cpu`` (llvm for this host's CPU, whose name enters the node key), ``cpu:<mcpu>``
+(a named x86-64 level or CPU), ``cuda:sm_XX`` (CUDA via nvcc; no GPU needed to build).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mlcbuild.bundle_format import CHAT_CONFIG_FILE, LIBRARY_FILE
+from mlcbuild.devices import DeviceSpec, parse_device
+from mlcbuild.pipeline.stage import Stage, StageContext, StageError, StageParams
+from mlcbuild.recipe import LoadedRecipe
+from mlcbuild.stages import register_stage
+
+PAGE_SIZE = 16
+
+
+class CompileParams(StageParams):
+    quantization: str
+    device: str
+
+
+@register_stage
+class Compile(Stage):
+    name = "compile"
+    version = 1
+    Params = CompileParams
+    thread_safe = False  # TVM keeps process-global builder state
+
+    @classmethod
+    def params_for(cls, loaded: LoadedRecipe, axes: dict[str, str]) -> CompileParams:
+        return CompileParams(quantization=axes["quantization"], device=parse_device(axes["device"]).name)
+
+    def toolchain(self, params: CompileParams) -> dict[str, str]:
+        facts = {"tvm": _tvm_version(), "target": json.dumps(target_dict(parse_device(params.device)), sort_keys=True)}
+        if parse_device(params.device).kind == "cuda":
+            facts["nvcc"] = nvcc_version()
+        return facts
+
+    def run(self, ctx: StageContext) -> None:
+        chat = json.loads((ctx.inputs["config"] / CHAT_CONFIG_FILE).read_text(encoding="utf-8"))
+        if chat["quantization"] != ctx.params.quantization:
+            raise StageError(f"config was generated for {chat['quantization']}, not {ctx.params.quantization}")
+        device = parse_device(ctx.params.device)
+        out = ctx.out / LIBRARY_FILE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        build_library(chat, device, out, workdir=ctx.work)
+        ctx.log(f"compile: {chat['model_type']} {chat['quantization']} for {device.name} in {time.perf_counter() - start:.1f} s")
+
+
+# ---- toolchain facts (cheap: no tvm import) ---------------------------------------------------
+
+
+def _tvm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("apache-tvm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _facts_dir() -> Path:
+    from mlcbuild.cache.store import default_cache_dir
+
+    path = Path(default_cache_dir()) / "host-facts"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _memo(key: str, compute: Any) -> str:
+    """A host fact computed once per key and kept in a small file under the cache dir (the
+    computation costs a second; the no-op rerun budget does not allow that every time)."""
+    path = _facts_dir() / hashlib.sha256(key.encode()).hexdigest()[:32]
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        pass
+    value = compute()
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(value, encoding="utf-8")
+    os.replace(tmp, path)
+    return value
+
+
+def host_cpu() -> str:
+    """LLVM's name for this host's CPU (e.g. "znver3", "sapphirerapids"), memoized by the
+    /proc/cpuinfo model name and feature flags so a different CPU gets a fresh answer."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    ident = [line for line in lines if line.startswith(("model name", "flags", "vendor_id", "cpu family", "model\t"))][:5]
+    key = "host-cpu\n" + "\n".join(ident)
+
+    def compute() -> str:
+        code = "import tvm.target.codegen as c; print(c.llvm_get_system_cpu())"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        return result.stdout.strip().splitlines()[-1]
+
+    return _memo(key, compute)
+
+
+def nvcc_version() -> str:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return "absent"
+    real = os.path.realpath(nvcc)
+    stat = os.stat(real)
+
+    def compute() -> str:
+        result = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True)
+        return result.stdout.strip().splitlines()[-1]
+
+    return _memo(f"nvcc\n{real}\n{stat.st_size}\n{stat.st_mtime_ns}", compute)
+
+
+def target_dict(device: DeviceSpec) -> dict[str, Any]:
+    """The TVM 0.27 target (a JSON dict: the string form is refused) for a device."""
+    if device.kind == "cpu":
+        return {"kind": "llvm", "mcpu": device.arch or host_cpu()}
+    # The host side of a CUDA library stays generic x86-64 so it loads on any server CPU.
+    return {"kind": "cuda", "arch": device.arch, "host": {"kind": "llvm"}}
+
+
+# ---- the build --------------------------------------------------------------------------------
+
+
+def build_library(chat: dict[str, Any], device: DeviceSpec, out: Path, workdir: Path | None = None) -> dict[str, Any]:
+    """Compile the model a chat config describes for ``device`` into the shared library ``out``.
+    Returns the metadata embedded in the library."""
+    import tvm
+
+    from mlcbuild.models import config_from_normalized
+    from mlcbuild.models.base_nn import build_quantized_model
+
+    target = tvm.target.Target(target_dict(device))
+    if device.kind == "cpu" and device.arch and not _valid_cpu(device.arch):
+        raise StageError(f"LLVM does not know the CPU {device.arch!r} (device cpu:{device.arch})")
+    config = config_from_normalized(chat["model_config"])
+    model, _ = build_quantized_model(config, chat["quantization"], target)
+    mod, named_params = model.export_tvm(spec=model.get_default_spec())
+    metadata = {
+        "model_type": chat["model_type"],
+        "quantization": chat["quantization"],
+        "model_dtype": chat["model_dtype"],
+        "context_window_size": chat["context_window_size"],
+        "prefill_chunk_size": chat["prefill_chunk_size"],
+        "sliding_window_size": chat["sliding_window_size"],
+        "max_batch_size": chat["max_batch_size"],
+        "page_size": PAGE_SIZE,
+        "kv_cache": {
+            "num_hidden_layers": config.num_hidden_layers,
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads,
+            "head_dim": config.head_dim,
+        },
+        "params": [
+            {"name": name, "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)} for name, p in named_params
+        ],
+    }
+    bounds = {"seq_len": chat["prefill_chunk_size"], "batch_size": chat["max_batch_size"]}
+    with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+        executable = tvm.compile(mod, target=target, relax_pipeline=_pipeline(target, metadata, bounds))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.so")
+    options = {}
+    if device.kind == "cuda":
+        options = {}
+    executable.export_library(str(tmp), **options)
+    os.replace(tmp, out)
+    return metadata
+
+
+def _valid_cpu(name: str) -> bool:
+    from tvm.target import codegen
+
+    try:
+        return bool(codegen.llvm_is_valid_cpu(name, "x86_64-linux-gnu"))
+    except Exception:  # older signature / non-x86 triple: let LLVM complain at build time
+        return True
+
+
+def _pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int]) -> Any:
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import dlight as dl
+
+    from mlcbuild.quantization.fusion import FuseDequantizeMatmul
+
+    if target.kind.name == "llvm":
+        # dlight's cpu.GEMV made LLVM codegen ~10x slower (40 s for a 2-layer toy model) for
+        # no measured decode gain here; the default lowering vectorizes well enough.
+        schedule = tvm.transform.Sequential([])
+    else:
+        schedule = dl.ApplyDefaultSchedule(
+            dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+        )
+
+    @tvm.transform.module_pass(opt_level=0, name="MlcbuildPipeline")
+    def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        mod = _attach_bounds(mod, bounds)
+        seq = tvm.transform.Sequential(
+            [
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+                FuseDequantizeMatmul(),
+                relax.transform.DeadCodeElimination(),
+                schedule,
+                relax.transform.RewriteDataflowReshape(),
+                relax.transform.ToNonDataflow(),
+                relax.transform.RemovePurityChecking(),
+                relax.transform.CallTIRRewrite(),
+                relax.transform.StaticPlanBlockMemory(),
+                _AttachMetadata(metadata),
+                relax.transform.LowerAllocTensor(),
+                relax.transform.KillAfterLastUse(),
+                relax.transform.LowerRuntimeBuiltin(),
+                relax.transform.ComputePrimValue(),
+                relax.transform.VMShapeLower(),
+                relax.transform.AttachGlobalSymbol(),
+            ]
+        )
+        return seq(mod)
+
+    return pipeline
+
+
+def _attach_bounds(mod: Any, bounds: dict[str, int]) -> Any:
+    """Upper bounds of the symbolic sizes let static memory planning preallocate activations."""
+    from tvm import relax
+
+    for gvar, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function) and gvar.name_hint in ("prefill", "decode", "batch_prefill", "batch_decode", "embed"):
+            mod[gvar] = func.with_attr("tir_var_upper_bound", bounds)
+    return mod
+
+
+class _AttachMetadata:
+    """Adds ``_metadata() -> str`` (JSON) to the module."""
+
+    def __new__(cls, metadata: dict[str, Any]) -> Any:
+        import tvm
+        from tvm import relax
+
+        text = json.dumps(metadata, sort_keys=True)
+
+        @tvm.transform.module_pass(opt_level=0, name="AttachMetadata")
+        def attach(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+            bb = relax.BlockBuilder()
+            with bb.function("_metadata", params=[]):
+                bb.emit_func_output(tvm.ir.StringImm(text))
+            mod["_metadata"] = bb.finalize()["_metadata"].with_attr("global_symbol", "_metadata")
+            return mod
+
+        return attach

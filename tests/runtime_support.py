@@ -1,0 +1,118 @@
+"""Helpers for the runtime tests: a tiny bundle built by the real pipeline, and a server in a thread."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "The capital of France is Paris. The capital of Spain is Madrid. Hello world!",
+    "What is the answer to the question? The quick brown fox jumps over the lazy dog.",
+    "User: hi there. Assistant: hello, how can I help you today? Tell me a story about cats.",
+]
+RECIPE = """\
+name: tiny
+source: src
+conv_template: auto
+quantization: [q0f32]
+devices: [cpu]
+overrides:
+  context_window_size: 256
+  prefill_chunk_size: 32
+  max_batch_size: 8
+"""
+
+
+@dataclass(frozen=True)
+class TinyBundle:
+    recipe: Path  # a recipe naming the bundle
+    path: Path  # the bundle directory
+    checkpoint: Path  # the HF checkpoint it was built from (for transformers references)
+
+
+def write_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A byte-level BPE whose ids 0, 1, 2 are <|endoftext|>, <|im_start|>, <|im_end|> (the tiny llama's
+    eos_token_id is 2), with a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 10, trainer)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHATML,
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def build_tiny_bundle(root: Path) -> TinyBundle:
+    """A random-weight tiny llama (transformers) with a tokenizer, built by ``mlcbuild run`` for cpu."""
+    from compiler_harness import TINY, make_checkpoint
+
+    source = make_checkpoint("llama", root / "src")
+    write_tokenizer(source, TINY["vocab_size"])
+    recipe = root / "tiny.yaml"
+    recipe.write_text(RECIPE)
+    env = {**os.environ, "MLCBUILD_CACHE_DIR": str(root / "cache")}
+    cmd = [sys.executable, "-c", "from mlcbuild.cli import main; main()", "run", str(recipe)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return TinyBundle(recipe=recipe, path=root / "dist" / "tiny" / "q0f32-cpu", checkpoint=source)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving an app on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app: object):
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+_BUILT: dict[str, TinyBundle] = {}
+
+
+def tiny_bundle_once(tmp_path_factory: object) -> TinyBundle:
+    """One bundle per test session, however many runtime test modules ask for it."""
+    if "tiny" not in _BUILT:
+        root = tmp_path_factory.mktemp("runtime")  # type: ignore[attr-defined]
+        os.environ.setdefault("MLCBUILD_VERIFY_CACHE", str(root / "verified"))
+        _BUILT["tiny"] = build_tiny_bundle(root)
+    return _BUILT["tiny"]

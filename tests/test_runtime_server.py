@@ -1,0 +1,182 @@
+"""The OpenAI-compatible server, driven by the real ``openai`` client (sync and async) and by ``curl``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+
+import httpx
+import pytest
+from runtime_support import ServerThread, tiny_bundle_once
+
+from mlcbuild import AsyncMLCEngine, MLCEngine
+from mlcbuild.runtime.server import create_app
+
+openai = pytest.importorskip("openai")
+
+KEY = "sk-test"
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return tiny_bundle_once(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    engine = AsyncMLCEngine(tiny.recipe)
+    with ServerThread(create_app(engine, api_key=KEY, model_aliases=(str(tiny.recipe),))) as srv:
+        srv.engine = engine
+        yield srv
+    engine.terminate()
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def metrics(server) -> dict[str, float]:
+    text = httpx.get(server.url + "/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name if "le=" in name or "path=" in name else name.split("{")[0]] = float(value)
+    return values
+
+
+def test_models_health_and_metrics_format(server, client):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    text = httpx.get(server.url + "/metrics").text
+    assert "# TYPE mlcbuild_kv_pages_in_use gauge" in text and "# TYPE mlcbuild_requests_total counter" in text
+    assert 'mlcbuild_decode_batch_size_bucket{model="tiny",le="+Inf"}' in text
+    assert metrics(server)["mlcbuild_kv_pages_total"] > 0
+
+
+def test_sync_client_stream_and_whole_match_engine(server, client, tiny):
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=20, seed=42, temperature=0.9)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    with MLCEngine(tiny.path) as local:  # the same request through the Python API: the same text
+        assert local.chat.completions.create(**kwargs).choices[0].message.content == text
+    comp = client.completions.create(model=str(tiny.recipe), prompt="The capital of", max_tokens=8, seed=1, n=2)
+    assert len(comp.choices) == 2 and comp.usage.completion_tokens <= 16 and comp.object == "text_completion"
+
+
+def test_async_client_concurrent_streams(server):
+    async def main() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+        async def one(i: int) -> str:
+            stream = await client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, seed=i,
+                                                          stream=True, extra_body={"ignore_eos": True})
+            return "".join([c.choices[0].delta.content or "" async for c in stream])
+
+        texts = await asyncio.gather(*(one(i) for i in range(6)))
+        whole = await client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, seed=4,
+                                                     extra_body={"ignore_eos": True})
+        assert whole.choices[0].message.content == texts[4]
+        await client.close()
+        return texts
+
+    assert len(asyncio.run(main())) == 6
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_curl_sse_and_json(server):
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 6, "stream": True,
+            "stream_options": {"include_usage": True}}
+    out = subprocess.run(["curl", "-sN", server.url + "/v1/chat/completions", "-H", f"Authorization: Bearer {KEY}",
+                          "-H", "Content-Type: application/json", "-d", json.dumps(body)],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    events = [line[len("data: "):] for line in out.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert 0 < chunks[-1]["usage"]["completion_tokens"] <= 6
+    out = subprocess.run(["curl", "-s", server.url + "/v1/completions", "-H", f"Authorization: Bearer {KEY}",
+                          "-H", "Content-Type: application/json", "-d", json.dumps({"prompt": "Hello", "max_tokens": 3})],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert json.loads(out)["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"messages": MESSAGES, "temperature": 3}, 400, "temperature"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+    ({"messages": MESSAGES, "n": 0}, 400, "n"),
+    ({"messages": MESSAGES, "top_logprobs": 3}, 400, None),
+    ({}, 400, "messages"),
+    ({"messages": MESSAGES, "model": "gpt-9"}, 404, "model"),
+    ({"messages": MESSAGES, "max_tokens": 10000}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x " * 400}]}, 400, "messages"),
+    ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, 422, "tools"),
+    ({"messages": MESSAGES, "response_format": {"type": "json_object"}}, 422, "response_format"),
+])
+def test_bad_requests_get_openai_errors(server, body, status, param):
+    resp = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"]
+
+
+def test_auth_bad_json_and_unknown_routes(server, client):
+    assert httpx.post(server.url + "/v1/chat/completions", json={"messages": MESSAGES}).status_code == 401
+    wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    resp = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={
+        "Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_json"
+    assert httpx.get(server.url + "/v2/nothing").status_code == 404
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt=[1, 999999], max_tokens=2)
+    assert info.value.body["param"] == "prompt"
+
+
+def test_cancelled_streams_free_their_pages(server):
+    """16 concurrent streams, 4 closed halfway: the rest complete; afterwards no KV page is in use."""
+    before = metrics(server)
+
+    async def main() -> list[object]:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+        async def one(i: int) -> object:
+            stream = await client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=200, seed=i,
+                                                          stream=True, extra_body={"ignore_eos": True})
+            chunks = 0
+            async for chunk in stream:
+                chunks += 1
+                if i % 4 == 0 and chunks == 5:
+                    await stream.close()  # closes the HTTP connection mid-stream
+                    return "cancelled"
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    return chunk.choices[0].finish_reason
+            return "ended"
+
+        results = await asyncio.gather(*(one(i) for i in range(16)))
+        await client.close()
+        return results
+
+    results = asyncio.run(main())
+    assert results.count("cancelled") == 4 and results.count("length") == 12, results
+    for _ in range(100):
+        after = metrics(server)
+        if after["mlcbuild_aborted_total"] - before["mlcbuild_aborted_total"] == 4 and after["mlcbuild_running"] == 0:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert after["mlcbuild_aborted_total"] - before["mlcbuild_aborted_total"] == 4
+    assert after["mlcbuild_finished_total"] - before["mlcbuild_finished_total"] == 12
+    assert after["mlcbuild_kv_pages_in_use"] == 0 and after["mlcbuild_queued"] == 0
+    # and batching was real: some decode steps carried more than one sequence
+    steps = after["mlcbuild_decode_steps_total"] - before["mlcbuild_decode_steps_total"]
+    seqs = after["mlcbuild_decode_sequences_total"] - before["mlcbuild_decode_sequences_total"]
+    assert seqs > steps > 0
