@@ -360,6 +360,108 @@ def pack(
     out.print(str(dest), markup=False)
 
 
+@app.command()
+def lock(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file with an HF:// source."),
+    update: bool = typer.Option(False, "--update", help="Resolve the revision anew and move the lock to it."),
+) -> None:
+    """Pin a Hub source to one commit and its files' digests in <recipe>.lock."""
+    from mlcbuild.stages.download import locked_source, update_lock
+    from mlcbuild.sources.lock import lock_path
+
+    loaded = _load(recipe)
+    try:
+        if update:
+            update_lock(loaded)
+        pinned = locked_source(loaded)
+    except RecipeError as exc:
+        _fail(str(exc))
+    out.print(f"{lock_path(loaded.path)}: {pinned.source}@{pinned.revision} -> {pinned.commit} "
+              f"({len(pinned.files)} files)", markup=False)
+
+
+DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help="A bundle directory, or a recipe (its built bundle for the device is used)."),
+    device: str = DeviceOption,
+    overrides: Optional[str] = typer.Option(None, "--overrides", help="Initial settings, as /set takes them: temperature=0.5;max_gen_len=100"),
+    quantization: Optional[str] = typer.Option(None, "--quantization", "-q", help="With a recipe: which of its quantizations."),
+) -> None:
+    """Chat with a model in the terminal (/help lists the commands)."""
+    from mlcbuild.runtime.chat import chat as run_chat
+
+    _run_frontend(run_chat, model, device=device, overrides=overrides, **_quant(quantization))
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="A bundle directory, or a recipe."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MLCBUILD_API_KEY", help="Require this bearer token."),
+    device: str = DeviceOption,
+    quantization: Optional[str] = typer.Option(None, "--quantization", "-q"),
+    max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", min=1),
+) -> None:
+    """Serve a model over an OpenAI-compatible REST API."""
+    from mlcbuild.runtime.server import serve as run_server
+
+    options = _quant(quantization)
+    if max_batch_size is not None:
+        options["max_batch_size"] = max_batch_size
+    _run_frontend(run_server, model, host=host, port=port, api_key=api_key, device=device, **options)
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help="A bundle directory, or a recipe."),
+    device: str = DeviceOption,
+    quantization: Optional[str] = typer.Option(None, "--quantization", "-q"),
+    prompt_len: int = typer.Option(128, "--prompt-len", min=1),
+    gen_len: int = typer.Option(128, "--gen-len", min=1),
+    batch: int = typer.Option(1, "--batch", min=1),
+    repeats: int = typer.Option(3, "--repeats", min=1),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Measure TTFT, prefill and decode speed (median, min, max over repeats) and memory."""
+    from mlcbuild.runtime.bench import bench as run_bench
+    from mlcbuild.runtime.bundle import BundleError
+
+    try:
+        result = run_bench(model, device, prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeats=repeats,
+                           **_quant(quantization))
+    except (BundleError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc), EXIT_BUILD_FAILED)
+    if as_json:
+        print(json.dumps(result.as_dict(), sort_keys=True))
+        return
+    table = Table("metric", "median", "min", "max", title=f"{result.model} ({result.quantization}, {result.device}): "
+                  f"prompt {prompt_len}, generate {gen_len}, batch {batch}, {repeats} repeats")
+    for name, spread, fmt in (("TTFT (ms)", result.ttft_s, lambda v: f"{v * 1000:.1f}"),
+                              ("prefill tok/s", result.prefill_tok_s, lambda v: f"{v:.1f}"),
+                              ("decode tok/s", result.decode_tok_s, lambda v: f"{v:.1f}")):
+        table.add_row(name, fmt(spread.median), fmt(spread.min), fmt(spread.max))
+    out.print(table)
+    out.print(f"weights {_size(result.weights_bytes)}, peak RSS {_size(result.peak_rss_bytes)}, "
+              f"threads {result.threads}")
+
+
+def _quant(quantization: Optional[str]) -> dict[str, Any]:
+    return {"quantization": quantization} if quantization else {}
+
+
+def _run_frontend(frontend: Any, model: str, **kwargs: Any) -> None:
+    from mlcbuild.runtime.bundle import BundleError
+
+    try:
+        frontend(model, **kwargs)
+    except (BundleError, FileNotFoundError) as exc:
+        _fail(str(exc), EXIT_BUILD_FAILED)
+
+
 def main() -> None:
     app()
 
