@@ -27,8 +27,8 @@ def test_parse_settings():
 
 
 def test_chat_cli_session(tiny):
-    code = "import sys; from mlcbuild.runtime.chat import chat; chat(sys.argv[1])"
-    child = pexpect.spawn(sys.executable, ["-c", code, str(tiny.recipe)], encoding="utf-8", timeout=60,
+    cli = "from mlcbuild.cli import main; main()"  # `mlcbuild chat RECIPE`, with this interpreter
+    child = pexpect.spawn(sys.executable, ["-c", cli, "chat", str(tiny.recipe)], encoding="utf-8", timeout=60,
                           dimensions=(40, 200))
     try:
         child.expect("/help")

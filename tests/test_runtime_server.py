@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import httpx
 import pytest
-from runtime_support import ServerThread, tiny_bundle_once
+from runtime_support import ServerThread, free_port, tiny_bundle_once
 
 from mlcbuild import AsyncMLCEngine, MLCEngine
 from mlcbuild.runtime.server import create_app
@@ -90,22 +93,52 @@ def test_async_client_concurrent_streams(server):
     assert len(asyncio.run(main())) == 6
 
 
+@pytest.fixture(scope="module")
+def cli_server(tiny):
+    """``mlcbuild serve RECIPE --port P --api-key KEY`` in a subprocess."""
+    port = free_port()
+    cmd = [sys.executable, "-c", "from mlcbuild.cli import main; main()", "serve", str(tiny.recipe),
+           "--port", str(port), "--api-key", KEY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "mlcbuild serve did not come up"
+        time.sleep(0.1)
+    yield url
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def curl(*args: str) -> str:
+    return subprocess.run(["curl", "-sS", *args], capture_output=True, text=True, timeout=60, check=True).stdout
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
-def test_curl_sse_and_json(server):
+def test_curl_against_mlcbuild_serve(cli_server):
+    auth = ["-H", f"Authorization: Bearer {KEY}", "-H", "Content-Type: application/json"]
     body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 6, "stream": True,
             "stream_options": {"include_usage": True}}
-    out = subprocess.run(["curl", "-sN", server.url + "/v1/chat/completions", "-H", f"Authorization: Bearer {KEY}",
-                          "-H", "Content-Type: application/json", "-d", json.dumps(body)],
-                         capture_output=True, text=True, timeout=60, check=True).stdout
+    out = curl("-N", cli_server + "/v1/chat/completions", *auth, "-d", json.dumps(body))
     events = [line[len("data: "):] for line in out.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-    assert 0 < chunks[-1]["usage"]["completion_tokens"] <= 6
-    out = subprocess.run(["curl", "-s", server.url + "/v1/completions", "-H", f"Authorization: Bearer {KEY}",
-                          "-H", "Content-Type: application/json", "-d", json.dumps({"prompt": "Hello", "max_tokens": 3})],
-                         capture_output=True, text=True, timeout=60, check=True).stdout
-    assert json.loads(out)["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chunks[-1]["choices"] == [] and 0 < chunks[-1]["usage"]["completion_tokens"] <= 6
+    out = json.loads(curl(cli_server + "/v1/completions", *auth, "-d", json.dumps({"prompt": "Hello", "max_tokens": 3})))
+    assert out["object"] == "text_completion" and out["choices"][0]["finish_reason"] in ("stop", "length")
+    assert json.loads(curl(cli_server + "/v1/models", *auth))["data"][0]["id"] == "tiny"
+    assert json.loads(curl(cli_server + "/v1/models"))["error"]["code"] == "invalid_api_key"
+    assert "mlcbuild_kv_pages_in_use" in curl(cli_server + "/metrics")
 
 
 @pytest.mark.parametrize("body,status,param", [

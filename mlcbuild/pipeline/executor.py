@@ -195,7 +195,7 @@ class Executor:
                 for future in done:
                     state = futures.pop(future)
                     try:
-                        future.result()
+                        state.status = future.result()
                     except _CorruptInput as exc:
                         # The upstream's blob went bad after it was recorded: rebuild it, then us.
                         upstream = states[id(exc.upstream)]
@@ -223,13 +223,16 @@ class Executor:
                         **{s: result.count(s) for s in ("built", "cached", "failed", "skipped")}})
         return result
 
-    def _process(self, state: NodeState, states: dict[int, NodeState], session: Any) -> None:
+    def _process(self, state: NodeState, states: dict[int, NodeState], session: Any) -> str:
+        """Find or build one node; returns its outcome ("cached" or "built"). Only the main loop
+        changes ``state.status``, so dependents are scheduled only once this returns."""
         node = state.node
         inputs = {name: states[id(up)].record for name, up in node.inputs.items()}
         described = self.components(node, inputs, self._lineage(node, states))  # type: ignore[arg-type]
         key = state.key = self.key_of(described)
         session.hold(key)
         forced = self._forced(node)
+        outcome = "cached"
         record = None if forced else self.store.get_record(key)
         if record is None:
             previous = self.store.read_index(node.slot)
@@ -240,9 +243,9 @@ class Executor:
                     state.reason = "built meanwhile by another build sharing this cache"
                 else:
                     record = self._build(state, inputs, described, states)  # type: ignore[arg-type]
-                    state.status = "built"
-        if state.status != "built":
-            state.status, state.reason = "cached", state.reason or "up to date"
+                    outcome = "built"
+        if outcome == "cached":
+            state.reason = state.reason or "up to date"
             self.store.touch(key)
             self._emit("node_cached", state)
         state.record = record
@@ -250,6 +253,7 @@ class Executor:
         if previous is None or previous.get("key") != key:
             self.store.write_index(node.slot, {"key": key, **described})
         self._materialize_outputs(state)
+        return outcome
 
     def _build(self, state: NodeState, inputs: dict[str, NodeRecord], described: dict,
                states: dict[int, NodeState]) -> NodeRecord:

@@ -1,0 +1,149 @@
+"""Schedules for the PrimFuncs of a Relax module on CPU (llvm targets).
+
+TVM 0.27's llvm pipeline applies no schedule: every kernel runs as the naive loop nest that
+legalization produced (a fused dequantize + matmul even materializes the whole dequantized weight
+on every call). ``apply_cpu_schedules`` rewrites each unscheduled PrimFunc, after operator fusion
+and before ``CallTIRRewrite``:
+
+* matmuls (``cpu_matmul``): decode GEMV -- parallel over output rows, vector partial sums,
+  4-bit dequantization in registers with the scale and zero point factored out of the inner
+  loop -- and prefill GEMM -- fp32 weight panels + register-blocked micro-kernel;
+* row reductions (rms_norm, softmax) and elementwise chains (``cpu_generic``);
+* functions that already carry ``tirx.is_scheduled`` (the paged-KV-cache attention kernels) are
+  left alone.
+
+A rule that does not apply, or fails, leaves the function as it was: the pass never breaks a
+build. ``last_report()`` says which rule scheduled which function.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import tvm
+from tvm import tirx
+
+from mlcbuild.compiler_passes import cpu_generic, cpu_matmul
+
+log = logging.getLogger(__name__)
+
+# Decode batches up to this many rows use the GEMV kernel (weights streamed once per row chunk);
+# more rows (prefill) use the GEMM kernel.
+GEMV_MAX_ROWS = 8
+
+_REPORT: dict[str, str] = {}
+
+
+def vector_lanes(target: Any) -> int:
+    """float32 lanes of the target's widest vector unit."""
+    from tvm.target import codegen
+
+    for feature, lanes in (("avx512f", 16), ("avx2", 8), ("avx", 8)):
+        try:
+            if codegen.target_has_features([feature], target):
+                return lanes
+        except Exception:  # noqa: BLE001  (non-x86 triple)
+            break
+    return 4
+
+
+def _is_scheduled(func: Any) -> bool:
+    attrs = func.attrs
+    return attrs is not None and "tirx.is_scheduled" in attrs and bool(attrs["tirx.is_scheduled"])
+
+
+def _schedule_matmul(func: Any, lanes: int) -> tuple[Any, str] | None:
+    try:
+        info, _ = cpu_matmul.analyze(func)
+    except cpu_matmul.NotMatched:
+        return None
+    rows = cpu_matmul._as_int(cpu_matmul._m_total(info))
+    gemm = (info.dyn_m and info.seq_like) or (rows is not None and rows > GEMV_MAX_ROWS)
+    if gemm:
+        return cpu_matmul.build_gemm(info, lanes), "gemm"
+    gq = cpu_matmul.match_group_quant(info)
+    if gq is not None:
+        try:
+            return cpu_matmul.build_gemv_q(info, gq, lanes), "gemv-q"
+        except cpu_matmul.NotMatched:
+            pass
+    return cpu_matmul.build_gemv(info, lanes), "gemv"
+
+
+def schedule_func(func: Any, lanes: int) -> tuple[Any, str] | None:
+    """The scheduled function and the rule's name, or None (no rule applies)."""
+    result = _schedule_matmul(func, lanes)
+    if result is not None:
+        return result
+    for rule, name in (
+        (cpu_generic.schedule_row_reduction, "reduction"),
+        (cpu_generic.schedule_injective, "injective"),
+    ):
+        try:
+            new = rule(func, lanes)
+        except Exception as err:  # noqa: BLE001
+            log.debug("%s failed: %s", name, err)
+            continue
+        if new is not None:
+            return new, name
+    return None
+
+
+def _carry_attrs(new: Any, old: Any) -> Any:
+    attrs = {}
+    if old.attrs is not None:
+        for key in old.attrs.keys():
+            attrs[str(key)] = old.attrs[key]
+    attrs["tirx.is_scheduled"] = True
+    attrs["tirx.noalias"] = True
+    return new.with_attrs(attrs)
+
+
+def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Schedule every unscheduled PrimFunc of ``mod`` for the llvm ``target``. Non-llvm targets
+    and already scheduled functions pass through unchanged."""
+    _REPORT.clear()
+    if target.kind.name != "llvm":
+        return mod
+    lanes = vector_lanes(target)
+    updates = {}
+    start = time.perf_counter()
+    for gvar, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+            continue
+        name = gvar.name_hint
+        try:
+            result = schedule_func(func, lanes)
+        except Exception as err:  # noqa: BLE001  (a rule bug must not break the build)
+            log.warning("cpu schedule of %s failed, left unscheduled: %s", name, err)
+            _REPORT[name] = f"failed: {type(err).__name__}"
+            continue
+        if result is None:
+            _REPORT[name] = "none"
+            continue
+        new, rule = result
+        updates[gvar] = _carry_attrs(new, func)
+        _REPORT[name] = rule
+    for gvar, func in updates.items():
+        mod[gvar] = func
+    log.info("cpu schedules: %d functions in %.1f s", len(updates), time.perf_counter() - start)
+    return mod
+
+
+def last_report() -> dict[str, str]:
+    """PrimFunc name -> the rule that scheduled it in the last ``apply_cpu_schedules`` call."""
+    return dict(_REPORT)
+
+
+@tvm.transform.module_pass(opt_level=0, name="MlcbuildCPUSchedule")
+class CPUSchedule:
+    """``apply_cpu_schedules`` as a module pass (target: the argument, else Target.current())."""
+
+    def __init__(self, target: Any = None):
+        self.target = target
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+        target = self.target or tvm.target.Target.current(allow_none=False)
+        return apply_cpu_schedules(mod, target)
