@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -109,10 +111,11 @@ class ServerThread:
 _BUILT: dict[str, TinyBundle] = {}
 
 
-def tiny_bundle_once(tmp_path_factory: object) -> TinyBundle:
-    """One bundle per test session, however many runtime test modules ask for it."""
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
+    """One bundle per test session, however many runtime test modules import this fixture."""
     if "tiny" not in _BUILT:
-        root = tmp_path_factory.mktemp("runtime")  # type: ignore[attr-defined]
+        root = tmp_path_factory.mktemp("runtime")
         os.environ.setdefault("MLCBUILD_VERIFY_CACHE", str(root / "verified"))
         _BUILT["tiny"] = build_tiny_bundle(root)
     return _BUILT["tiny"]

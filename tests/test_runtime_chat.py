@@ -5,16 +5,11 @@ from __future__ import annotations
 import sys
 
 import pytest
-from runtime_support import tiny_bundle_once
+from runtime_support import tiny  # noqa: F401  (the shared session fixture)
 
 from mlcbuild.runtime.chat import parse_settings
 
 pexpect = pytest.importorskip("pexpect")
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_bundle_once(tmp_path_factory)
 
 
 def test_parse_settings():

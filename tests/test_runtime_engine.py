@@ -8,7 +8,7 @@ import shutil
 import threading
 
 import pytest
-from runtime_support import tiny_bundle_once
+from runtime_support import tiny  # noqa: F401  (the shared session fixture)
 
 from mlcbuild import AsyncMLCEngine, MLCEngine
 from mlcbuild.runtime.bundle import BundleError, find_bundle
@@ -17,11 +17,6 @@ from mlcbuild.runtime.sampling import SamplingParams
 
 PROMPT_IDS = [(7 * i + 3) % 300 + 3 for i in range(40)]  # 40 tokens: two prefill chunks of 32
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_bundle_once(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from runtime_support import ServerThread, free_port, tiny_bundle_once
+from runtime_support import ServerThread, free_port, tiny  # noqa: F401 (shared fixture)
 
 from mlcbuild import AsyncMLCEngine, MLCEngine
 from mlcbuild.runtime.server import create_app
@@ -21,11 +21,6 @@ openai = pytest.importorskip("openai")
 
 KEY = "sk-test"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_bundle_once(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +141,8 @@ def test_curl_against_mlcbuild_serve(cli_server):
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
     ({"messages": MESSAGES, "n": 0}, 400, "n"),
-    ({"messages": MESSAGES, "top_logprobs": 3}, 400, None),
+    ({"messages": MESSAGES, "top_logprobs": 3}, 400, "top_logprobs"),
+    ({"messages": MESSAGES, "logit_bias": {"abc": 1}}, 400, "logit_bias.abc"),
     ({}, 400, "messages"),
     ({"messages": MESSAGES, "model": "gpt-9"}, 404, "model"),
     ({"messages": MESSAGES, "max_tokens": 10000}, 400, "max_tokens"),

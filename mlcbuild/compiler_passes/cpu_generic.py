@@ -57,6 +57,28 @@ def _vectorize_inner(sch: s_tir.Schedule, block: Any, lanes: int) -> None:
         sch.vectorize(inner)
 
 
+def simple_blocks(sch: s_tir.Schedule) -> list[Any] | None:
+    """The root's child blocks if every one is a plain store at affine indices (no nested blocks,
+    no data-dependent writes such as the KV-cache page scatter); else None."""
+    from tvm.ir import expr as ir_expr
+
+    from mlcbuild.compiler_passes._tir_expr import loads_in
+
+    root = sch.get_sblock("root")
+    if sch.get(root).alloc_buffers is None:
+        return None
+    blocks = sch.get_child_blocks(root)
+    for b in blocks:
+        blk = sch.get(b)
+        store = blk.body
+        if not isinstance(store, tirx.BufferStore) or len(blk.match_buffers) or len(blk.alloc_buffers):
+            return None
+        for idx in store.indices:
+            if loads_in(idx) or isinstance(idx, ir_expr.TensorLoad):
+                return None
+    return blocks
+
+
 def _is_reduction_block(sch: s_tir.Schedule, block: Any) -> bool:
     return any(int(iv.iter_type) == COMM_REDUCE for iv in sch.get(block).iter_vars)
 
@@ -89,8 +111,7 @@ def _inline_all(sch: s_tir.Schedule, blocks: list[Any]) -> list[Any]:
 
 def schedule_injective(func: Any, lanes: int) -> Any | None:
     sch = s_tir.Schedule(func)
-    root = sch.get_sblock("root")
-    blocks = sch.get_child_blocks(root)
+    blocks = simple_blocks(sch)
     if not blocks or not all(_all_data_par(sch, b) for b in blocks):
         return None
     blocks = _inline_all(sch, blocks)
@@ -123,8 +144,8 @@ def schedule_row_reduction(func: Any, lanes: int) -> Any | None:
     axes (rms_norm, softmax, layer norm): one pass per row, rows in parallel when many."""
     sch = s_tir.Schedule(func)
     root = sch.get_sblock("root")
-    blocks = sch.get_child_blocks(root)
-    if len(blocks) < 2 or not any(_is_reduction_block(sch, b) for b in blocks):
+    blocks = simple_blocks(sch)
+    if blocks is None or len(blocks) < 2 or not any(_is_reduction_block(sch, b) for b in blocks):
         return None
     if _is_reduction_block(sch, blocks[-1]):
         return None
@@ -161,8 +182,6 @@ def schedule_row_reduction(func: Any, lanes: int) -> Any | None:
             sch.compute_at(b, rows, preserve_unit_loops=True)
         except Exception:  # noqa: BLE001
             return None
-    for b in sch.get_child_blocks(root):
-        pass
     for b in blocks:
         if _is_reduction_block(sch, b):
             continue

@@ -233,19 +233,19 @@ def _m_total(info: MatmulInfo) -> Any:
 
 
 def _unravel(info: MatmulInfo, m: Any) -> list[Any]:
-    """Flat row index -> the original m indices."""
-    idx = []
-    rest = m
+    """Flat row index -> the original m indices (axes of extent 1 get index 0)."""
     exts = info.m_extents
-    for i in range(len(exts)):
-        inner = 1
-        for e in exts[i + 1 :]:
-            inner = inner * e
-        if _as_int(inner) == 1:
-            idx.append(rest)
-            rest = 0
+    live = [i for i, e in enumerate(exts) if _as_int(e) != 1]
+    idx: list[Any] = [i64(0)] * len(exts)
+    rest = m
+    for pos, i in enumerate(live):
+        inner = i64(1)
+        for j in live[pos + 1 :]:
+            inner = inner * exts[j]
+        if pos == len(live) - 1:
+            idx[i] = rest
         else:
-            idx.append(tirx.floordiv(rest, inner))
+            idx[i] = tirx.floordiv(rest, inner)
             rest = tirx.floormod(rest, inner)
     return idx
 
@@ -253,6 +253,8 @@ def _unravel(info: MatmulInfo, m: Any) -> list[Any]:
 def _ravel(info: MatmulInfo, idx: list[Any]) -> Any:
     m = i64(0)
     for i, e in zip(idx, info.m_extents):
+        if _as_int(e) == 1:
+            continue
         m = m * e + i
     return m
 
@@ -371,6 +373,8 @@ def build_gemm(info: MatmulInfo, lanes: int, mb: int = 4, nb: int | None = None)
     if nb is None:
         nb = _divisor(N, [4 * lanes, 2 * lanes, lanes, 8, 4, 2])
     mo_ext = tirx.floordiv(M + (mb - 1), mb)
+    # x packed per row tile: xp[mo, k, mi] (zero rows past M), so the micro-kernel broadcasts
+    # contiguous values and needs no bounds checks.
     xp = te.compute(
         (mo_ext, i64(K), i64(mb)),
         lambda mo, k, mi: tirx.if_then_else(mo * mb + mi < M, X(mo * mb + mi, k), tirx.const(0, "float32")),
@@ -379,19 +383,20 @@ def build_gemm(info: MatmulInfo, lanes: int, mb: int = 4, nb: int | None = None)
     wt = te.compute((i64(K), i64(N)), lambda k, n: W(n, k), name="wt")
     kk = te.reduce_axis((i64(0), i64(K)), name="k")
     acc = te.compute(
-        (mo_ext, i64(mb), i64(N)),
-        lambda mo, mi, n: te.sum(xp(mo, kk, mi) * wt(kk, n), axis=kk),
+        (mo_ext * mb, i64(N)),
+        lambda m, n: te.sum(xp(tirx.floordiv(m, mb), kk, tirx.floormod(m, mb)) * wt(kk, n), axis=kk),
         name="acc",
     )
-    out = _out_compute(info, tes, lambda m, n: acc(tirx.floordiv(m, mb), tirx.floormod(m, mb), n))
+    out = _out_compute(info, tes, lambda m, n: acc(m, n))
     func = _finish(info, tes, out)
-    return schedule_gemm(func, N, lanes, nb)
+    return schedule_gemm(func, N, lanes, nb, mb)
 
 
-def schedule_gemm(func: Any, n: int, lanes: int, nb: int) -> Any:
+def schedule_gemm(func: Any, n: int, lanes: int, nb: int, mb: int) -> Any:
     sch = s_tir.Schedule(func)
     xp, wt, acc, out = (sch.get_sblock(x) for x in ("xp", "wt", "acc", "out"))
-    mo, mi, nn, k = sch.get_loops(acc)
+    m, nn, k = sch.get_loops(acc)
+    mo, mi = sch.split(m, [None, mb])
     vl = lanes if nb % lanes == 0 else nb
     no, nj, nv = sch.split(nn, [None, nb // vl, vl])
     sch.reorder(no, mo, k, mi, nj, nv)
@@ -404,17 +409,22 @@ def schedule_gemm(func: Any, n: int, lanes: int, nb: int) -> Any:
     init = sch.decompose_reduction(acc, k)
     il = sch.get_loops(init)
     sch.vectorize(il[-1])
-    # pack the weight panel: k outer, n inner (vectorized)
+    # pack the weight panel [K, nb]: n inner (vectorized). A packed word holds consecutive k, so
+    # k is split by 8 with the 8 unrolled inside: the loads of one word serve 8 rows of the panel.
     wl = sch.get_loops(wt)
-    wo, wv = sch.split(wl[-1], [None, vl])
+    wk, wn = wl[-2], wl[-1]
+    k_ext = _as_int(sch.get(wk).extent)
+    wno, wv = sch.split(wn, [None, vl])
+    if k_ext is not None and k_ext % 8 == 0:
+        wko, wki = sch.split(wk, [None, 8])
+        sch.reorder(wko, wno, wki, wv)
+        sch.unroll(wki)
     sch.vectorize(wv)
     # x panel: parallel over row tiles
     xl = sch.get_loops(xp)
     sch.parallel(xl[0])
-    sch.vectorize(xl[-1]) if False else None
-    # output: vectorize over n where the tile allows it
     ol = sch.get_loops(out)
-    oo, ov = sch.split(ol[-1], [None, vl])
+    _, ov = sch.split(ol[-1], [None, vl])
     sch.vectorize(ov)
     return sch.mod["main"]
 
@@ -492,10 +502,14 @@ def build_gemv_q(info: MatmulInfo, gq: GroupQuant, lanes: int, rows: int = 4) ->
     if K % P:
         raise NotMatched("K is not a whole number of words")
     kw = K // P
-    vl = _divisor(kw, [lanes, lanes // 2, 4])
+    gw = gq.group // P  # words per group
+    # Each lane holds one packed word; a vector's per-lane scales come from vl / gw groups,
+    # which LLVM assembles lane by lane: more than two groups per vector costs more than the
+    # wider vector gains (measured: 16 lanes over 4 groups ran at half the speed of 8 lanes).
+    widest = max(4, min(lanes, 2 * gw))
+    vl = _divisor(kw, [widest, widest // 2, 4])
     if vl < 4:
         raise NotMatched("too few words per row for the vector layout")
-    gw = gq.group // P  # words per group
     tes = _placeholders(info)
     X = _x_fn(info, tes)
     M = _m_total(info)

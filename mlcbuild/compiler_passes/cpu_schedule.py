@@ -84,7 +84,7 @@ def schedule_func(func: Any, lanes: int) -> tuple[Any, str] | None:
         try:
             new = rule(func, lanes)
         except Exception as err:  # noqa: BLE001
-            log.debug("%s failed: %s", name, err)
+            log.debug("%s rule failed: %s", name, str(err).strip().splitlines()[-1:])
             continue
         if new is not None:
             return new, name
@@ -117,7 +117,8 @@ def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRM
         try:
             result = schedule_func(func, lanes)
         except Exception as err:  # noqa: BLE001  (a rule bug must not break the build)
-            log.warning("cpu schedule of %s failed, left unscheduled: %s", name, err)
+            first = str(err).strip().splitlines()
+            log.warning("cpu schedule of %s failed, left unscheduled: %s: %s", name, type(err).__name__, first[-1] if first else "")
             _REPORT[name] = f"failed: {type(err).__name__}"
             continue
         if result is None:

@@ -50,8 +50,12 @@ class Frontend:
         self.tokenizer: Tokenizer = self.engine.tokenizer
         self.model_name = self.bundle.name
         cc = self.bundle.chat_config
-        self.template: ChatTemplate = load_chat_template(conv_template or cc.conv_template, self.bundle.path,
-                                                         self.tokenizer, chat_template=cc.chat_template)
+        try:
+            self.template: ChatTemplate = load_chat_template(conv_template or cc.conv_template, self.bundle.path,
+                                                             self.tokenizer, chat_template=cc.chat_template)
+        except Exception:
+            self.engine.shutdown()
+            raise
         # A template's end-of-turn markers that are single tokens stop on the token (the text never shows
         # special tokens); the others are stop strings.
         self.template_stop_ids: tuple[int, ...] = tuple(
@@ -373,13 +377,11 @@ class _Namespace:
 
 
 class _EngineBase:
-    def __init__(self, model: str | os.PathLike, device: str = "auto", *, conv_template: str | None = None,
-                 max_batch_size: int | None = None, context_window_size: int | None = None,
-                 prefill_chunk_size: int | None = None, kv_cache_tokens: int | None = None, verify: bool = True,
-                 quantization: str | None = None):
-        self.frontend = Frontend(model, device, conv_template=conv_template, max_batch_size=max_batch_size,
-                                 context_window_size=context_window_size, prefill_chunk_size=prefill_chunk_size,
-                                 kv_cache_tokens=kv_cache_tokens, verify=verify, quantization=quantization)
+    def __init__(self, model: str | os.PathLike, device: str = "auto", **options: Any):
+        """``model``: a bundle directory, a directory of bundles, or a recipe. ``options``: conv_template,
+        max_batch_size, context_window_size, prefill_chunk_size, kv_cache_tokens, verify, quantization
+        (see :class:`Frontend`)."""
+        self.frontend = Frontend(model, device, **options)
         self._terminated = False
 
     @property

@@ -38,7 +38,8 @@ from .tokenizer import IncrementalDecoder, StopStringMatcher, Tokenizer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_KV_CACHE_TOKENS_CAP = 1 << 16
+DEFAULT_MAX_BATCH_SIZE = 8  # when neither the caller nor the bundle's chat config says more than 1
+DEFAULT_KV_CACHE_TOKENS_CAP = 1 << 15  # KV capacity by default: a full context per slot, up to this
 COUNTERS = ("requests", "finished", "aborted", "failed", "prompt_tokens", "completion_tokens", "prefill_steps",
             "prefill_tokens", "decode_steps", "decode_sequences")
 
@@ -231,6 +232,7 @@ class _Request:
     stats: RequestStats
     prefilled: int = 0
     admitted: bool = False
+    seq_ids: list[int] = field(default_factory=list)  # reserved at admission, one per choice
     seqs: list[_Sequence] = field(default_factory=list)
 
     @property
@@ -277,7 +279,8 @@ class Engine:
         cc = bundle.chat_config
         self.bundle = bundle
         self.tokenizer = Tokenizer(bundle.path)
-        self.max_batch_size = max(1, max_batch_size or max(cc.max_batch_size, 1))
+        self.max_batch_size = max(1, max_batch_size or (cc.max_batch_size if cc.max_batch_size > 1
+                                                        else DEFAULT_MAX_BATCH_SIZE))
         self.context_window_size = min(context_window_size or cc.context_window_size, cc.context_window_size)
         self.prefill_chunk_size = min(prefill_chunk_size or cc.prefill_chunk_size, cc.prefill_chunk_size)
         if kv_cache_tokens is None:
@@ -340,7 +343,7 @@ class Engine:
                request_id: str | None = None) -> str:
         """Queue a request; outputs arrive through ``callback`` on the engine thread."""
         prompt, max_tokens = self.prepare_prompt(prompt, config)
-        pages = config.n * (-(-(len(prompt) + max_tokens) // self.model.page_size) + 1)
+        pages = config.n * -(-(len(prompt) + max_tokens) // self.model.page_size)
         if pages > self.model.total_pages:
             raise ContextWindowError(
                 f"the request needs {pages} KV-cache pages, the engine has {self.model.total_pages}; "
@@ -429,6 +432,7 @@ class Engine:
             self._waiting.popleft()
             request.admitted = True
             self._reserved_pages += request.reserved_pages
+            request.seq_ids = [self._free_seq_ids.pop() for _ in range(request.config.n)]
             request.stats.prefill_start = time.perf_counter()
             self._new_sequence(request, index=0)
             self.model.add_sequence(request.seqs[0].seq_id)
@@ -438,7 +442,7 @@ class Engine:
         params = request.config.sampling
         seq = _Sequence(
             index=index,
-            seq_id=self._free_seq_ids.pop(),
+            seq_id=request.seq_ids[index],
             history=TokenHistory.of_prompt(request.prompt),
             rng=make_rng(params.seed, index),
             decoder=IncrementalDecoder(self.tokenizer),
@@ -528,7 +532,6 @@ class Engine:
             delta.text += seq.stopper.flush()
         delta.finish_reason = seq.finish_reason = reason
         self.model.remove_sequence(seq.seq_id)
-        self._free_seq_ids.append(seq.seq_id)
         self._refresh_pages()
 
     def _refresh_pages(self) -> None:
@@ -544,6 +547,7 @@ class Engine:
     def _finish_request(self, request: _Request, reason: str | None = None) -> None:
         if request.admitted:
             self._reserved_pages -= request.reserved_pages
+            self._free_seq_ids.extend(request.seq_ids)
         request.stats.finish = time.perf_counter()
         self._counters["completion_tokens"] += request.stats.completion_tokens
         self._counters["aborted" if reason == "abort" else "finished"] += 1
@@ -562,10 +566,10 @@ class Engine:
                 except Exception:  # the cache may be inconsistent after a failed step
                     pass
                 seq.finish_reason = "abort"
-                self._free_seq_ids.append(seq.seq_id)
             self._counters["aborted" if aborted else "failed"] += 1
             request.callback(RequestOutput(request.request_id, [], finished=True, stats=request.stats, error=exc))
         self._waiting.clear()
         self._prefilling.clear()
         self._running.clear()
         self._reserved_pages = 0
+        self._free_seq_ids = list(range(self.max_batch_size))[::-1]

@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 CHAT_MAX_TOP_LOGPROBS = 20
 COMPLETION_MAX_LOGPROBS = 5
@@ -186,12 +186,17 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_top_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
 
@@ -260,11 +265,12 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("prompt must not be an empty list of tokens")
         return value
 
-    @model_validator(mode="after")
-    def _check(self) -> CompletionRequest:
-        if self.best_of is not None and self.best_of != self.n:
+    @field_validator("best_of")
+    @classmethod
+    def _check_best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
             raise ValueError("best_of other than n is not supported")
-        return self
+        return value
 
 
 class CompletionLogprobs(BaseModel):

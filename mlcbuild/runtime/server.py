@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -47,17 +48,17 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
     return JSONResponse(body.model_dump(), status_code=status)
 
 
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|[A-Za-z_]*\[.*\]|function-.*)$")
+
+
 def _validation_param(loc: tuple[Any, ...]) -> str | None:
-    """pydantic's error location (``("body", "messages", 0, "role")``) as OpenAI's param (``messages[0].role``)."""
-    parts = [x for x in loc if x != "body"]
-    # union members and validator names appear as strings that are not field names
+    """pydantic's error location (``("body", "messages", 0, "role")``) as OpenAI's param (``messages[0].role``);
+    the names pydantic adds for union members (``str``, ``list[int]``) are dropped."""
     text = ""
-    for part in parts:
+    for part in loc[1:] if loc[:1] == ("body",) else loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif "[" in str(part) or str(part).startswith("function-"):
-            continue
-        else:
+        elif not _TYPE_TAG.match(str(part)):
             text += ("." if text else "") + str(part)
     return text or None
 
@@ -173,7 +174,8 @@ def create_app(engine: AsyncMLCEngine, api_key: str | None = None, model_aliases
         try:
             result = await create(_request=request)
         except ContextWindowError as exc:
-            raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
+            param = "prompt" if exc.param == "messages" and isinstance(request, p.CompletionRequest) else exc.param
+            raise APIError(400, str(exc), param=param, code=exc.code) from None
         except p.RequestError as exc:
             raise APIError(exc.status, str(exc), param=exc.param, code=exc.code) from None
         except TemplateError as exc:

@@ -189,7 +189,53 @@ def build_library(chat: dict[str, Any], device: DeviceSpec, out: Path, workdir: 
     tmp = out.with_suffix(".tmp.so")
     executable.export_library(str(tmp))
     os.replace(tmp, out)
+    if device.kind == "cuda":
+        with target:  # tvm's nvcc wrapper reads the arch from the current target
+            metadata["cuda"] = precompile_cuda(executable.mod, device.arch or "", out.parent)
     return metadata
+
+
+CUDA_KERNELS_FILE = "cuda-kernels.json"  # next to model.so, see precompile_cuda
+
+
+def precompile_cuda(module: Any, arch: str, directory: Path) -> dict[str, str]:
+    """Compile the library's CUDA kernels with nvcc, ahead of time.
+
+    TVM 0.27 keeps CUDA *source* in the library and compiles it when the library is loaded
+    (its ``tvm_callback_cuda_compile`` hook, NVRTC by default). We build the fatbin here
+    instead (SASS for ``arch`` plus PTX for newer GPUs) and write it next to the library with
+    the SHA-256 of the source it was built from; a runtime registers a
+    ``tvm_callback_cuda_compile`` that returns this fatbin when the source's hash matches (see
+    .notes/compiler.md), so loading needs neither NVRTC nor nvcc and compile errors surface
+    at build time.
+    """
+    from tvm.support import nvcc as tvm_nvcc
+
+    source = _find_source(module, "cuda")
+    if source is None:
+        raise StageError("the CUDA build produced no CUDA module")
+    suffix = arch.removeprefix("sm_")
+    fatbin = tvm_nvcc.compile_cuda(
+        source,
+        target_format="fatbin",
+        arch=["-gencode", f"arch=compute_{suffix},code=[sm_{suffix},compute_{suffix}]"],
+        compiler="nvcc",
+    )
+    name = f"model.{arch}.fatbin"
+    (directory / name).write_bytes(bytes(fatbin))
+    info = {"arch": arch, "fatbin": name, "source_sha256": hashlib.sha256(source.encode()).hexdigest()}
+    (directory / CUDA_KERNELS_FILE).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return info
+
+
+def _find_source(module: Any, kind: str) -> str | None:
+    if module.kind == kind:
+        return module.inspect_source()
+    for child in module.imports:
+        found = _find_source(child, kind)
+        if found is not None:
+            return found
+    return None
 
 
 def _valid_cpu(name: str) -> bool:
