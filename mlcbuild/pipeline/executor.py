@@ -113,7 +113,7 @@ class Executor:
         comps = {
             "stage": node.stage,
             "version": stage.version,
-            "params": node.params.model_dump(mode="json"),
+            "params": stage.key_params(node.params),
             "inputs": {name: record.tree_digest for name, record in sorted(inputs.items())},
             "toolchain": stage.toolchain(node.params),
             "sources": tree_digest(source_files) if source_files else None,

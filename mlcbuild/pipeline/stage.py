@@ -64,6 +64,12 @@ class Stage(ABC):
         """Facts about the tools this stage uses that can change its output (enter the key)."""
         return {}
 
+    def key_params(self, params: Any) -> dict[str, Any]:
+        """The params as they enter the key. A stage may leave out what only says *where* to
+        read content that enters the key anyway (an absolute source path, whose files are in
+        ``source_paths``), so that two checkouts of one recipe share keys and bundles."""
+        return params.model_dump(mode="json")
+
     def source_paths(self, params: Any) -> list[Path]:
         """Files or directories outside the cache whose content enters the key (digested through
         the stat cache, so an unchanged multi-GB source costs a stat per file, not a read)."""

@@ -82,6 +82,11 @@ class Download(Stage):
             return [path]
         return [path / name for name in params.names]
 
+    def key_params(self, params: "Download.Params") -> dict:
+        # A local source's content enters the key through source_paths; where the checkout
+        # lies does not, so two clones of a repository build the same keys.
+        return {**params.model_dump(mode="json"), "source": _portable(params)}
+
     def toolchain(self, params: "Download.Params") -> dict[str, str]:
         # Only tools that shape the output bytes: a verified Hub download is the same bytes
         # whatever huggingface_hub version fetched it.
@@ -104,6 +109,14 @@ class Download(Stage):
         except SourceError as exc:
             raise StageError(str(exc)) from None
         (ctx.out / SOURCE_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def _portable(params: "Download.Params") -> str:
+    """The source as recorded in keys and outputs: Hub and pkg:// names as they are, a local
+    path by its file or directory name only (its content is what identifies it)."""
+    if params.kind == "hf" or params.source.startswith("pkg://"):
+        return params.source
+    return Path(params.source).name
 
 
 # -- lock handling (also used by `mlcbuild lock`) -------------------------------------------
@@ -172,14 +185,14 @@ def _run_directory(ctx: StageContext, params: "Download.Params") -> dict:
         done += (ctx.out / name).stat().st_size
         ctx.progress(done, total)
     converted = _convert_bin(ctx.out, ctx.log)
-    return {"format": "huggingface", "source": params.source, **converted}
+    return {"format": "huggingface", "source": _portable(params), **converted}
 
 
 def _run_gguf(ctx: StageContext, params: "Download.Params") -> dict:
     from mlcbuild.sources import gguf
 
     info = gguf.convert(_local_path(params), ctx.out, log=ctx.log, progress=ctx.progress)
-    return {**info, "source": params.source}
+    return {**info, "source": _portable(params)}
 
 
 def _convert_bin(out: Path, log) -> dict:
