@@ -8,10 +8,8 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -49,30 +47,10 @@ def test_demo_bundle_answers_paris(demo, quantization):
 
 @pytest.fixture(scope="module")
 def served(demo):
-    import httpx
+    from runtime_support import cli_server
 
-    from runtime_support import free_port
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlcbuild.cli", "serve", str(demo), "--quantization", "q0f16",
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "mlcbuild serve did not come up"
-        time.sleep(0.2)
-    yield url
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with cli_server(str(demo), "--quantization", "q0f16", timeout=120) as url:
+        yield url
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")

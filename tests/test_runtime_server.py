@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import signal
 import subprocess
-import sys
-import time
 
 import httpx
 import pytest
-from runtime_support import ServerThread, free_port, tiny  # noqa: F401 (shared fixture)
+from runtime_support import ServerThread, tiny  # noqa: F401 (shared fixture)
+from runtime_support import cli_server as start_cli_server
 
 from mlcbuild import AsyncMLCEngine, MLCEngine
 from mlcbuild.runtime.server import create_app
@@ -91,27 +89,8 @@ def test_async_client_concurrent_streams(server):
 @pytest.fixture(scope="module")
 def cli_server(tiny):
     """``mlcbuild serve RECIPE --port P --api-key KEY`` in a subprocess."""
-    port = free_port()
-    cmd = [sys.executable, "-c", "from mlcbuild.cli import main; main()", "serve", str(tiny.recipe),
-           "--port", str(port), "--api-key", KEY]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "mlcbuild serve did not come up"
-        time.sleep(0.1)
-    yield url
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with start_cli_server(str(tiny.recipe), "--api-key", KEY) as url:
+        yield url
 
 
 def curl(*args: str) -> str:

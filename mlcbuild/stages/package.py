@@ -9,12 +9,10 @@ one toolchain give byte-identical bundles.
 
 from __future__ import annotations
 
-import functools
 import gzip
 import json
 import os
 import platform
-import subprocess
 import tarfile
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +24,7 @@ from mlcbuild.pipeline.hashing import file_digest, iter_files
 from mlcbuild.pipeline.stage import Stage, StageContext, StageError, StageParams
 from mlcbuild.recipe import LoadedRecipe
 from mlcbuild.stages import register_stage
+from mlcbuild.stages.compile import nvcc_version
 
 # Files of the inputs that are bookkeeping of the build, not part of a bundle.
 _NOT_BUNDLED = {SOURCE_INFO_FILE}
@@ -36,16 +35,6 @@ class PackageParams(StageParams):
     quantization: str
     device: str
     recipe: dict  # the recipe fields that shaped this bundle (recorded in the manifest)
-
-
-@functools.lru_cache(maxsize=1)
-def nvcc_version() -> str:
-    try:
-        text = subprocess.run(["nvcc", "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "absent"
-    release = [line for line in text.splitlines() if "release" in line]
-    return release[-1].strip() if release else "unknown"
 
 
 @register_stage
