@@ -46,6 +46,14 @@ def _exp2(x: Any) -> Any:
     return p * tirx.reinterpret("float32", bits)
 
 
+def _hsum(buf: Any, n: int) -> Any:
+    """Pairwise sum of buf[0:n] (depth log2(n), not an n-long dependency chain)."""
+    terms = [buf[i] for i in range(n)]
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
 def _lanes(d: int) -> int:
     for lanes in (16, 8, 4, 2):
         if d % lanes == 0:
@@ -99,6 +107,8 @@ def decode_kernel(h_kv: int, h_q: int, d: int, dtype: str, page_size: int) -> An
         assert rotary_mode != 1, "mlcbuild CPU attention: inline RoPE is not supported"
         for b in T.serial(B):
             with T.sblock("attn"):
+                T.reads(Q[b, 0:h_q, 0:d], pages[0:max_num_pages, 0:2, 0:h_kv, 0:page_size, 0:d], page_table_indptr[b : b + 2], page_table_values[0:nnz_pages], length_info[b])
+                T.writes(output[b, 0:h_q, 0:d], lse[b, 0:h_q])
                 S = T.sblock_alloc_buffer((G, page_size), "float32")
                 O = T.sblock_alloc_buffer((G, d), "float32")
                 Qf = T.sblock_alloc_buffer((G, d), "float32")
@@ -129,9 +139,7 @@ def decode_kernel(h_kv: int, h_q: int, d: int, dtype: str, page_size: int) -> An
                                 for j in T.unroll(NJ):
                                     for l in T.vectorized(VL):
                                         acc[l] = acc[l] + Qf[g, j * VL + l] * T.Cast("float32", pages[page_no, 0, hk, r, j * VL + l])
-                                S[g, r] = T.float32(0)
-                                for l in T.unroll(VL):
-                                    S[g, r] = S[g, r] + acc[l]
+                                S[g, r] = _hsum(acc, VL)
                                 m_new[g] = T.max(m_new[g], S[g, r])
                             alpha[g] = _exp2(m[g] - m_new[g])
                             m[g] = m_new[g]
@@ -199,7 +207,10 @@ def prefill_ragged_kernel(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str) 
         assert rotary_mode != 1, "mlcbuild CPU attention: inline RoPE is not supported"
         for bh in T.parallel(batch_size * h_q):
             with T.sblock("attn"):
-                S = T.sblock_alloc_buffer((kv_len,), "float32")
+                T.reads(q[0:qo_len, 0:h_q, 0:d_qk], k[0:kv_len, 0:h_kv, 0:d_qk], v[0:kv_len, 0:h_kv, 0:d_v], q_indptr[0 : batch_size + 1], kv_indptr[0 : batch_size + 1])
+                T.writes(output[0:qo_len, 0:h_q, 0:d_v], lse[0:qo_len, 0:h_q])
+                S = T.sblock_alloc_buffer((kv_len + 16,), "float32")
+                acc16 = T.sblock_alloc_buffer((16,), "float32")
                 O = T.sblock_alloc_buffer((d_v,), "float32")
                 Qf = T.sblock_alloc_buffer((d_qk,), "float32")
                 acc = T.sblock_alloc_buffer((VL,), "float32")
@@ -222,14 +233,15 @@ def prefill_ragged_kernel(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str) 
                         for j in T.unroll(NJ):
                             for l in T.vectorized(VL):
                                 acc[l] = acc[l] + Qf[j * VL + l] * T.Cast("float32", k[k0 + r, hk, j * VL + l])
-                        S[r] = T.float32(0)
-                        for l in T.unroll(VL):
-                            S[r] = S[r] + acc[l]
+                        S[r] = _hsum(acc, VL)
                         st[0] = T.max(st[0], S[r])
-                    st[1] = T.float32(0)
-                    for r in T.serial(visible):
-                        S[r] = _exp2(S[r] - st[0])
-                        st[1] = st[1] + S[r]
+                    for l in T.vectorized(16):
+                        acc16[l] = T.float32(0)
+                    for ro in T.serial((visible + 15) // 16):
+                        for l in T.vectorized(16):
+                            S[ro * 16 + l] = T.if_then_else(ro * 16 + l < visible, _exp2(S[ro * 16 + l] - st[0]), T.float32(0))
+                            acc16[l] = acc16[l] + S[ro * 16 + l]
+                    st[1] = _hsum(acc16, 16)
                     for i in T.vectorized(d_v):
                         O[i] = T.float32(0)
                     for r in T.serial(visible):
@@ -297,7 +309,10 @@ def prefill_paged_kernel(h_kv: int, h_q: int, d: int, dtype: str, page_size: int
         assert rotary_mode != 1, "mlcbuild CPU attention: inline RoPE is not supported"
         for bh in T.parallel(batch_size * h_q):
             with T.sblock("attn"):
-                S = T.sblock_alloc_buffer((max_num_pages * page_size,), "float32")
+                T.reads(q[0:total_len, 0:h_q, 0:d], pages[0:max_num_pages, 0:2, 0:h_kv, 0:page_size, 0:d], q_indptr[0 : batch_size + 1], page_indptr[0 : batch_size + 1], page_values[0:nnz_pages], length_info[0:batch_size])
+                T.writes(output[0:total_len, 0:h_q, 0:d], lse[0:total_len, 0:h_q])
+                S = T.sblock_alloc_buffer((max_num_pages * page_size + 16,), "float32")
+                acc16 = T.sblock_alloc_buffer((16,), "float32")
                 O = T.sblock_alloc_buffer((d,), "float32")
                 Qf = T.sblock_alloc_buffer((d,), "float32")
                 acc = T.sblock_alloc_buffer((VL,), "float32")
@@ -321,14 +336,15 @@ def prefill_paged_kernel(h_kv: int, h_q: int, d: int, dtype: str, page_size: int
                         for j in T.unroll(NJ):
                             for l in T.vectorized(VL):
                                 acc[l] = acc[l] + Qf[j * VL + l] * T.Cast("float32", pages[page_values[pb + r // page_size], 0, hk, r % page_size, j * VL + l])
-                        S[r] = T.float32(0)
-                        for l in T.unroll(VL):
-                            S[r] = S[r] + acc[l]
+                        S[r] = _hsum(acc, VL)
                         st[0] = T.max(st[0], S[r])
-                    st[1] = T.float32(0)
-                    for r in T.serial(visible):
-                        S[r] = _exp2(S[r] - st[0])
-                        st[1] = st[1] + S[r]
+                    for l in T.vectorized(16):
+                        acc16[l] = T.float32(0)
+                    for ro in T.serial((visible + 15) // 16):
+                        for l in T.vectorized(16):
+                            S[ro * 16 + l] = T.if_then_else(ro * 16 + l < visible, _exp2(S[ro * 16 + l] - st[0]), T.float32(0))
+                            acc16[l] = acc16[l] + S[ro * 16 + l]
+                    st[1] = _hsum(acc16, 16)
                     for i in T.vectorized(d):
                         O[i] = T.float32(0)
                     for r in T.serial(visible):

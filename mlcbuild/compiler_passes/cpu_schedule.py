@@ -25,7 +25,7 @@ from typing import Any
 import tvm
 from tvm import tirx
 
-from mlcbuild.compiler_passes import cpu_generic, cpu_matmul
+from mlcbuild.compiler_passes import cpu_attention, cpu_generic, cpu_matmul
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,21 @@ def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRM
     lanes = vector_lanes(target)
     updates = {}
     start = time.perf_counter()
+    try:
+        attention = cpu_attention.replacements(mod)
+    except Exception as err:  # noqa: BLE001
+        log.warning("cpu attention kernels not replaced: %s", err)
+        attention = {}
     for gvar, func in mod.functions_items():
-        if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+        if not isinstance(func, tirx.PrimFunc):
             continue
         name = gvar.name_hint
+        if name in attention:
+            updates[gvar] = _carry_attrs(attention[name], func)
+            _REPORT[name] = "attention"
+            continue
+        if _is_scheduled(func):
+            continue
         try:
             result = schedule_func(func, lanes)
         except Exception as err:  # noqa: BLE001  (a rule bug must not break the build)
