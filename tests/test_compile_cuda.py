@@ -15,12 +15,24 @@ from mlcbuild.bundle_format import LIBRARY_FILE  # noqa: E402
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_cuda_library_builds_without_gpu(built_model):
+    import json
+    import re
+
+    from mlcbuild.stages.compile import CUDA_KERNELS_FILE
+
     parts = built_model("llama", "q4f16_1", "cuda:sm_80")
-    library = parts["library"] / LIBRARY_FILE
-    data = library.read_bytes()
-    assert data[:4] == b"\x7fELF"
-    # The device code travels inside the shared library (a "cuda" module blob with PTX/cubin).
-    assert b"cuda" in data and len(data) > 100_000
+    lib_dir = (parts["library"] / LIBRARY_FILE).parent
+    assert sorted(p.name for p in lib_dir.iterdir()) == sorted(["model.so", CUDA_KERNELS_FILE, "model.sm_80.fatbin"])
+    info = json.loads((lib_dir / CUDA_KERNELS_FILE).read_text())
+    assert info["arch"] == "sm_80"
+    # model.so carries the CUDA source TVM generated (it cannot be loaded without a CUDA
+    # runtime); nvcc's fatbin next to it holds machine code for every kernel of that source.
+    library = (lib_dir / "model.so").read_bytes()
+    kernels = set(re.findall(rb'__global__ void __launch_bounds__\(\d+\) (\w+)\(', library))
+    assert len(kernels) > 10 and b"batch_decode_paged_kv_kernel" in kernels
+    fatbin = (lib_dir / info["fatbin"]).read_bytes()
+    assert fatbin[:4] == bytes.fromhex("50ed55ba")  # fatbin magic
+    assert all(name in fatbin for name in kernels)
 
 
 def test_portable_cpu_target_runs_here(built_model):

@@ -102,11 +102,13 @@ def _carry_attrs(new: Any, old: Any) -> Any:
 
 
 def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Schedule every unscheduled PrimFunc of ``mod`` for the llvm ``target``. Non-llvm targets
-    and already scheduled functions pass through unchanged."""
+    """Schedule every unscheduled PrimFunc of ``mod`` for the llvm ``target`` and return the new
+    module (``mod`` itself is not modified). Non-llvm targets and already scheduled functions
+    pass through unchanged."""
     _REPORT.clear()
     if target.kind.name != "llvm":
         return mod
+    mod = mod.clone()
     lanes = vector_lanes(target)
     updates = {}
     start = time.perf_counter()

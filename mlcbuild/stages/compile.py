@@ -255,13 +255,18 @@ def _pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int]) -> 
     from mlcbuild.quantization.fusion import FuseDequantizeMatmul
 
     if target.kind.name == "llvm":
-        # dlight's cpu.GEMV made LLVM codegen ~10x slower (40 s for a 2-layer toy model) for
-        # no measured decode gain here; the default lowering vectorizes well enough.
+        # dlight's cpu.GEMV made LLVM codegen ~10x slower (40 s instead of 4 s for a 2-layer
+        # toy model), so CPU builds use TVM's default lowering; its decode speed was not
+        # compared.
         schedule = tvm.transform.Sequential([])
     else:
         schedule = dl.ApplyDefaultSchedule(
             dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
         )
+        # TVM 0.27's tensor-core path of dlight's Matmul rule segfaults inside
+        # s_tir::Tensorize on our fused f16 matmuls (any hidden size >= 128, sm_80 and sm_90);
+        # the attribute keeps the rule's tiled shared-memory schedule without tensorizing.
+        schedule = tvm.transform.Sequential([_do_not_tensorize(), schedule])
 
     @tvm.transform.module_pass(opt_level=0, name="MlcbuildPipeline")
     def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -293,6 +298,20 @@ def _pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int]) -> 
         return seq(mod)
 
     return pipeline
+
+
+def _do_not_tensorize() -> Any:
+    import tvm
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="DoNotTensorize")
+    def mark(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, tirx.PrimFunc) and "dlight.do_not_tensorize" not in func.attrs:
+                mod[gvar] = func.with_attr("dlight.do_not_tensorize", True)
+        return mod
+
+    return mark
 
 
 def _attach_bounds(mod: Any, bounds: dict[str, int]) -> Any:
