@@ -176,6 +176,23 @@ class Runner:
         return logits.numpy()
 
 
+def count_vm_calls(r: Runner, token: int) -> int:
+    """VM call instructions (kernels + builtins) of one decode step."""
+    count = [0]
+
+    def instrument(func: Any, sym: str, before: bool, ret: Any, *args: Any) -> int:
+        if before:
+            count[0] += 1
+        return 0
+
+    r.vm.set_instrument(instrument)
+    try:
+        r.decode(0, token)
+    finally:
+        r.vm.set_instrument(lambda *a: 0)
+    return count[0]
+
+
 def dram_bandwidth() -> float:
     """GB/s of a numpy copy of 1 GiB (read + write counted), best of 3."""
     src = np.ones(1 << 28, dtype=np.float32)
@@ -206,13 +223,14 @@ def run_one(quant: str, layers: int, schedule: str, prompt: int, gen: int, workd
         logits = r.decode(0, tok)
         steps.append(time.perf_counter() - t0)
         tok = int(np.argmax(logits.reshape(-1)))
-    r.remove(r.kv, 0)
     # a second prefill on a fresh sequence (warm)
     r.add(r.kv, 1)
     t0 = time.perf_counter()
     r.prefill(1, ids)
     prefill2_s = time.perf_counter() - t0
     r.remove(r.kv, 1)
+    calls = count_vm_calls(r, tok)  # last: the instrument stays installed
+    r.remove(r.kv, 0)
     med = float(np.median(steps))
     return {
         "quant": quant, "schedule": schedule, "layers": layers, "compile_s": round(compile_s, 1),
@@ -221,7 +239,28 @@ def run_one(quant: str, layers: int, schedule: str, prompt: int, gen: int, workd
         "decode_step_ms_min": round(min(steps) * 1e3, 2),
         "weight_mb": round(r.weight_bytes / 1e6, 1),
         "weight_gb_s": round(r.weight_bytes / med / 1e9, 2),
+        "vm_calls_per_step": calls,
     }
+
+
+def check(quant: str, layers: int, workdir: Path, transpose_fusion: bool) -> None:
+    """Logits of the scheduled library against the unscheduled one (same random weights): a
+    prefill of 20 tokens, then 4 decode steps."""
+    chat = chat_config(quant, layers)
+    logits = {}
+    for sched in ("none", "ours"):
+        lib = workdir / f"check-{quant}-{sched}-{layers}.so"
+        build(chat, lib, sched, transpose_fusion)
+        r = Runner(lib)
+        r.add(r.kv, 0)
+        out = [r.prefill(0, list(range(1000, 1020))).reshape(-1)]
+        for t in (5, 17, 99, 3):
+            out.append(r.decode(0, t).reshape(-1))
+        logits[sched] = np.stack(out)
+    a, b = logits["none"], logits["ours"]
+    err = np.abs(a - b).max() / np.abs(a).max()
+    agree = float(np.mean(a.argmax(-1) == b.argmax(-1)))
+    print(f"check {quant} ({layers} layers): max |diff| / max |logit| = {err:.2e}; argmax agreement {agree:.0%}")
 
 
 def main() -> None:
@@ -235,8 +274,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="TVM_NUM_THREADS (0: all cores)")
     ap.add_argument("--no-transpose-fusion", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--check", action="store_true", help="compare logits with the unscheduled build and exit")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads or len(os.sched_getaffinity(0)))
+    if args.check:
+        with tempfile.TemporaryDirectory(prefix="cpu-e2e-") as tmp:
+            check(args.quant, args.layers, Path(tmp), not args.no_transpose_fusion)
+        return
     bw = dram_bandwidth()
     rows = []
     with tempfile.TemporaryDirectory(prefix="cpu-e2e-") as tmp:

@@ -272,6 +272,52 @@ def copy_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 5) -> dic
     return out
 
 
+def _cpu_busy_s() -> tuple[float, float]:
+    """(CPU seconds busy on the whole machine, CPU seconds of this process) so far."""
+    import resource
+
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(x) for x in fields[:8]]
+    busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return busy / os.sysconf("SC_CLK_TCK"), ru.ru_utime + ru.ru_stime
+
+
+class OthersMeter:
+    """How many cores other processes kept busy since the last lap (noise on a shared machine)."""
+
+    def __init__(self) -> None:
+        self._last = (time.perf_counter(), *self._read())
+
+    @staticmethod
+    def _read() -> tuple[float, float]:
+        try:
+            return _cpu_busy_s()
+        except (OSError, ValueError):
+            return 0.0, 0.0
+
+    def lap(self) -> float:
+        now = (time.perf_counter(), *self._read())
+        wall, busy, mine = (a - b for a, b in zip(now, self._last))
+        self._last = now
+        return max(0.0, (busy - mine) / max(wall, 1e-9))
+
+
+def wait_for_idle(max_s: float, threshold: float = 0.25) -> None:
+    """Wait (up to ``max_s``) until other processes use under ``threshold`` cores over 3 s."""
+    deadline = time.monotonic() + max_s
+    meter = OthersMeter()
+    while True:
+        time.sleep(3)
+        others = meter.lap()
+        if others < threshold:
+            return
+        if time.monotonic() > deadline:
+            log(f"other processes still use {others:.2f} cores; measuring anyway")
+            return
+        log(f"waiting for idle CPUs: other processes use {others:.2f} cores")
+
+
 # ----------------------------------------------------------------------------------------------
 # Runners: each one loads its engine once, then times (prefill tok/s, decode tok/s) per call
 # ----------------------------------------------------------------------------------------------
@@ -287,6 +333,7 @@ class Row:
     prefill: list[float] = field(default_factory=list)
     decode: list[float] = field(default_factory=list)
     first_tokens: list[int] = field(default_factory=list)  # greedy output head, to eyeball agreement
+    others_cores: list[float] = field(default_factory=list)  # CPU cores other processes used meanwhile
 
     @property
     def prefill_median(self) -> float | None:
@@ -352,19 +399,56 @@ class MlcbuildRunner(Runner):
         self.engine.shutdown()
 
 
-class LlamaCppRunner(Runner):
-    def __init__(self, label: str, path: Path, bits: int, threads: int):
-        import llama_cpp
+_LLAMA_PROBE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_threads=1, n_ctx=64, n_batch=64, verbose=False)
+llm.eval(list(range(100, 116)))
+llm.eval([200])
+"""
 
-        self.row = Row("llama.cpp", label, bits)
-        self._llama_cpp = llama_cpp
-        self.llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=512,
-                                   n_batch=512, verbose=False)
+
+def llama_extra_bufts_ok(path: Path) -> bool:
+    """Whether llama.cpp runs ``path`` with its default extra buffer types (AMX, repacked weights).
+    A build made with -march=native on an AMX machine can die of SIGILL in ggml_backend_amx_mul_mat
+    inside a VM (seen here: Firecracker, llama-cpp-python 0.3.36): tried in a child process."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", _LLAMA_PROBE, str(path)], capture_output=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        log(f"llama.cpp probe of {path.name} timed out; running without extra buffer types")
+        return False
+    if proc.returncode != 0:
+        sig = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+        log(f"llama.cpp with default buffer types died on {path.name} ({sig}); running it with "
+            "use_extra_bufts=False (no AMX / repacked weights)")
+        return False
+    return True
+
+
+class LlamaCppRunner(Runner):
+    def __init__(self, label: str, path: Path, bits: int, threads: int, extra_bufts: bool = True):
+        import llama_cpp
+        import llama_cpp.llama_cpp as capi
+
+        self.row = Row("llama.cpp", label if extra_bufts else label + " (no AMX)", bits)
+        self._capi = capi
+        default_params = capi.llama_model_default_params
+
+        def model_params() -> Any:
+            params = default_params()
+            params.use_extra_bufts = extra_bufts
+            return params
+
+        capi.llama_model_default_params = model_params  # Llama() has no argument for it
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=512,
+                                       n_batch=512, verbose=False)
+        finally:
+            capi.llama_model_default_params = default_params
         self.n_vocab = self.llm.n_vocab()
         self.row.weight_bytes = gguf_bytes_per_token(path)
 
     def _argmax(self) -> int:
-        ptr = self._llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        ptr = self._capi.llama_get_logits_ith(self.llm._ctx.ctx, -1)
         return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
 
     def measure(self, prompt: list[int], gen: int) -> tuple[float, float, list[int]]:
@@ -388,30 +472,41 @@ class LlamaCppRunner(Runner):
 
 class TransformersRunner(Runner):
     def __init__(self, dtype: str, checkpoint: Path, threads: int):
+        import inspect
+
         import torch
+        import transformers
         from transformers import AutoModelForCausalLM
 
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
         self.row = Row("transformers", dtype, 16 if dtype == "bfloat16" else 32)
         torch.set_num_threads(threads)
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
         self.row.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        # transformers >= 5.2x names the KV cache argument/output "cache"; older ones "past_key_values"
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def _cache(self, out: Any) -> Any:
+        return getattr(out, "cache", None) if self._cache_arg == "cache" else out.past_key_values
 
     def measure(self, prompt: list[int], gen: int) -> tuple[float, float, list[int]]:
         torch = self.torch
         with torch.inference_mode():
             ids = torch.tensor([prompt], dtype=torch.long)
             t0 = time.perf_counter()
-            out = self.model(input_ids=ids, use_cache=True)
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
             tok = int(out.logits[0, -1].argmax())
             t1 = time.perf_counter()
-            past = out.past_key_values
+            cache = self._cache(out)
             tokens = [tok]
             step = torch.empty((1, 1), dtype=torch.long)
             for _ in range(gen):
                 step[0, 0] = tok
-                out = self.model(input_ids=step, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = self.model(input_ids=step, use_cache=True, **{self._cache_arg: cache})
+                cache = self._cache(out)
                 tok = int(out.logits[0, -1].argmax())
                 tokens.append(tok)
             t2 = time.perf_counter()
@@ -537,6 +632,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="leave an engine out (repeatable)")
     ap.add_argument("--rebuild", action="store_true",
                     help="force mlcbuild's compile stage (its cache key does not cover the CPU schedules' code)")
+    ap.add_argument("--llama-extra-bufts", choices=["auto", "on", "off"], default="auto",
+                    help="llama.cpp's extra buffer types (AMX, repacked weights); auto: on unless a child "
+                         "process running them crashes")
+    ap.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                    help="before timing, wait up to this long for other processes to leave the CPUs idle")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     if args.quick:
@@ -587,13 +687,17 @@ def main(argv: list[str] | None = None) -> int:
             f16 = f16_gguf(gguf_path, work)
         except ImportError:
             pass
-        add(make_runner(Row("llama.cpp", "Q4_1", 4),
-                        lambda: LlamaCppRunner("Q4_1", gguf_path, 4, args.threads), "llama_cpp"))
-        if f16 is None:
-            add(Row("llama.cpp", "F16", 16, status="not installed"))
-        else:
-            add(make_runner(Row("llama.cpp", "F16", 16),
-                            lambda: LlamaCppRunner("F16", f16, 16, args.threads), "llama_cpp"))
+        have_llama = not _missing("llama_cpp")
+        for label, path, bits in (("Q4_1", gguf_path, 4), ("F16", f16, 16)):
+            if path is None:
+                add(Row("llama.cpp", label, bits, status="not installed"))
+                continue
+            extra = {"on": True, "off": False}.get(args.llama_extra_bufts)
+            if extra is None:
+                extra = llama_extra_bufts_ok(path) if have_llama else True
+            add(make_runner(Row("llama.cpp", label, bits),
+                            lambda label=label, path=path, bits=bits, extra=extra:
+                            LlamaCppRunner(label, path, bits, args.threads, extra), "llama_cpp"))
     if "transformers" not in args.skip:
         for dtype in ("float32", "bfloat16"):
             row = Row("transformers", dtype, 16 if dtype == "bfloat16" else 32)
@@ -601,6 +705,9 @@ def main(argv: list[str] | None = None) -> int:
             add(make_runner(row, lambda dtype=dtype: TransformersRunner(dtype, checkpoint, args.threads), missing))
 
     # ---- bandwidth, then warm up, then the repeats round-robin ----
+    if args.wait_idle > 0:
+        wait_for_idle(args.wait_idle)
+    meter = OthersMeter()
     log("measuring copy bandwidth (1 GiB, best of 5)")
     bw = copy_bandwidth(args.threads)
     bandwidth = max(bw.values())
@@ -611,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
             runner.row.status = "failed: warmup"
             log(f"{runner.row.engine} {runner.row.weights} failed:\n{traceback.format_exc()}")
             runners.remove(runner)
+    meter.lap()
     for rep in range(args.repeats):
         for runner in list(runners):
             r = runner.row
@@ -623,9 +731,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             r.prefill.append(pre)
             r.decode.append(dec)
+            r.others_cores.append(meter.lap())
             r.first_tokens = toks[:8]
             log(f"repeat {rep + 1}/{args.repeats} {r.engine:<12} {r.weights:<8} prefill {pre:8.1f} tok/s  "
-                f"decode {dec:7.1f} tok/s")
+                f"decode {dec:7.1f} tok/s  (other processes: {r.others_cores[-1]:.2f} cores)")
     for runner in runners:
         runner.close()
 
@@ -642,6 +751,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     print()
+    laps = [x for r in rows for x in r.others_cores]
+    if laps:
+        print(f"other processes kept {statistics.mean(laps):.2f} cores busy on average while timing "
+              f"(max {max(laps):.2f}); with {os.cpu_count()} cores, anything well above 0 skews the numbers")
+    if any(r.weights.endswith("(no AMX)") for r in rows):
+        print("(no AMX): llama.cpp with use_extra_bufts=False, because its AMX kernels died (SIGILL) in a child "
+              "process here")
     tf = {r.weights: r.decode_median for r in rows if r.engine == "transformers" and r.decode}
     ml = [r for r in rows if r.engine == "mlcbuild" and r.decode]
     if tf and ml:

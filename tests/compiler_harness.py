@@ -7,6 +7,7 @@ against transformers, not against our own runtime.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import tempfile
@@ -42,7 +43,7 @@ def make_checkpoint(arch: str, directory: Path, seed: int = 0, **overrides: Any)
         kwargs.update(num_key_value_heads=4, partial_rotary_factor=0.5, hidden_act="gelu_new")
     else:
         raise ValueError(arch)
-    kwargs.update(overrides)
+    kwargs.update(copy.deepcopy(overrides))  # transformers edits dicts it is given
     # Wider init than the HF default: logits of a random tiny model are nearly flat at 0.02,
     # which makes greedy decoding decide on ties; 0.1 gives clear argmaxes.
     config = cfg_cls(initializer_range=0.1, **kwargs)

@@ -23,9 +23,9 @@ def tiny_checkpoint(compiler_root: Path) -> Callable[..., Path]:
     made: dict[tuple, Path] = {}
 
     def get(arch: str, **overrides: Any) -> Path:
-        key = (arch, tuple(sorted(overrides.items())))
+        key = (arch, repr(sorted(overrides.items())))
         if key not in made:
-            name = "-".join([arch] + [f"{k}{v}" for k, v in sorted(overrides.items())])
+            name = f"{arch}-{len(made)}"
             made[key] = make_checkpoint(arch, compiler_root / "checkpoints" / name, **overrides)
         return made[key]
 
@@ -41,7 +41,7 @@ def built_model(compiler_root: Path, tiny_checkpoint: Callable[..., Path]) -> Ca
     built: dict[tuple, dict[str, Path]] = {}
 
     def get(arch: str, quantization: str, device: str = "cpu", **overrides: Any) -> dict[str, Path]:
-        key = (arch, quantization, device, tuple(sorted(overrides.items())))
+        key = (arch, quantization, device, repr(sorted(overrides.items())))
         if key not in built:
             checkpoint = tiny_checkpoint(arch, **overrides)
             root = compiler_root / "built" / f"{checkpoint.name}-{quantization}-{device.replace(':', '-')}"

@@ -51,6 +51,8 @@ class ArchConfig(BaseModel):
             "problem_type", "chunk_size_feed_forward", "add_cross_attention",
             "tie_encoder_decoder", "torchscript", "use_return_dict", "_attn_implementation",
             "_attn_implementation_autoset", "is_encoder_decoder", "rope_parameters",
+            # SmolLM2 / exporters' extras that carry no math
+            "is_llama_config", "transformers.js_config",
         }
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tvm import te, tirx
+from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
@@ -184,7 +184,7 @@ class CausalLM(nn.Module):
             prefill_chunk_size=prefill_chunk_size,
             page_size=page_size,
             support_sliding_window=support_sliding_window,
-            layer_partition=_shape([0, cfg.num_hidden_layers]),
+            layer_partition=relax.ShapeExpr([0, cfg.num_hidden_layers]),  # no pipeline stages
             num_hidden_layers=cfg.num_hidden_layers,
             num_attention_heads=cfg.num_attention_heads,
             num_key_value_heads=cfg.num_key_value_heads,
@@ -196,7 +196,7 @@ class CausalLM(nn.Module):
             rope_scale=1,
             rope_theta=cfg.rope_theta,
             rope_scaling=self.rope_scaling(),
-            rope_ext_factors=_prim(0),
+            rope_ext_factors=relax.prim_value(0),  # "none": only longrope uses factors
             rotary_dim=cfg.effective_rotary_dim,
             enable_disaggregation=False,
             dtype=self.dtype,
@@ -240,18 +240,6 @@ class CausalLM(nn.Module):
             },
         }
         return nn.spec.ModuleSpec.from_raw(spec, self)
-
-
-def _shape(values: list[int]):
-    from tvm import relax
-
-    return relax.ShapeExpr(values)
-
-
-def _prim(value: int):
-    from tvm import relax
-
-    return relax.prim_value(value)
 
 
 def build_quantized_model(config: ArchConfig, quantization: str, target: Target | None = None) -> tuple[CausalLM, dict[str, tuple[str, ...]]]:

@@ -27,7 +27,7 @@ HF_KEYS = {
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling",
     "tie_word_embeddings", "max_position_embeddings", "attention_bias", "mlp_bias",
-    "partial_rotary_factor",
+    "partial_rotary_factor", "rope_interleaved",
 }
 
 
@@ -50,6 +50,7 @@ class LlamaConfig(ArchConfig):
             float(hf.get("partial_rotary_factor", 1.0)) == 1.0,
             f"{model_type}: partial_rotary_factor != 1 is not supported",
         )
+        require(not hf.get("rope_interleaved", False), f"{model_type}: rope_interleaved=true is not supported")
         heads = int(hf["num_attention_heads"])
         kv_heads = int(hf.get("num_key_value_heads") or heads)
         require(heads % kv_heads == 0, f"{model_type}: num_attention_heads must be a multiple of num_key_value_heads")

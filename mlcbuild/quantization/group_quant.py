@@ -194,8 +194,7 @@ def quantize_model(model: Any, spec: QuantizationSpec) -> QuantizeMap:
             if isinstance(node, nn.Embedding):
                 num, dim = (int(s) for s in node.weight.shape)
                 qmap[f"{name}.weight"] = (f"{name}.q_weight", f"{name}.q_scale")
-                replacement = embedding_cls(num, dim, spec)
-                return replacement
+                return embedding_cls(num, dim, spec)
             return self.visit(name, node)
 
     _Replace().visit("", model)

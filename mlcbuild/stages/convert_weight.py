@@ -74,9 +74,14 @@ class SafetensorsSource:
         if not self.files:
             raise StageError(f"{directory} has no *.safetensors weights")
         self._handles: dict[Path, Any] = {}
+        self.read: set[str] = set()
 
     def names(self) -> set[str]:
         return set(self.files)
+
+    def unread(self) -> list[str]:
+        """Tensors no parameter came from (a tied lm_head; otherwise worth a look)."""
+        return sorted(self.names() - self.read)
 
     def get(self, name: str) -> np.ndarray:
         from safetensors import safe_open
@@ -85,6 +90,7 @@ class SafetensorsSource:
             path = self.files[name]
         except KeyError:
             raise StageError(f"the checkpoint has no tensor {name!r}") from None
+        self.read.add(name)
         handle = self._handles.get(path)
         if handle is None:
             handle = self._handles[path] = safe_open(str(path), framework="numpy")
@@ -212,6 +218,9 @@ def convert(source_dir: Path, model_config: dict[str, Any], quantization: str, o
             writer.add(name, array)
     finally:
         writer.close()
+    unread = source.unread()
+    if unread:
+        log(f"convert_weight: {len(unread)} checkpoint tensor(s) not used: {', '.join(unread[:8])}")
     index = TensorCacheIndex(
         quantization=quantization,
         model_type=model_config["model_type"],
