@@ -53,7 +53,7 @@ def chat_config(quant: str, layers: int, prefill_chunk: int = 512, context: int 
     }
 
 
-def build(chat: dict[str, Any], out: Path, schedule: str, transpose_fusion: bool = True) -> float:
+def build(chat: dict[str, Any], out: Path, schedule: str, transpose_fusion: bool = True, kill_after_last_use: bool = True) -> float:
     """Compile like compile.build_library; return seconds."""
     import tvm
     from tvm import relax
@@ -92,7 +92,9 @@ def build(chat: dict[str, Any], out: Path, schedule: str, transpose_fusion: bool
                     relax.transform.StaticPlanBlockMemory(),
                     C._AttachMetadata(metadata),
                     relax.transform.LowerAllocTensor(),
-                    relax.transform.KillAfterLastUse(),
+                ]
+                + ([relax.transform.KillAfterLastUse()] if kill_after_last_use else [])
+                + [
                     relax.transform.LowerRuntimeBuiltin(),
                     relax.transform.ComputePrimValue(),
                     relax.transform.VMShapeLower(),

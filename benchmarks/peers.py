@@ -228,14 +228,37 @@ def build_bundles(work: Path, cache_dir: Path, quants: list[str], rebuild: bool)
         path.write_text(text)
     exe = Path(sys.executable).with_name("mlcbuild")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from mlcbuild.cli import main; main()"]
-    cmd += ["run", str(path), "-j", "1", "--cache-dir", str(cache_dir)]
+    cmd += ["run", str(path), "-j", "1", "--keep-going", "--json", "--cache-dir", str(cache_dir)]
     if rebuild:
         cmd += ["--force-stage", "compile"]
     log("$ " + " ".join(cmd))
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=work)
-    log(f"mlcbuild run took {time.perf_counter() - start:.1f} s")
-    return {q: work / "dist" / f"{q}-cpu" for q in quants}
+    ok: dict[str, str] = {}  # quantization -> "built" | "cached", from the package node's event
+    errors = work / "mlcbuild-run.stderr"
+    with errors.open("w") as err, subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=err,
+                                                   text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            kind, node = event.get("event"), str(event.get("node", ""))
+            if kind in ("node_done", "node_cached") and node.startswith("package["):
+                ok[node[len("package["):].split(",")[0]] = "built" if kind == "node_done" else "cached"
+            if kind == "node_done":
+                log(f"built {node} in {event.get('duration_s', 0):.1f} s")
+            elif kind == "log" and node.startswith("compile"):
+                log(str(event.get("message")))
+            elif kind == "node_failed":
+                log(f"FAILED {node}: {event.get('error')}")
+            elif kind == "node_skipped":
+                log(f"skipped {node}: {event.get('reason')}")
+    if proc.returncode != 0:
+        log(f"mlcbuild run's stderr is in {errors}")
+    log(f"mlcbuild run took {time.perf_counter() - start:.1f} s (exit {proc.returncode}); bundles: "
+        + ", ".join(f"{q} {ok.get(q, 'FAILED')}" for q in quants))
+    return {q: work / "dist" / f"{q}-cpu" for q in quants if q in ok}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -669,11 +692,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(result)
 
     if "mlcbuild" not in args.skip:
-        try:
-            bundles = build_bundles(work, cache_dir, quants, args.rebuild)
-        except subprocess.CalledProcessError as exc:
-            log(f"mlcbuild run failed ({exc})")
-            bundles = {}
+        bundles = build_bundles(work, cache_dir, quants, args.rebuild)
         for q in quants:
             row = Row("mlcbuild", q, 4 if q.startswith("q4") else 16)
             if q not in bundles:

@@ -35,9 +35,24 @@ CHAT_CONFIG_FILE = "mlc-chat-config.json"
 TENSOR_CACHE_FILE = "params/tensor-cache.json"
 LIBRARY_FILE = "lib/model.so"
 MANIFEST_FILE = "manifest.json"
+# CUDA bundles: TVM 0.27 keeps CUDA *source* in model.so and compiles it when the library loads
+# (its ``tvm_callback_cuda_compile`` hook). The compile stage builds the kernels with nvcc ahead of
+# time instead; this file (a CudaKernels) names the fatbin and the SHA-256 of the source it was
+# built from, so a runtime can hand the fatbin to that hook and load without nvcc or NVRTC.
+CUDA_KERNELS_FILE = "lib/cuda-kernels.json"
 
 # Named conversation templates a recipe may ask for; "auto" uses the tokenizer's chat template.
 KNOWN_CONV_TEMPLATES = ("auto", "llama-3", "llama-2", "phi-2", "chatml", "mistral")
+
+
+class CudaKernels(BaseModel):
+    """lib/cuda-kernels.json: the prebuilt fatbin of a CUDA library (path relative to lib/)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    arch: str
+    fatbin: str
+    source_sha256: str
 
 
 class ManifestFile(BaseModel):

@@ -4,6 +4,7 @@ portable CPU targets (cpu:<mcpu>)."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,12 +19,12 @@ def test_cuda_library_builds_without_gpu(built_model):
     import json
     import re
 
-    from mlcbuild.stages.compile import CUDA_KERNELS_FILE
+    from mlcbuild.bundle_format import CUDA_KERNELS_FILE
 
     parts = built_model("llama", "q4f16_1", "cuda:sm_80")
     lib_dir = (parts["library"] / LIBRARY_FILE).parent
-    assert sorted(p.name for p in lib_dir.iterdir()) == sorted(["model.so", CUDA_KERNELS_FILE, "model.sm_80.fatbin"])
-    info = json.loads((lib_dir / CUDA_KERNELS_FILE).read_text())
+    assert sorted(p.name for p in lib_dir.iterdir()) == sorted(["model.so", Path(CUDA_KERNELS_FILE).name, "model.sm_80.fatbin"])
+    info = json.loads((lib_dir.parent / CUDA_KERNELS_FILE).read_text())
     assert info["arch"] == "sm_80"
     # model.so carries the CUDA source TVM generated (it cannot be loaded without a CUDA
     # runtime); nvcc's fatbin next to it holds machine code for every kernel of that source.

@@ -189,3 +189,35 @@ def schedule_row_reduction(func: Any, lanes: int) -> Any | None:
     if parallel:
         sch.parallel(rows)
     return sch.mod["main"]
+
+
+def schedule_head_invariant(func: Any, lanes: int) -> Any | None:
+    """One spatial block over (token, head, feature) whose math per (token, feature) is the
+    same for every head -- the fused RoPE kernel: ``cos``/``sin``/``pow`` of position x frequency
+    evaluated once per *element* (12 heads x 64 features per token: ~30 us per layer per decode
+    step in libm). Moving the head loop innermost and unrolling it lets LLVM compute the
+    transcendentals once per (token, feature) and reuse them for every head."""
+    sch = s_tir.Schedule(func)
+    root = sch.get_sblock("root")
+    blocks = sch.get_child_blocks(root)
+    if len(blocks) != 1:
+        return None
+    block = blocks[0]
+    ivs = sch.get(block).iter_vars
+    if len(ivs) != 3 or not _all_data_par(sch, block):
+        return None
+    loops = sch.get_loops(block)
+    if len(loops) != 3:
+        return None
+    heads = _as_int(_extent(sch, loops[1]))
+    if heads is None or heads > 64:
+        return None
+    text = func.script()
+    if not any(f"T.{fn}(" in text for fn in ("cos", "sin", "pow", "exp")):
+        return None
+    s, h, d = loops
+    sch.reorder(s, d, h)
+    sch.unroll(h)
+    if _is_seq_extent(_extent(sch, s)):
+        sch.parallel(s)
+    return sch.mod["main"]

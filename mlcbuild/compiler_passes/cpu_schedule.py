@@ -80,6 +80,7 @@ def schedule_func(func: Any, lanes: int) -> tuple[Any, str] | None:
     for rule, name in (
         (cpu_generic.schedule_row_reduction, "reduction"),
         (cpu_generic.schedule_injective, "injective"),
+        (cpu_generic.schedule_head_invariant, "head-invariant"),
     ):
         try:
             new = rule(func, lanes)

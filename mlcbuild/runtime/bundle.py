@@ -6,6 +6,7 @@ The runtime reads only what :mod:`mlcbuild.bundle_format` specifies; it never im
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -258,6 +259,37 @@ def read_tensor_cache(directory: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+_FATBINS: dict[str, bytes] = {}  # SHA-256 of CUDA source -> the fatbin nvcc built from it
+
+
+def _use_prebuilt_cuda_kernels(bundle: Path) -> None:
+    """Make TVM take the bundle's prebuilt fatbin when the CUDA library asks to compile its
+    source at load time (see bundle_format.CUDA_KERNELS_FILE); sources we have no fatbin for
+    fall back to TVM's own compiler hook."""
+    import tvm_ffi
+
+    info_path = bundle / bf.CUDA_KERNELS_FILE
+    try:
+        info = bf.CudaKernels.model_validate_json(info_path.read_bytes())
+    except FileNotFoundError:
+        raise BundleError(f"CUDA bundle {bundle} has no {bf.CUDA_KERNELS_FILE}; rebuild it with mlcbuild") from None
+    _FATBINS[info.source_sha256] = (info_path.parent / info.fatbin).read_bytes()
+    if getattr(_use_prebuilt_cuda_kernels, "registered", False):
+        return
+    fallback = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+
+    def compile_cuda(code: str) -> bytearray:
+        fatbin = _FATBINS.get(hashlib.sha256(code.encode()).hexdigest())
+        if fatbin is not None:
+            return bytearray(fatbin)
+        if fallback is None:
+            raise BundleError("a CUDA library asked to compile kernels it has no prebuilt fatbin for")
+        return fallback(code)
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
+    _use_prebuilt_cuda_kernels.registered = True  # type: ignore[attr-defined]
+
+
 @dataclass
 class Bundle:
     """An opened, verified bundle, ready to load onto a device."""
@@ -291,6 +323,8 @@ class Bundle:
         lib = self.path / bf.LIBRARY_FILE
         if not lib.is_file():
             raise BundleError(f"bundle {self.path} has no {bf.LIBRARY_FILE}")
+        if self.device.kind == "cuda":
+            _use_prebuilt_cuda_kernels(self.path)
         return tvm.runtime.load_module(str(lib))
 
     def load_params(self, param_names: list[str]) -> list[Any]:

@@ -84,9 +84,15 @@ class CompiledModel:
         self._available = builtin("vm.builtin.attention_kv_cache_get_num_available_pages")
         self._reshape = builtin("vm.builtin.reshape")
         self.page_size = page_size
+        # Sliding-window models (Mistral v0.1): the cache slides before each forward call and keeps
+        # window - 1 previous tokens, which is what transformers' mask lets a token attend to.
+        cc = bundle.chat_config
+        self.sliding_window = cc.sliding_window_size if cc.sliding_window_size and cc.sliding_window_size > 0 else 0
+        self.attention_sink = max(getattr(cc, "attention_sink_size", 0) or 0, 0)
+        self._enable_sliding = builtin("vm.builtin.attention_kv_cache_enable_sliding_window_for_seq")
         self.kv_cache = self.vm["create_paged_kv_cache"](
             ShapeTuple([max_batch_size]), ShapeTuple([kv_cache_tokens]), ShapeTuple([prefill_chunk_size]),
-            ShapeTuple([page_size]), ShapeTuple([0]),
+            ShapeTuple([page_size]), ShapeTuple([1 if self.sliding_window else 0]),
         )
         self.total_pages = self.available_pages()
 
@@ -96,9 +102,15 @@ class CompiledModel:
 
     def add_sequence(self, seq_id: int) -> None:
         self._add(self.kv_cache, seq_id)
+        self._slide(seq_id)
 
     def fork_sequence(self, parent: int, child: int) -> None:
         self._fork(self.kv_cache, parent, child, -1)
+        self._slide(child)
+
+    def _slide(self, seq_id: int) -> None:
+        if self.sliding_window:
+            self._enable_sliding(self.kv_cache, seq_id, self.sliding_window - 1, self.attention_sink)
 
     def remove_sequence(self, seq_id: int) -> None:
         self._remove(self.kv_cache, seq_id)

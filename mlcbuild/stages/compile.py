@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlcbuild.bundle_format import CHAT_CONFIG_FILE, LIBRARY_FILE
+from mlcbuild.bundle_format import CHAT_CONFIG_FILE, CUDA_KERNELS_FILE, LIBRARY_FILE, CudaKernels
 from mlcbuild.devices import DeviceSpec, parse_device
 from mlcbuild.pipeline.stage import Stage, StageContext, StageError, StageParams
 from mlcbuild.recipe import LoadedRecipe
@@ -195,7 +195,6 @@ def build_library(chat: dict[str, Any], device: DeviceSpec, out: Path) -> dict[s
     return metadata
 
 
-CUDA_KERNELS_FILE = "cuda-kernels.json"  # next to model.so, see precompile_cuda
 
 
 def precompile_cuda(module: Any, arch: str, directory: Path) -> dict[str, str]:
@@ -223,9 +222,9 @@ def precompile_cuda(module: Any, arch: str, directory: Path) -> dict[str, str]:
     )
     name = f"model.{arch}.fatbin"
     (directory / name).write_bytes(bytes(fatbin))
-    info = {"arch": arch, "fatbin": name, "source_sha256": hashlib.sha256(source.encode()).hexdigest()}
-    (directory / CUDA_KERNELS_FILE).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    return info
+    info = CudaKernels(arch=arch, fatbin=name, source_sha256=hashlib.sha256(source.encode()).hexdigest())
+    (directory / Path(CUDA_KERNELS_FILE).name).write_text(info.model_dump_json(indent=1) + "\n", encoding="utf-8")
+    return info.model_dump()
 
 
 def _find_source(module: Any, kind: str) -> str | None:
