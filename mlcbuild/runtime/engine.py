@@ -66,12 +66,12 @@ class CompiledModel:
     def __init__(self, bundle: Bundle, max_batch_size: int, kv_cache_tokens: int, prefill_chunk_size: int,
                  page_size: int):
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # the runtime's VM: no compiler import
         from tvm.runtime import ShapeTuple
 
         self._tvm, self._shape = tvm, ShapeTuple
         self.device = bundle.device.tvm_device()
-        self.vm = relax.VirtualMachine(bundle.load_library(), self.device)
+        self.vm = VirtualMachine(bundle.load_library(), self.device)
         self.metadata: dict[str, Any] = json.loads(self.vm["_metadata"]())
         self.params = bundle.load_params([p["name"] for p in self.metadata["params"]])
         self._embed, self._prefill, self._decode = (self.vm[n] for n in ("embed", "batch_prefill", "batch_decode"))
