@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import threading
 import time
 from collections import Counter, deque
@@ -65,6 +66,9 @@ class CompiledModel:
 
     def __init__(self, bundle: Bundle, max_batch_size: int, kv_cache_tokens: int, prefill_chunk_size: int,
                  page_size: int):
+        # TVM's thread pool assumes hyper-threads on x86 and uses half the cores by default (one
+        # thread on a 2-core machine); use every core this process may run on unless told otherwise.
+        os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
         import tvm
         from tvm.runtime.vm import VirtualMachine  # the runtime's VM: no compiler import
         from tvm.runtime import ShapeTuple
