@@ -328,17 +328,23 @@ class OthersMeter:
 
 def wait_for_idle(max_s: float, threshold: float = 0.25) -> None:
     """Wait (up to ``max_s``) until other processes use under ``threshold`` cores over 3 s."""
-    deadline = time.monotonic() + max_s
+    start = time.monotonic()
     meter = OthersMeter()
+    said = 0.0
     while True:
         time.sleep(3)
         others = meter.lap()
+        waited = time.monotonic() - start
         if others < threshold:
+            if waited > 10:
+                log(f"CPUs idle after {waited:.0f} s")
             return
-        if time.monotonic() > deadline:
-            log(f"other processes still use {others:.2f} cores; measuring anyway")
+        if waited > max_s:
+            log(f"other processes still use {others:.2f} cores after {waited:.0f} s; measuring anyway")
             return
-        log(f"waiting for idle CPUs: other processes use {others:.2f} cores")
+        if waited - said >= 60:
+            said = waited
+            log(f"waiting for idle CPUs: other processes use {others:.2f} cores ({waited:.0f} s so far)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,9 +437,10 @@ llm.eval([200])
 
 
 def llama_extra_bufts_ok(path: Path) -> bool:
-    """Whether llama.cpp runs ``path`` with its default extra buffer types (AMX, repacked weights).
-    A build made with -march=native on an AMX machine can die of SIGILL in ggml_backend_amx_mul_mat
-    inside a VM (seen here: Firecracker, llama-cpp-python 0.3.36): tried in a child process."""
+    """Whether llama.cpp runs ``path`` with its default extra buffer types (AMX, repacked weights),
+    tried in a child process. Seen here: llama-cpp-python 0.3.36 built with -march=native dies of
+    SIGILL (a ``tileloadd`` in ggml_backend_amx_mul_mat) on the Q4_1 file, although AMX itself works
+    in this VM (a plain ldtilecfg + tileloadd test runs)."""
     try:
         proc = subprocess.run([sys.executable, "-c", _LLAMA_PROBE, str(path)], capture_output=True, timeout=600)
     except subprocess.TimeoutExpired:
@@ -576,8 +583,8 @@ def render_table(rows: list[Row], bandwidth: float) -> str:
     lines = []
     for r in rows:
         if r.status != "ok" or not r.decode:
-            lines.append([r.engine, r.weights, r.status, "", "", "", _fmt(r.weight_bytes and r.weight_bytes / 1e6, ".1f"),
-                          "", ""])
+            mb = _fmt(r.weight_bytes and r.weight_bytes / 1e6, ".1f")
+            lines.append([r.engine, r.weights, r.status, "", "", "", mb, "", ""])
             continue
         pre, dec = r.prefill_median, r.decode_median
         px = dx = "—"
@@ -637,9 +644,10 @@ def machine_notes(threads: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     import platformdirs
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work-dir", type=Path,
-                    default=Path(os.environ.get("MLCBUILD_PEERS_DIR") or platformdirs.user_cache_path("mlcbuild-peers")),
+                    default=Path(os.environ.get("MLCBUILD_PEERS_DIR")
+                                 or platformdirs.user_cache_path("mlcbuild-peers")),
                     help="recipe copy, bundles, checkpoint and F16 GGUF (default: $MLCBUILD_PEERS_DIR or "
                          "~/.cache/mlcbuild-peers)")
     ap.add_argument("--cache-dir", type=Path, default=None,
@@ -659,7 +667,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="llama.cpp's extra buffer types (AMX, repacked weights); auto: on unless a child "
                          "process running them crashes")
     ap.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
-                    help="before timing, wait up to this long for other processes to leave the CPUs idle")
+                    help="before the bandwidth test and before each warmup and timed repeat, wait up to this "
+                         "long for other processes to leave the CPUs idle (they use < 0.25 cores over 3 s)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     if args.quick:
@@ -732,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = max(bw.values())
     for runner in list(runners):
         try:
+            if args.wait_idle > 0:
+                wait_for_idle(args.wait_idle)
             runner.warmup(prompt)
         except Exception:  # noqa: BLE001
             runner.row.status = "failed: warmup"
@@ -741,6 +752,9 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeats):
         for runner in list(runners):
             r = runner.row
+            if args.wait_idle > 0:
+                wait_for_idle(args.wait_idle)
+                meter.lap()
             try:
                 pre, dec, toks = runner.measure(prompt, args.gen_len)
             except Exception:  # noqa: BLE001
@@ -775,15 +789,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"other processes kept {statistics.mean(laps):.2f} cores busy on average while timing "
               f"(max {max(laps):.2f}); with {os.cpu_count()} cores, anything well above 0 skews the numbers")
     if any(r.weights.endswith("(no AMX)") for r in rows):
-        print("(no AMX): llama.cpp with use_extra_bufts=False, because its AMX kernels died (SIGILL) in a child "
-              "process here")
+        print("(no AMX): llama.cpp with use_extra_bufts=False (plain AVX-512 kernels), because with its default "
+              "extra buffer types (AMX) it died in a child process here")
     tf = {r.weights: r.decode_median for r in rows if r.engine == "transformers" and r.decode}
     ml = [r for r in rows if r.engine == "mlcbuild" and r.decode]
     if tf and ml:
         best = max(ml, key=lambda r: r.decode_median)
         print(f"best mlcbuild decode ({best.weights}, {best.decode_median:.1f} tok/s) vs transformers: "
               + ", ".join(f"{best.decode_median / v:.2f}× {k}" for k, v in tf.items()))
-    print("greedy first tokens: " + "; ".join(f"{r.engine} {r.weights}: {r.first_tokens}" for r in rows if r.first_tokens))
+    print("greedy first tokens: "
+          + "; ".join(f"{r.engine} {r.weights}: {r.first_tokens}" for r in rows if r.first_tokens))
     print("versions: " + ", ".join(f"{k} {v}" for k, v in notes["versions"].items()))
     if args.json:
         args.json.write_text(json.dumps({

@@ -103,6 +103,7 @@ def _tolerance(quant: str) -> float:
 # decode (static row, batch of 3: GEMV) and prefill (1 and 13 rows: GEMM incl. a partial tile)
 CASES = [
     ("q4f16_1", [1, 1], 1), ("q4f32_1", [1, 1], 1), ("q0f16", [1, 1], 1), ("q0f32", [1, 1], 1),
+    ("q3f16_1", [1, 1], 1),  # 10 values per word, rows padded to whole groups of 40
     ("q4f16_1", ["batch_size", 1], 3), ("q0f32", ["batch_size", 1], 3),
     ("q4f32_1", [1, "seq_len"], 13), ("q0f16", [1, "seq_len"], 13), ("q4f16_1", [1, "seq_len"], 1),
 ]

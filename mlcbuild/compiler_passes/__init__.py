@@ -1,9 +1,26 @@
 """Compiler passes of our own (TVM's defaults leave CPU kernels unscheduled).
 
 ``apply_cpu_schedules(mod, target)`` / ``CPUSchedule(target)``: schedule the PrimFuncs of a
-fused Relax module for an llvm target (see ``cpu_schedule``). Imports tvm: build side only.
+fused Relax module for an llvm target (see ``cpu_schedule``). Those import tvm (build side
+only) and are loaded on first use; ``SCHEDULE_VERSION`` is plain data for node keys.
 """
 
-from mlcbuild.compiler_passes.cpu_schedule import CPUSchedule, apply_cpu_schedules, last_report, vector_lanes
+from __future__ import annotations
 
-__all__ = ["CPUSchedule", "apply_cpu_schedules", "last_report", "vector_lanes"]
+from typing import Any
+
+# Bump when the generated kernels change: the compile stage can put it in its node key.
+SCHEDULE_VERSION = "1"
+
+_LAZY = {"CPUSchedule", "apply_cpu_schedules", "last_report", "vector_lanes"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from mlcbuild.compiler_passes import cpu_schedule
+
+        return getattr(cpu_schedule, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["SCHEDULE_VERSION", "CPUSchedule", "apply_cpu_schedules", "last_report", "vector_lanes"]

@@ -105,59 +105,61 @@ def decode_kernel(h_kv: int, h_q: int, d: int, dtype: str, page_size: int) -> An
         length_info = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_info_elem_offset)
 
         assert rotary_mode != 1, "mlcbuild CPU attention: inline RoPE is not supported"
-        for b in T.serial(B):
+        # One task per (sequence, kv head): its G query heads share every key/value row load.
+        for bk in T.parallel(B * h_kv):
             with T.sblock("attn"):
-                T.reads(Q[b, 0:h_q, 0:d], pages[0:max_num_pages, 0:2, 0:h_kv, 0:page_size, 0:d], page_table_indptr[b : b + 2], page_table_values[0:nnz_pages], length_info[b])
-                T.writes(output[b, 0:h_q, 0:d], lse[b, 0:h_q])
+                T.reads(Q[0:B, 0:h_q, 0:d], pages[0:max_num_pages, 0:2, 0:h_kv, 0:page_size, 0:d], page_table_indptr[0 : B + 1], page_table_values[0:nnz_pages], length_info[0:B])
+                T.writes(output[0:B, 0:h_q, 0:d], lse[0:B, 0:h_q])
                 S = T.sblock_alloc_buffer((G, page_size), "float32")
                 O = T.sblock_alloc_buffer((G, d), "float32")
                 Qf = T.sblock_alloc_buffer((G, d), "float32")
                 acc = T.sblock_alloc_buffer((VL,), "float32")
+                pacc = T.sblock_alloc_buffer((page_size,), "float32")
                 m = T.sblock_alloc_buffer((G,), "float32")
                 den = T.sblock_alloc_buffer((G,), "float32")
                 m_new = T.sblock_alloc_buffer((G,), "float32")
                 alpha = T.sblock_alloc_buffer((G,), "float32")
-                psum = T.sblock_alloc_buffer((G,), "float32")
+                b: T.let[T.int32] = bk // h_kv
+                hk: T.let[T.int32] = bk % h_kv
                 page_begin: T.let[T.int32] = page_table_indptr[b]
                 num_pages: T.let[T.int32] = page_table_indptr[b + 1] - page_begin
-                for hk in T.serial(h_kv):
+                for g in T.serial(G):
+                    m[g] = T.float32(-5e4)
+                    den[g] = T.float32(1.0)
+                    for i in T.vectorized(d):
+                        O[g, i] = T.float32(0)
+                        Qf[g, i] = T.Cast("float32", Q[b, hk * G + g, i]) * (sm_scale * scale_log2)
+                for p in T.serial(num_pages):
+                    page_no: T.let[T.int32] = page_table_values[page_begin + p]
+                    rows: T.let[T.int32] = T.if_then_else(p == num_pages - 1, length_info[b], page_size)
+                    # scores of this page's rows for the G query heads sharing the kv head
                     for g in T.serial(G):
-                        m[g] = T.float32(-5e4)
-                        den[g] = T.float32(1.0)
-                        for i in T.vectorized(d):
-                            O[g, i] = T.float32(0)
-                            Qf[g, i] = T.Cast("float32", Q[b, hk * G + g, i]) * (sm_scale * scale_log2)
-                    for p in T.serial(num_pages):
-                        page_no: T.let[T.int32] = page_table_values[page_begin + p]
-                        rows: T.let[T.int32] = T.if_then_else(p == num_pages - 1, length_info[b], page_size)
-                        # scores of this page's rows for the G query heads sharing the kv head
-                        for g in T.serial(G):
-                            m_new[g] = m[g]
-                            for r in T.serial(rows):
-                                for l in T.vectorized(VL):
-                                    acc[l] = T.float32(0)
-                                for j in T.unroll(NJ):
-                                    for l in T.vectorized(VL):
-                                        acc[l] = acc[l] + Qf[g, j * VL + l] * T.Cast("float32", pages[page_no, 0, hk, r, j * VL + l])
-                                S[g, r] = _hsum(acc, VL)
-                                m_new[g] = T.max(m_new[g], S[g, r])
-                            alpha[g] = _exp2(m[g] - m_new[g])
-                            m[g] = m_new[g]
-                            psum[g] = T.float32(0)
-                            for r in T.serial(rows):
-                                S[g, r] = _exp2(S[g, r] - m_new[g])
-                                psum[g] = psum[g] + S[g, r]
-                            den[g] = den[g] * alpha[g] + psum[g]
-                            for i in T.vectorized(d):
-                                O[g, i] = O[g, i] * alpha[g]
+                        m_new[g] = m[g]
                         for r in T.serial(rows):
-                            for g in T.serial(G):
-                                for i in T.vectorized(d):
-                                    O[g, i] = O[g, i] + S[g, r] * T.Cast("float32", pages[page_no, 1, hk, r, i])
-                    for g in T.serial(G):
+                            for l in T.vectorized(VL):
+                                acc[l] = T.float32(0)
+                            for j in T.unroll(NJ):
+                                for l in T.vectorized(VL):
+                                    acc[l] = acc[l] + Qf[g, j * VL + l] * T.Cast("float32", pages[page_no, 0, hk, r, j * VL + l])
+                            S[g, r] = _hsum(acc, VL)
+                            m_new[g] = T.max(m_new[g], S[g, r])
+                        alpha[g] = _exp2(m[g] - m_new[g])
+                        m[g] = m_new[g]
+                        # the page's rows at once: exp2 vectorized, rows past the end masked to 0
+                        for r in T.vectorized(page_size):
+                            S[g, r] = T.if_then_else(r < rows, _exp2(S[g, r] - m_new[g]), T.float32(0))
+                            pacc[r] = S[g, r]
+                        den[g] = den[g] * alpha[g] + _hsum(pacc, page_size)
                         for i in T.vectorized(d):
-                            output[b, hk * G + g, i] = T.Cast(dtype, O[g, i] / den[g])
-                        lse[b, hk * G + g] = m[g] + T.log2(den[g])
+                            O[g, i] = O[g, i] * alpha[g]
+                    for r in T.serial(rows):
+                        for g in T.serial(G):
+                            for i in T.vectorized(d):
+                                O[g, i] = O[g, i] + S[g, r] * T.Cast("float32", pages[page_no, 1, hk, r, i])
+                for g in T.serial(G):
+                    for i in T.vectorized(d):
+                        output[b, hk * G + g, i] = T.Cast(dtype, O[g, i] / den[g])
+                    lse[b, hk * G + g] = m[g] + T.log2(den[g])
 
     return batch_decode_paged_kv
 

@@ -104,7 +104,7 @@ def analyze(func: Any) -> tuple[MatmulInfo, s_tir.Schedule]:
             sch.compute_inline(b)
         except Exception as err:  # noqa: BLE001
             raise NotMatched(f"cannot inline epilogue {sch.get(b).name_hint}: {err}") from None
-    if sch.get_loops(red[0]) and len(sch.get_child_blocks(_root(sch))) > 2:
+    if len(sch.get_child_blocks(_root(sch))) > 2:
         raise NotMatched("unexpected block structure")
 
     block = sch.get(sch.get_sblock(red_name))
@@ -521,9 +521,11 @@ def match_group_quant(info: MatmulInfo) -> GroupQuant | None:
 def build_gemv_q(info: MatmulInfo, gq: GroupQuant, lanes: int, rows: int = 4) -> Any:
     K, N = info.k_extent, info.n_extent
     P = gq.per_word
-    if K % P:
-        raise NotMatched("K is not a whole number of words")
-    kw = K // P
+    # Rows are stored zero-padded to whole groups (q3f16_1: 576 -> 600 elements in 60 words):
+    # run over every stored word and give the padding x = 0.
+    kw = _as_int(gq.weight.shape[1]) or 0
+    if kw * P < K or _as_int(gq.weight.shape[0]) != N:
+        raise NotMatched("weight layout does not cover K")
     gw = gq.group // P  # words per group
     # Each lane holds one packed word; a vector's per-lane scales come from vl / gw groups,
     # which LLVM assembles lane by lane: more than two groups per vector costs more than the
@@ -533,7 +535,13 @@ def build_gemv_q(info: MatmulInfo, gq: GroupQuant, lanes: int, rows: int = 4) ->
     if vl < 4:
         raise NotMatched("too few words per row for the vector layout")
     tes = _placeholders(info)
-    X = _x_fn(info, tes)
+    X0 = _x_fn(info, tes)
+
+    def X(m: Any, k: Any) -> Any:
+        if kw * P == K:
+            return X0(m, k)
+        return tirx.if_then_else(k < K, X0(m, tirx.min(k, K - 1)), tirx.const(0, "float32"))
+
     M = _m_total(info)
     Wt = tes.load
     mask = tirx.const((1 << gq.bits) - 1, "uint32")

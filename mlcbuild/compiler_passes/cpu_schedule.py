@@ -8,9 +8,10 @@ and before ``CallTIRRewrite``:
 * matmuls (``cpu_matmul``): decode GEMV -- parallel over output rows, vector partial sums,
   4-bit dequantization in registers with the scale and zero point factored out of the inner
   loop -- and prefill GEMM -- fp32 weight panels + register-blocked micro-kernel;
-* row reductions (rms_norm, softmax) and elementwise chains (``cpu_generic``);
-* functions that already carry ``tirx.is_scheduled`` (the paged-KV-cache attention kernels) are
-  left alone.
+* the paged-KV-cache attention kernels TVM generates for CPU are replaced by vectorized ones with
+  the same signatures (``cpu_attention``), when the cache does not apply RoPE inline;
+* row reductions (rms_norm, softmax), elementwise chains and the fused RoPE (``cpu_generic``);
+* other functions that already carry ``tirx.is_scheduled`` are left alone.
 
 A rule that does not apply, or fails, leaves the function as it was: the pass never breaks a
 build. ``last_report()`` says which rule scheduled which function.
@@ -60,16 +61,22 @@ def _schedule_matmul(func: Any, lanes: int) -> tuple[Any, str] | None:
     except cpu_matmul.NotMatched:
         return None
     rows = cpu_matmul._as_int(cpu_matmul._m_total(info))
-    gemm = (info.dyn_m and info.seq_like) or (rows is not None and rows > GEMV_MAX_ROWS)
-    if gemm:
-        return cpu_matmul.build_gemm(info, lanes), "gemm"
+    candidates = []
+    if (info.dyn_m and info.seq_like) or (rows is not None and rows > GEMV_MAX_ROWS):
+        candidates.append(("gemm", lambda: cpu_matmul.build_gemm(info, lanes)))
     gq = cpu_matmul.match_group_quant(info)
     if gq is not None:
+        candidates.append(("gemv-q", lambda: cpu_matmul.build_gemv_q(info, gq, lanes)))
+    candidates.append(("gemv", lambda: cpu_matmul.build_gemv(info, lanes)))
+    # most specific first; a kernel that cannot be built falls back to the next one
+    for i, (name, build) in enumerate(candidates):
         try:
-            return cpu_matmul.build_gemv_q(info, gq, lanes), "gemv-q"
-        except cpu_matmul.NotMatched:
-            pass
-    return cpu_matmul.build_gemv(info, lanes), "gemv"
+            return build(), name
+        except Exception as err:  # noqa: BLE001
+            if i == len(candidates) - 1:
+                raise
+            log.debug("%s kernel not built (%s), trying %s", name, err, candidates[i + 1][0])
+    return None
 
 
 def schedule_func(func: Any, lanes: int) -> tuple[Any, str] | None:

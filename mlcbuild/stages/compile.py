@@ -259,13 +259,13 @@ def _pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int]) -> 
         # compared.
         schedule = tvm.transform.Sequential([])
     else:
-        schedule = dl.ApplyDefaultSchedule(
-            dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
-        )
+        from mlcbuild.compiler_passes.cuda_schedule import CUDASchedule
+
+        # Decode GEMVs (dequantize fused, batch-dispatched) by our rule, the rest by dlight.
         # TVM 0.27's tensor-core path of dlight's Matmul rule segfaults inside
         # s_tir::Tensorize on our fused f16 matmuls (any hidden size >= 128, sm_80 and sm_90);
         # the attribute keeps the rule's tiled shared-memory schedule without tensorizing.
-        schedule = tvm.transform.Sequential([_do_not_tensorize(), schedule])
+        schedule = tvm.transform.Sequential([_do_not_tensorize(), CUDASchedule(target)])
 
     @tvm.transform.module_pass(opt_level=0, name="MlcbuildPipeline")
     def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:

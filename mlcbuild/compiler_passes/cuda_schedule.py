@@ -1,0 +1,458 @@
+"""CUDA schedules of our own for decode: dequantize + GEMV kernels that stream the weights.
+
+What TVM's default rules did with our q4f16_1 decode (measured on an H100, Llama-3-8B shape):
+``batch_decode`` has a symbolic batch, so dlight's ``Matmul`` rule took every fused
+dequantize+matmul function and tiled a batch of one row up to 64 (shared-memory tiles, the
+dequantized weight staged through shared memory): ~97 GB/s of weights, 3% of HBM bandwidth.
+And our dequantize writes the float weight transposed (``[in, out]``, read by a plain NN matmul),
+so dlight's ``LowBatchGEMV`` would see an outer reduction and read the packed words uncoalesced.
+
+``DequantGemv`` schedules those functions itself (``schedule_gemv``):
+
+* the dequantized weight is laid out ``[out, in]`` again (an internal buffer, so this is free),
+  so the reduction runs along the contiguous axis of the packed ``uint32`` words;
+* per block ``ROWS_Y * ROWS_PER_WARP`` output rows; a warp per row pair, its 32 lanes split the
+  reduction; each lane loads ``VK`` consecutive weights per step (for 4-bit at batch 1, 32
+  weights = one ``uint4`` load of 16 bytes = exactly one quantization group, and one scale),
+  dequantizes them in registers and accumulates in float32 (the model's numerics: the float32
+  product of the float16 activation and the float16 dequantized weight);
+* a warp-shuffle all-reduce sums the 32 lanes; the epilogue (cast, residual add) is fused;
+* a symbolic batch (``batch_decode``, short prefill chunks) is padded to a bucket held in
+  registers; one function dispatches on the batch at run time (host side, as MLC LLM's
+  ``LowBatchGemvSpecialize``): batch 1 -> bucket 1, <= 4 -> 4, <= 16 -> 8 (two row blocks), larger
+  -> dlight's ``Matmul`` (prefill).
+
+``CUDASchedule(target)`` is the whole schedule pass of the CUDA pipeline: this rule first, then
+dlight's rules for everything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# (largest batch, bucket) of the run-time dispatch of a symbolic batch; above the last one the
+# function is a GEMM (prefill) and goes to dlight's Matmul.
+BATCH_BUCKETS = ((1, 1), (4, 4), (16, 8))
+WARP = 32  # lanes of a warp split the reduction axis
+ROWS_Y = 4  # warps per block (threadIdx.y), one group of output rows each
+ROWS_PER_WARP = 2  # output rows per warp: two independent weight streams per lane
+UNROLL_STEPS = 2  # reduction steps unrolled (their loads can be in flight together)
+
+
+@dataclass
+class GemvMatch:
+    """A fused ``C[m.., n] += x[m.., k] * W[n or k, k or n]`` (+ epilogue) function."""
+
+    main: str  # the reduction block
+    weight_producer: str | None  # the block computing W (dequantize), if inside the function
+    transposed: bool  # W is indexed [k, n]
+    n_extent: int
+    k_extent: int
+    batch_var: Any  # the symbolic extent among the m axes (None: all static)
+    batch_static: int  # product of the static m extents
+
+
+def CUDASchedule(target: Any) -> Any:  # noqa: N802  (a pass, named like TVM's)
+    """Schedules every PrimFunc for a CUDA target: decode GEMVs with ``DequantGemv``, the rest with
+    dlight (Matmul, GEMV, Reduction, GeneralReduction, Fallback)."""
+    import tvm
+
+    return tvm.transform.Sequential([DequantGemv(target), _default_rules()], name="CUDASchedule")
+
+
+def _default_rules() -> Any:
+    from tvm.s_tir import dlight as dl
+
+    return dl.ApplyDefaultSchedule(
+        dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+    )
+
+
+def DequantGemv(target: Any) -> Any:  # noqa: N802
+    import tvm
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="DequantGemv")
+    def apply(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+        for gvar, func in list(mod.functions_items()):
+            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+                continue
+            scheduled = schedule_decode_function(func, target)
+            if scheduled is not None:
+                mod[gvar] = scheduled
+        return mod
+
+    return apply
+
+
+def _is_scheduled(func: Any) -> bool:
+    return "tirx.is_scheduled" in func.attrs and bool(func.attrs["tirx.is_scheduled"])
+
+
+def schedule_decode_function(func: Any, target: Any) -> Any | None:
+    """The function scheduled as a GEMV (dispatching on a symbolic batch), or None when it is
+    not a matmul this rule handles (or its batch is too large: left to dlight)."""
+    from tvm import s_tir, tirx
+
+    match = match_gemv(func)
+    if match is None:
+        return None
+    func = exact_int_to_float(func)
+    if match.batch_var is None:
+        if match.batch_static > BATCH_BUCKETS[-1][0]:
+            return None
+        return schedule_gemv(func, target, match, bucket=match.batch_static)
+    branches = []
+    for limit, bucket in BATCH_BUCKETS:
+        scheduled = schedule_gemv(func, target, match, bucket=bucket)
+        if scheduled is None:
+            return None
+        branches.append((limit, scheduled))
+    fallback = _schedule_with_default_rules(func, target)
+    if fallback is None:
+        return None
+    body = fallback.body
+    for limit, scheduled in reversed(branches):
+        cond = tirx.op.tvm_thread_invariant(match.batch_var <= limit)
+        body = tirx.IfThenElse(cond, scheduled.body, body)
+    body = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", body))
+    return (
+        func.with_body(body)
+        .with_attr("tirx.is_scheduled", True)
+        .with_attr("tirx.HoistIfThenElseExprWithBlock", 1)
+    )
+
+
+def _schedule_with_default_rules(func: Any, target: Any) -> Any | None:
+    import tvm
+
+    # TVM 0.27's tensor-core path of dlight's Matmul segfaults on our fused f16 matmuls (see
+    # compile._do_not_tensorize): keep its tiled shared-memory schedule without tensor cores.
+    mod = tvm.IRModule({"main": func.with_attr("dlight.do_not_tensorize", True)})
+    with target:
+        mod = _default_rules()(mod)
+    scheduled = mod["main"]
+    return scheduled if _is_scheduled(scheduled) else None
+
+
+# ---- matching --------------------------------------------------------------------------------
+
+
+def match_gemv(func: Any) -> GemvMatch | None:
+    """Recognize ``C[m.., n] += cast(x[m.., k]) * cast(W[n, k])`` with W a function parameter or
+    computed by one spatial block (the dequantization), followed by elementwise blocks only."""
+    from tvm import s_tir, tirx
+    from tvm.ir import expr as ir_expr
+
+    try:
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    except Exception:  # noqa: BLE001  (not a schedulable function, e.g. already has loops bound)
+        return None
+    stmts = [sch.get(b) for b in blocks]
+    reductions = [i for i, s in enumerate(stmts) if any(_is_reduce(iv) for iv in s.iter_vars)]
+    if len(reductions) != 1:
+        return None
+    main_i = reductions[0]
+    main = stmts[main_i]
+    if any(_is_reduce(iv) for s in stmts[main_i + 1 :] for iv in s.iter_vars):
+        return None
+    reduce_vars = [iv for iv in main.iter_vars if _is_reduce(iv)]
+    if len(reduce_vars) != 1 or len(main.writes) != 1:
+        return None
+    k = reduce_vars[0].var
+    k_extent = _const(reduce_vars[0].dom.extent)
+    out_idx = [r.min for r in main.writes[0].region]
+    if k_extent is None or not all(isinstance(e, tirx.Var) for e in out_idx) or len(out_idx) < 2:
+        return None
+    n = out_idx[-1]
+    body = main.body
+    if not (isinstance(body, tirx.BufferStore) and isinstance(body.value, tirx.Add)):
+        return None
+    if not (isinstance(body.value.a, ir_expr.TensorLoad) and body.value.a.source.same_as(body.buffer)):
+        return None
+    # The weight: a 2-D read indexed by exactly (n, k); the activation: the other read, whose
+    # last index is k and whose other indices are the m axes.
+    weight, transposed, x = None, False, None
+    for region in main.reads:
+        mins = [r.min for r in region.region]
+        if region.source.same_as(body.buffer):
+            continue
+        if len(mins) == 2 and all(isinstance(e, tirx.Var) for e in mins) and _same_vars(mins, [n, k]):
+            weight, transposed = region.source, mins[0].same_as(k)
+        elif mins and isinstance(mins[-1], tirx.Var) and mins[-1].same_as(k):
+            x = region.source
+    operands = [r for r in main.reads if not r.source.same_as(body.buffer)]
+    if weight is None or x is None or len(operands) != 2:
+        return None
+    producers = [i for i, s in enumerate(stmts[:main_i]) if any(w.source.same_as(weight) for w in s.writes)]
+    others_before = [i for i in range(main_i) if i not in producers]
+    if len(producers) > 1 or others_before:
+        return None
+    producer = stmts[producers[0]].name_hint if producers else None
+    if producer is None and transposed:
+        return None  # a parameter laid out [k, n]: the reduction is not along contiguous memory
+    n_extent = None
+    batch_var, batch_static = None, 1
+    for iv in main.iter_vars:
+        if iv.var.same_as(n):
+            n_extent = _const(iv.dom.extent)
+        elif not _is_reduce(iv):
+            extent = _const(iv.dom.extent)
+            if extent is not None:
+                batch_static *= extent
+            elif batch_var is None and isinstance(iv.dom.extent, tirx.Var):
+                batch_var = iv.dom.extent
+            else:
+                return None
+    if n_extent is None:
+        return None
+    return GemvMatch(main.name_hint, producer, transposed, n_extent, k_extent, batch_var, batch_static)
+
+
+def _same_vars(a: list[Any], b: list[Any]) -> bool:
+    return any(all(x.same_as(y) for x, y in zip(a, perm)) for perm in (b, b[::-1]))
+
+
+def _is_reduce(iv: Any) -> bool:
+    from tvm import tirx
+
+    return iv.iter_type == tirx.IterVar.CommReduce
+
+
+def _const(e: Any) -> int | None:
+    from tvm import tirx
+
+    return int(e) if isinstance(e, tirx.IntImm) else None
+
+
+# ---- the schedule ----------------------------------------------------------------------------
+
+
+def _reduction_split(k_extent: int, bucket: int) -> tuple[int, int] | None:
+    """(lanes along k, consecutive weights per lane per step). Long contiguous runs per lane: for
+    4-bit weights at batch 1, 128 weights = four 16-byte loads per row issued together; with a
+    bigger batch bucket the per-lane activation tile (bucket x run) must stay in registers."""
+    runs = (128, 64, 32, 16, 8, 4, 2, 1) if bucket == 1 else (32, 16, 8, 4, 2, 1) if bucket <= 4 else (16, 8, 4, 2, 1)
+    for lanes in (WARP, 16, 8, 4, 2, 1):
+        for run in runs:
+            if k_extent % (lanes * run) == 0:
+                return lanes, run
+    return None
+
+
+def schedule_gemv(func: Any, target: Any, match: GemvMatch, bucket: int) -> Any | None:
+    """Schedule ``func`` (matched by ``match_gemv``) for a batch padded to ``bucket`` rows."""
+    from tvm import s_tir
+
+    split = _reduction_split(match.k_extent, bucket)
+    if split is None:
+        return None
+    try:
+        sch = s_tir.Schedule(func)
+        _schedule(sch, match, bucket, *split)
+    except Exception:  # noqa: BLE001  (a function this rule does not fit: dlight takes it)
+        return None
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _schedule(sch: Any, match: GemvMatch, bucket: int, lanes: int, vk: int) -> None:
+    main = sch.get_sblock(match.main)
+    producer = sch.get_sblock(match.weight_producer) if match.weight_producer else None
+    if producer is not None and match.transposed:
+        sch.transform_layout(producer, ("write", 0), lambda a, b: (b, a))
+    n_iters = len(sch.get(main).iter_vars)
+    padded = match.batch_var is not None and bucket > 1
+    if padded:
+        sch.pad_einsum(main, [bucket if not _is_reduce(iv) and _const(iv.dom.extent) is None else 1
+                              for iv in sch.get(main).iter_vars])
+    # After padding: [x_pad], main, [C -> C_unpadded], epilogue... ; inline the epilogue chain
+    # into its last block so that one block writes the output.
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    main_pos = names.index(match.main)
+    x_pad = None
+    if padded:
+        pads = [b for b, name in zip(blocks[:main_pos], names[:main_pos]) if name != match.weight_producer]
+        if len(pads) != 1:
+            raise ValueError("expected one padded activation")
+        x_pad = pads[0]
+    epilogue = blocks[main_pos + 1 :]
+    for block in epilogue[:-1]:
+        sch.compute_inline(block)
+    epilogue = epilogue[-1] if epilogue else None
+
+    # Main loop nest: [m..., n, k] -> by (batch buckets), bx (row groups), ty, rows, ko, tx, vk, bi
+    loops = sch.get_loops(main)
+    if len(loops) != n_iters:
+        raise ValueError("unexpected loop nest")
+    *m_loops, n_loop, k_loop = loops
+    m = sch.fuse(*m_loops) if len(m_loops) > 1 else m_loops[0]
+    by, bi = sch.split(m, [None, bucket])
+    rows = ROWS_PER_WARP if match.n_extent % (ROWS_Y * ROWS_PER_WARP) == 0 else 1
+    rows_y = ROWS_Y if match.n_extent % (ROWS_Y * rows) == 0 else 1
+    bx, ty, tile_n = sch.split(n_loop, [None, rows_y, rows])
+    steps = match.k_extent // (lanes * vk)
+    unrolled = next(u for u in (UNROLL_STEPS, 4, 2, 1) if steps % u == 0)
+    ko, ku, tx, kv = sch.split(k_loop, [None, unrolled, lanes, vk])
+    sch.reorder(by, bx, ty, ko, ku, tx, tile_n, kv, bi)
+    rf = sch.rfactor(tx, 0)
+    by, bx, ty, ko, ku, tx, tile_n, kv, bi = sch.get_loops(rf)
+    sch.reorder(tx, ko, ku)
+    sch.bind(by, "blockIdx.y")
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    sch.set_scope(rf, 0, "local")
+    # Unrolled steps let the compiler issue several steps' loads before their arithmetic
+    # (bytes in flight per warp: what a memory-bound kernel needs).
+    sch.unroll(ku)
+    sch.unroll(tile_n)
+    sch.unroll(kv)
+    sch.unroll(bi)
+
+    # Operands of one step into registers: the packed words (one vector load), the scales and the
+    # activation tile; the weights are dequantized there and never written to memory.
+    if producer is not None:
+        sch.compute_at(producer, ku, preserve_unit_loops=True)
+        sch.set_scope(producer, 0, "local")
+        for loop in sch.get_loops(producer)[-2:]:
+            sch.unroll(loop)
+        for index in range(len(sch.get(producer).reads)):
+            _cache_operand(sch, producer, index, ku)
+    else:
+        _cache_operand(sch, rf, _read_index(sch, rf, weight=True), ku)
+    if x_pad is not None:
+        sch.compute_at(x_pad, ku, preserve_unit_loops=True)
+        sch.set_scope(x_pad, 0, "local")
+        _vectorize_inner(sch, x_pad)
+    else:
+        _cache_operand(sch, rf, _read_index(sch, rf, weight=False), ku)
+    sch.decompose_reduction(rf, ko)
+
+    # Cross-lane sum (warp shuffles), then the epilogue, both per block of rows.
+    sch.reverse_compute_at(main, bx, preserve_unit_loops=True)
+    # reverse_compute_at makes one loop per block iter, in their order: [lanes (reduce), m.., n]
+    lane_loop, *m_loops, n_loop = sch.get_loops(main)[2:]
+    ty, tile_n = sch.split(n_loop, [rows_y, rows])
+    sch.reorder(ty, tile_n, *m_loops, lane_loop)
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(lane_loop, "threadIdx.x")
+    if epilogue is not None:
+        sch.set_scope(main, 0, "local")
+        sch.reverse_compute_at(epilogue, bx, preserve_unit_loops=True)
+        # (the batch loops stay outside: padded rows are masked by a predicate on them)
+        ty, _ = sch.split(sch.get_loops(epilogue)[-1], [rows_y, rows])
+        sch.bind(ty, "threadIdx.y")
+
+
+def _read_index(sch: Any, block: Any, weight: bool) -> int:
+    """Index among the block's reads of the weight (2-D) or the activation."""
+    stmt = sch.get(block)
+    out = stmt.writes[0].source
+    candidates = [i for i, r in enumerate(stmt.reads) if not r.source.same_as(out)]
+    for i in candidates:
+        if (len(stmt.reads[i].source.shape) == 2) == weight:
+            return i
+    raise ValueError("operand not found")
+
+
+def _cache_operand(sch: Any, block: Any, index: int, at: Any) -> None:
+    cached = sch.cache_read(block, index, "local")
+    sch.compute_at(cached, at, preserve_unit_loops=True)
+    _vectorize_inner(sch, cached)
+
+
+def _vectorize_inner(sch: Any, block: Any) -> None:
+    """Vectorize the innermost copy loop when it is a whole vector of at most 16 bytes."""
+    from tvm import tirx
+
+    loop = sch.get_loops(block)[-1]
+    extent = sch.get(loop).extent
+    bits = _dtype_bits(str(sch.get(block).writes[0].source.dtype))
+    if isinstance(extent, tirx.IntImm):
+        lanes = int(extent)
+        limit = max(1, 128 // bits)
+        while lanes > limit and lanes % 2 == 0:
+            lanes //= 2
+        if 1 < lanes <= limit and lanes & (lanes - 1) == 0:
+            if lanes != int(extent):
+                _, loop = sch.split(loop, [None, lanes])
+            sch.vectorize(loop)
+            return
+        sch.unroll(loop)
+
+
+
+def _dtype_bits(dtype: str) -> int:
+    digits = "".join(ch for ch in dtype if ch.isdigit())
+    return int(digits) if digits else 32
+
+
+# ---- exact integer -> float conversion of the quantized values ---------------------------------
+
+# float(q) for a small unsigned integer q, without a conversion instruction (I2F runs at a quarter
+# of the FP32 rate and is the bottleneck of a 4-bit GEMV): the bits of MAGIC[dtype] | q read as a
+# float are exactly MAGIC_VALUE + q, so float(q) - c == (MAGIC | q as float) - (MAGIC_VALUE + c).
+_MAGIC = {"float16": (0x6400, 1024.0, "uint16", 1 << 10), "float32": (0x4B000000, 8388608.0, "uint32", 1 << 23)}
+
+
+def exact_int_to_float(func: Any) -> Any:
+    """Rewrite ``cast(float, q & mask) - c`` in the dequantize blocks of ``func`` (a legalized,
+    unscheduled PrimFunc) into the bit-trick form above; the values are bit-identical."""
+    from tvm import s_tir, tirx
+
+    def rebuild(stmt: Any) -> Any:
+        if isinstance(stmt, s_tir.SBlockRealize):
+            block = rebuild(stmt.block)
+            return stmt if block.same_as(stmt.block) else s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, block)
+        if isinstance(stmt, s_tir.SBlock):
+            body = rebuild(stmt.body)
+            if stmt.name_hint.startswith("dequantize") and isinstance(body, tirx.BufferStore):
+                value = _magic_dequantize(body.value)
+                if value is not None:
+                    body = tirx.BufferStore(body.buffer, value, body.indices)
+            if body.same_as(stmt.body):
+                return stmt
+            return s_tir.SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, body, stmt.init,
+                                stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
+        if isinstance(stmt, tirx.SeqStmt):
+            seq = [rebuild(s) for s in stmt.seq]
+            return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq)) else tirx.SeqStmt(seq)
+        if isinstance(stmt, tirx.For):
+            body = rebuild(stmt.body)
+            if body.same_as(stmt.body):
+                return stmt
+            return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding,
+                            stmt.annotations, stmt.step)
+        return stmt
+
+    body = rebuild(func.body)
+    return func if body.same_as(func.body) else func.with_body(body)
+
+
+def _magic_dequantize(value: Any) -> Any | None:
+    """(cast(F, q & mask) - c) * scale  ->  (reinterpret(F, MAGIC | (q & mask)) - (MAGIC_VALUE + c)) * scale"""
+    from tvm import tirx
+    from tvm.ir.prim import expr as pe
+
+    scale = None
+    if isinstance(value, pe.Mul):
+        value, scale = value.a, value.b
+    if not (isinstance(value, pe.Sub) and isinstance(value.a, pe.Cast) and isinstance(value.b, pe.FloatImm)):
+        return None
+    dtype = str(value.a.ty)
+    bits = value.a.value
+    if dtype not in _MAGIC or str(bits.ty) != "uint32" or not isinstance(bits, pe.BitwiseAnd):
+        return None
+    if not (isinstance(bits.b, pe.IntImm) and 0 <= int(bits.b.value) < _MAGIC[dtype][3]):
+        return None
+    offset = float(value.b.value)
+    if offset != int(offset) or not 0 <= offset < _MAGIC[dtype][3]:
+        return None
+    magic, magic_value, storage, _ = _MAGIC[dtype]
+    word = tirx.bitwise_or(bits, tirx.const(magic, "uint32"))
+    as_float = tirx.reinterpret(dtype, word if storage == "uint32" else word.astype(storage))
+    out = as_float - tirx.const(magic_value + offset, dtype)
+    return out if scale is None else out * scale
