@@ -37,7 +37,7 @@ class CompileParams(StageParams):
 @register_stage
 class Compile(Stage):
     name = "compile"
-    version = 2  # 2: CUDA kernels prebuilt with nvcc (fatbin), no tensor-core tensorization
+    version = 3  # 2: CUDA kernels prebuilt with nvcc (fatbin), no tensor-core tensorization; 3: CPU schedules
     Params = CompileParams
     thread_safe = False  # TVM keeps process-global builder state
 
@@ -46,9 +46,13 @@ class Compile(Stage):
         return CompileParams(quantization=axes["quantization"], device=parse_device(axes["device"]).name)
 
     def toolchain(self, params: CompileParams) -> dict[str, str]:
+        from mlcbuild.compiler_passes import SCHEDULE_VERSION
+
         facts = {"tvm": _tvm_version(), "target": json.dumps(target_dict(parse_device(params.device)), sort_keys=True)}
         if parse_device(params.device).kind == "cuda":
             facts["nvcc"] = nvcc_version()
+        else:
+            facts["cpu_schedule"] = SCHEDULE_VERSION  # our hand-written schedules shape the library
         return facts
 
     def run(self, ctx: StageContext) -> None:
@@ -254,11 +258,15 @@ def _pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int]) -> 
     from mlcbuild.quantization.fusion import FuseDequantizeMatmul
 
     if target.kind.name == "llvm":
-        # dlight's cpu.GEMV made LLVM codegen ~10x slower (40 s instead of 4 s for a 2-layer
-        # toy model), so CPU builds use TVM's default lowering; its decode speed was not
-        # compared.
-        schedule = tvm.transform.Sequential([])
+        from mlcbuild.compiler_passes import CPUSchedule
+
+        # TVM's default llvm lowering applies no schedule (and dlight's cpu rules made codegen
+        # ~10x slower without speeding decode up): our rules do GEMV/GEMM/attention by hand.
+        schedule = CPUSchedule(target)
+        # Without this, every 16/32-bit matmul first copies its weight into a transpose.
+        before_legalize = [relax.transform.FuseTransposeMatmul()]
     else:
+        before_legalize = []
         from mlcbuild.compiler_passes.cuda_schedule import CUDASchedule
 
         # Decode GEMVs (dequantize fused, batch-dispatched) by our rule, the rest by dlight.
@@ -272,6 +280,7 @@ def _pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int]) -> 
         mod = _attach_bounds(mod, bounds)
         seq = tvm.transform.Sequential(
             [
+                *before_legalize,
                 relax.transform.LegalizeOps(),
                 relax.transform.AnnotateTIROpPattern(),
                 relax.transform.FoldConstant(),
