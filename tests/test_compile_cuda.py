@@ -65,3 +65,87 @@ def test_toolchain_names_target_without_importing_tvm():
     cuda, cpu = json.loads(result.stdout)
     assert json.loads(cuda["target"])["arch"] == "sm_90" and "nvcc" in cuda
     assert json.loads(cpu["target"])["mcpu"]  # the host CPU's name enters the key
+
+
+# ---- the CUDA decode schedule (mlcbuild.compiler_passes.cuda_schedule); no GPU, no nvcc ------------
+
+
+def _cuda_scheduled_module(quantization: str):
+    """The PrimFuncs of a tiny llama after the compile stage's CUDA pipeline (Relax passes and
+    schedules; no code generation)."""
+    import tvm
+
+    from mlcbuild.devices import parse_device
+    from mlcbuild.models import config_from_hf
+    from mlcbuild.models.base_nn import build_quantized_model
+    from mlcbuild.stages.compile import _pipeline, target_dict
+
+    config = config_from_hf(dict(model_type="llama", hidden_size=1024, intermediate_size=2048, num_hidden_layers=1,
+                                 num_attention_heads=8, num_key_value_heads=4, vocab_size=512,
+                                 max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5))
+    target = tvm.target.Target(target_dict(parse_device("cuda:sm_90")))
+    model, _ = build_quantized_model(config, quantization, target)
+    mod, _ = model.export_tvm(spec=model.get_default_spec())
+    with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+        return _pipeline(target, {}, {"seq_len": 64, "batch_size": 16})(mod)
+
+
+def test_decode_gemv_is_scheduled_as_a_gemv():
+    """Every dequantize+matmul kernel (decode, batch_decode, prefill) gets our GEMV schedule: warps
+    over output rows, lanes along the packed words (one 16-byte load of a quantization group
+    each), dequantization in registers, a cross-lane reduction; a symbolic batch dispatches at
+    run time between GEMV buckets and dlight's Matmul (prefill)."""
+    import re
+
+    from tvm import tirx
+
+    mod = _cuda_scheduled_module("q4f16_1")
+    gemvs = {gv.name_hint: f.script() for gv, f in mod.functions_items()
+             if isinstance(f, tirx.PrimFunc) and "dequantize" in gv.name_hint and "matmul" in gv.name_hint}
+    assert len(gemvs) >= 8  # qkv, o, gate_up, down, lm_head for decode / batch_decode / prefill
+    for name, text in gemvs.items():
+        assert '"tirx.is_scheduled": True' in text, name
+        assert 'thread="threadIdx.y"' in text and 'thread="threadIdx.x"' in text, name
+        assert "_rf_local" in text, name  # partial sums per lane, then a cross-lane reduction
+        # the dequantized weight lives in registers only, computed with the exact bit trick
+        assert re.search(r'dequantize_intermediate_local = T.sblock_alloc_buffer\(.*scope="local"', text), name
+        assert not re.search(r"dequantize_intermediate = T.sblock_alloc_buffer", text), name
+        assert 'T.reinterpret("float16"' in text, name
+        # the packed words: 16-byte vector loads (hidden 1024: at batch 1 each of the 32 lanes
+        # reads a run of 32 weights = 4 words per row and step)
+        assert re.search(r"for \w+ in T.vectorized\(T.int64\(4\)\):\s+with T.sblock\(\"\w+_q_weight\w*_local\"\)", text), name
+    batch = [name for name, text in gemvs.items() if "batch_size" in text]
+    assert batch and all("T.tvm_thread_invariant(batch_size <= T.int64(1))" in gemvs[name] for name in batch)
+
+
+def test_exact_int_to_float_is_bit_identical():
+    """The dequantization rewritten for the GPU (no int->float conversion instruction) computes
+    the same bits as the scheme's formula, for every group-quantized scheme (run here on llvm)."""
+    import tvm
+    from tvm import te
+
+    from mlcbuild.compiler_passes.cuda_schedule import exact_int_to_float
+    from mlcbuild.quantization import get_quantization
+    from mlcbuild.quantization.group_quant import _dequantize_te, layout, quantize_tensor
+
+    rng = np.random.default_rng(0)
+    for name in ("q4f16_1", "q4f32_1", "q3f16_1"):
+        spec = get_quantization(name)
+        rows, k = 8, 160
+        _, groups, words = layout(spec, k)
+        qw = te.placeholder((rows, words), "uint32", name="q_weight")
+        qs = te.placeholder((rows, groups), spec.model_dtype, name="q_scale")
+        out = _dequantize_te(qw, qs, spec, rows, k, transpose=False)
+        func = te.create_prim_func([qw, qs, out])
+        rewritten = exact_int_to_float(func)
+        assert "reinterpret" in rewritten.script() and "reinterpret" not in func.script()
+        weight = (rng.standard_normal((rows, k)) * 0.1).astype(np.float32)
+        weight[0, :40] = 0  # an all-zero group
+        packed, scale = quantize_tensor(weight, spec)
+        results = []
+        for f in (func, rewritten):
+            lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target="llvm")
+            args = [tvm.runtime.tensor(packed), tvm.runtime.tensor(scale), tvm.runtime.empty((rows, k), spec.model_dtype)]
+            lib["main"](*args)
+            results.append(args[2].numpy())
+        assert results[0].tobytes() == results[1].tobytes(), name

@@ -1,29 +1,31 @@
 """CUDA schedules of our own for decode: dequantize + GEMV kernels that stream the weights.
 
-What TVM's default rules did with our q4f16_1 decode (measured on an H100, Llama-3-8B shape):
-``batch_decode`` has a symbolic batch, so dlight's ``Matmul`` rule took every fused
-dequantize+matmul function and tiled a batch of one row up to 64 (shared-memory tiles, the
-dequantized weight staged through shared memory): ~97 GB/s of weights, 3% of HBM bandwidth.
-And our dequantize writes the float weight transposed (``[in, out]``, read by a plain NN matmul),
-so dlight's ``LowBatchGEMV`` would see an outer reduction and read the packed words uncoalesced.
+What TVM's default rules did with our q4f16_1 decode (Llama-3-8B shape, measured on an H100 at
+23 tok/s, ~97 GB/s of weights: 3% of HBM bandwidth): ``batch_decode`` has a symbolic batch, so
+dlight's ``Matmul`` rule took every fused dequantize+matmul function and padded the batch of one
+to its shared-memory tile. And our dequantize writes the float weight transposed (``[in, out]``,
+read by a plain NN matmul), so dlight's ``LowBatchGEMV`` would see an outer reduction and read
+the packed words uncoalesced.
 
 ``DequantGemv`` schedules those functions itself (``schedule_gemv``):
 
 * the dequantized weight is laid out ``[out, in]`` again (an internal buffer, so this is free),
   so the reduction runs along the contiguous axis of the packed ``uint32`` words;
-* per block ``ROWS_Y * ROWS_PER_WARP`` output rows; a warp per row pair, its 32 lanes split the
-  reduction; each lane loads ``VK`` consecutive weights per step (for 4-bit at batch 1, 32
-  weights = one ``uint4`` load of 16 bytes = exactly one quantization group, and one scale),
-  dequantizes them in registers and accumulates in float32 (the model's numerics: the float32
-  product of the float16 activation and the float16 dequantized weight);
-* a warp-shuffle all-reduce sums the 32 lanes; the epilogue (cast, residual add) is fused;
+* ``ROWS_Y`` warps per block, ``ROWS_PER_WARP`` output rows per warp; the 32 lanes of a warp
+  split the reduction, each lane a run of consecutive weights per step (4-bit at batch 1: up
+  to 128 weights = four 16-byte loads per row, four quantization groups, four scales),
+  dequantized in registers (``exact_int_to_float``: no int->float conversion instruction) and
+  accumulated in float32 exactly as the model defines it (float32 product of the float16
+  activation and the float16 dequantized weight);
+* a warp-shuffle all-reduce sums the lanes; the epilogue (cast, residual add) is fused;
 * a symbolic batch (``batch_decode``, short prefill chunks) is padded to a bucket held in
   registers; one function dispatches on the batch at run time (host side, as MLC LLM's
   ``LowBatchGemvSpecialize``): batch 1 -> bucket 1, <= 4 -> 4, <= 16 -> 8 (two row blocks), larger
   -> dlight's ``Matmul`` (prefill).
 
-``CUDASchedule(target)`` is the whole schedule pass of the CUDA pipeline: this rule first, then
-dlight's rules for everything else.
+``FuseCastsIntoNorm`` removes the float16 -> float32 cast kernels in front of every norm.
+``CUDASchedule(target)`` is the schedule stage of the CUDA pipeline: both, then dlight's rules
+for everything else.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def CUDASchedule(target: Any) -> Any:  # noqa: N802  (a pass, named like TVM's)
     dlight (Matmul, GEMV, Reduction, GeneralReduction, Fallback)."""
     import tvm
 
-    return tvm.transform.Sequential([FuseCastsIntoNorm(), DequantGemv(target), _default_rules()], name="CUDASchedule")
+    passes = [FuseCastsIntoNorm(), DequantGemv(target), _default_rules()]
+    return tvm.transform.Sequential(passes, name="CUDASchedule")
 
 
 def _default_rules() -> Any:
@@ -70,6 +73,7 @@ def _default_rules() -> Any:
 
 
 def DequantGemv(target: Any) -> Any:  # noqa: N802
+    """Schedule the matmul-like PrimFuncs ``match_gemv`` recognizes (see the module doc)."""
     import tvm
     from tvm import tirx
 
@@ -365,7 +369,7 @@ def _cache_operand(sch: Any, block: Any, index: int, at: Any) -> None:
 
 
 def _vectorize_inner(sch: Any, block: Any) -> None:
-    """Vectorize the innermost copy loop when it is a whole vector of at most 16 bytes."""
+    """Vectorize the innermost copy loop in vectors of up to 16 bytes (unroll it otherwise)."""
     from tvm import tirx
 
     loop = sch.get_loops(block)[-1]
@@ -382,7 +386,6 @@ def _vectorize_inner(sch: Any, block: Any) -> None:
             sch.vectorize(loop)
             return
         sch.unroll(loop)
-
 
 
 def _dtype_bits(dtype: str) -> int:
