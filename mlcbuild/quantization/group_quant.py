@@ -42,10 +42,27 @@ def max_int(spec: QuantizationSpec) -> int:
 # ---- numpy ----------------------------------------------------------------------------------
 
 
+# Rows are quantized independently, so a large weight is processed in blocks of rows: the float32
+# temporaries then stay a few tens of MB however large the tensor (a Llama-3 embedding is 2 GB).
+_BLOCK_ELEMENTS = 1 << 22
+
+
 def quantize_tensor(array: np.ndarray, spec: QuantizationSpec) -> list[np.ndarray]:
     """A float [rows, k] weight -> [q_weight uint32 [rows, words], q_scale [rows, groups]]."""
     if array.ndim != 2:
         raise ValueError(f"group quantization expects a 2-D weight, got shape {array.shape}")
+    rows, k = array.shape
+    per_word, groups, words = layout(spec, k)
+    packed = np.empty((rows, words), np.uint32)
+    scale = np.empty((rows, groups), numpy_dtype(spec.model_dtype))
+    step = max(1, _BLOCK_ELEMENTS // max(k, 1))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        packed[start:stop], scale[start:stop] = _quantize_rows(array[start:stop], spec)
+    return [packed, scale]
+
+
+def _quantize_rows(array: np.ndarray, spec: QuantizationSpec) -> tuple[np.ndarray, np.ndarray]:
     rows, k = array.shape
     per_word, groups, words = layout(spec, k)
     dtype = numpy_dtype(spec.model_dtype)
@@ -63,7 +80,7 @@ def quantize_tensor(array: np.ndarray, spec: QuantizationSpec) -> list[np.ndarra
     q = q.reshape(rows, words, per_word)
     shifts = (np.arange(per_word, dtype=np.uint32) * np.uint32(spec.bits))[None, None, :]
     packed = np.bitwise_or.reduce(q << shifts, axis=-1).astype(np.uint32)
-    return [np.ascontiguousarray(packed), np.ascontiguousarray(scale)]
+    return packed, scale
 
 
 def dequantize_reference(q_weight: np.ndarray, q_scale: np.ndarray, k: int, spec: QuantizationSpec) -> np.ndarray:

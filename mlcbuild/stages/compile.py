@@ -266,9 +266,10 @@ def _pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int]) -> 
         # Without this, every 16/32-bit matmul first copies its weight into a transpose.
         before_legalize = [relax.transform.FuseTransposeMatmul()]
     else:
-        before_legalize = []
         from mlcbuild.compiler_passes.cuda_schedule import CUDASchedule
 
+        # (the 16/32-bit weights too: a transpose kernel per weight per step otherwise)
+        before_legalize = [relax.transform.FuseTransposeMatmul()]
         # Decode GEMVs (dequantize fused, batch-dispatched) by our rule, the rest by dlight.
         # TVM 0.27's tensor-core path of dlight's Matmul rule segfaults inside
         # s_tir::Tensorize on our fused f16 matmuls (any hidden size >= 128, sm_80 and sm_90);
