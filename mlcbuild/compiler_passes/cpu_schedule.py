@@ -113,10 +113,11 @@ def _carry_attrs(new: Any, old: Any) -> Any:
     return new.with_attrs(attrs)
 
 
-def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target, replace_attention: bool = True) -> tvm.IRModule:
     """Schedule every unscheduled PrimFunc of ``mod`` for the llvm ``target`` and return the new
     module (``mod`` itself is not modified). Non-llvm targets and already scheduled functions
-    pass through unchanged."""
+    pass through unchanged. ``replace_attention=False`` keeps TVM's attention kernels: a
+    sliding-window KV cache applies RoPE inline, which our attention kernels do not support."""
     _REPORT.clear()
     if target.kind.name != "llvm":
         return mod
@@ -125,7 +126,7 @@ def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRM
     updates = {}
     start = time.perf_counter()
     try:
-        attention = cpu_attention.replacements(mod)
+        attention = cpu_attention.replacements(mod) if replace_attention else {}
     except Exception as err:  # noqa: BLE001
         log.warning("cpu attention kernels not replaced: %s", err)
         attention = {}
@@ -172,9 +173,10 @@ def last_report() -> dict[str, str]:
 class CPUSchedule:
     """``apply_cpu_schedules`` as a module pass (target: the argument, else Target.current())."""
 
-    def __init__(self, target: Any = None):
+    def __init__(self, target: Any = None, replace_attention: bool = True):
         self.target = target
+        self.replace_attention = replace_attention
 
     def transform_module(self, mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
         target = self.target or tvm.target.Target.current(allow_none=False)
-        return apply_cpu_schedules(mod, target)
+        return apply_cpu_schedules(mod, target, replace_attention=self.replace_attention)

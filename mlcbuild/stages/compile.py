@@ -262,7 +262,8 @@ def _pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int]) -> 
 
         # TVM's default llvm lowering applies no schedule (and dlight's cpu rules made codegen
         # ~10x slower without speeding decode up): our rules do GEMV/GEMM/attention by hand.
-        schedule = CPUSchedule(target)
+        sliding = (metadata.get("sliding_window_size") or -1) > 0
+        schedule = CPUSchedule(target, replace_attention=not sliding)
         # Without this, every 16/32-bit matmul first copies its weight into a transpose.
         before_legalize = [relax.transform.FuseTransposeMatmul()]
     else:
