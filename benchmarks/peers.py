@@ -465,7 +465,8 @@ class LlamaCppRunner(Runner):
 
         def model_params() -> Any:
             params = default_params()
-            params.use_extra_bufts = extra_bufts
+            if hasattr(params, "use_extra_bufts"):  # llama.cpp of 2025-08 and later
+                params.use_extra_bufts = extra_bufts
             return params
 
         capi.llama_model_default_params = model_params  # Llama() has no argument for it
@@ -513,11 +514,14 @@ class TransformersRunner(Runner):
         self.row = Row("transformers", dtype, 16 if dtype == "bfloat16" else 32)
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+        dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
+        self.model = AutoModelForCausalLM.from_pretrained(checkpoint, **{dtype_kw: getattr(torch, dtype)}).eval()
         self.row.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         # transformers >= 5.2x names the KV cache argument/output "cache"; older ones "past_key_values"
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def _cache(self, out: Any) -> Any:
         return getattr(out, "cache", None) if self._cache_arg == "cache" else out.past_key_values
@@ -527,7 +531,7 @@ class TransformersRunner(Runner):
         with torch.inference_mode():
             ids = torch.tensor([prompt], dtype=torch.long)
             t0 = time.perf_counter()
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids, use_cache=True, **self._last_only)
             tok = int(out.logits[0, -1].argmax())
             t1 = time.perf_counter()
             cache = self._cache(out)

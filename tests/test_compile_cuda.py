@@ -63,7 +63,7 @@ def test_toolchain_names_target_without_importing_tvm():
     import json
 
     cuda, cpu = json.loads(result.stdout)
-    assert json.loads(cuda["target"])["arch"] == "sm_90" and "nvcc" in cuda
+    assert json.loads(cuda["target"])["arch"] == "sm_90" and "nvcc" in cuda and "cuda_schedule" in cuda
     assert json.loads(cpu["target"])["mcpu"]  # the host CPU's name enters the key
 
 
@@ -116,6 +116,10 @@ def test_decode_gemv_is_scheduled_as_a_gemv():
         assert re.search(r"for \w+ in T.vectorized\(T.int64\(4\)\):\s+with T.sblock\(\"\w+_q_weight\w*_local\"\)", text), name
     batch = [name for name, text in gemvs.items() if "batch_size" in text]
     assert batch and all("T.tvm_thread_invariant(batch_size <= T.int64(1))" in gemvs[name] for name in batch)
+    # fewer launches per decode step: the float32 casts in front of each norm are fused into it
+    kernels = re.findall(r"^\s+(?:\w+ = )?(\w+)\(", mod["batch_decode"].script(), re.M)
+    assert "fused_cast_cast1_fused_rms_norm_cast2" in kernels
+    assert not [k for k in kernels if re.fullmatch(r"cast\d*", k)]
 
 
 def test_exact_int_to_float_is_bit_identical():

@@ -33,6 +33,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# Bump when the generated kernels change (it is in the compile stage's node key for CUDA).
+CUDA_SCHEDULE_VERSION = "1"
+
 # (largest batch, bucket) of the run-time dispatch of a symbolic batch; above the last one the
 # function is a GEMM (prefill) and goes to dlight's Matmul.
 BATCH_BUCKETS = ((1, 1), (4, 4), (16, 8))

@@ -50,7 +50,10 @@ class Compile(Stage):
 
         facts = {"tvm": _tvm_version(), "target": json.dumps(target_dict(parse_device(params.device)), sort_keys=True)}
         if parse_device(params.device).kind == "cuda":
+            from mlcbuild.compiler_passes.cuda_schedule import CUDA_SCHEDULE_VERSION
+
             facts["nvcc"] = nvcc_version()
+            facts["cuda_schedule"] = CUDA_SCHEDULE_VERSION  # our decode GEMV schedule shapes the kernels
         else:
             facts["cpu_schedule"] = SCHEDULE_VERSION  # our hand-written schedules shape the library
         return facts
