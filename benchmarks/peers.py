@@ -582,7 +582,7 @@ def render_table(rows: list[Row], bandwidth: float) -> str:
     for r in rows:
         if r.engine == "llama.cpp" and r.status == "ok":
             ref[4 if r.bits == 4 else 16] = r
-    header = ["engine", "weights", "prefill tok/s", "decode tok/s", "prefill ×llama.cpp", "decode ×llama.cpp",
+    header = ["engine", "weights", "prefill tok/s", "decode tok/s", "prefill vs llama.cpp", "decode vs llama.cpp",
               "MB read/token", "bound tok/s", "% of bound"]
     lines = []
     for r in rows:
@@ -595,21 +595,23 @@ def render_table(rows: list[Row], bandwidth: float) -> str:
         if r.engine == "mlcbuild":
             peer = ref.get(4 if r.bits == 4 else 16)
             if peer is not None:
-                px = f"{pre / peer.prefill_median:.2f}× ({peer.weights})"
-                dx = f"{dec / peer.decode_median:.2f}× ({peer.weights})"
+                px = f"{pre / peer.prefill_median:.2f}×"
+                dx = f"{dec / peer.decode_median:.2f}×"
         bound = bandwidth / r.weight_bytes if r.weight_bytes else None
-        frac = f"{100 * dec / bound:.0f}%" if bound else "—"
+        frac = "—" if not bound else f"{100 * dec / bound:.{1 if dec / bound < 0.1 else 0}f}%"
         lines.append([r.engine, r.weights, f"{pre:.1f}", f"{dec:.1f}", px, dx,
                       _fmt(r.weight_bytes and r.weight_bytes / 1e6, ".1f"), _fmt(bound, ".0f"), frac])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    right = {2, 3, 6, 7, 8}
+    right = {2, 3, 4, 5, 6, 7, 8}
 
     def fmt_line(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
                                  for i, (c, w) in enumerate(zip(cells, widths))) + " |"
 
     sep = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
-    return "\n".join([fmt_line(header), sep, *(fmt_line(line) for line in lines)])
+    table = "\n".join([fmt_line(header), sep, *(fmt_line(line) for line in lines)])
+    refs = [f"{'4-bit' if bits == 4 else '16/32-bit'} rows vs llama.cpp {r.weights}" for bits, r in sorted(ref.items())]
+    return table + ("\nratios: " + "; ".join(refs) if refs else "")
 
 
 def machine_notes(threads: int) -> dict[str, Any]:
