@@ -668,7 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", action="append", default=[], choices=["mlcbuild", "llama.cpp", "transformers"],
                     help="leave an engine out (repeatable)")
     ap.add_argument("--rebuild", action="store_true",
-                    help="force mlcbuild's compile stage (its cache key does not cover the CPU schedules' code)")
+                    help="force mlcbuild's compile stage (its key has the schedules' declared version, "
+                         "not their code: use this while editing mlcbuild/compiler_passes)")
     ap.add_argument("--llama-extra-bufts", choices=["auto", "on", "off"], default="auto",
                     help="llama.cpp's extra buffer types (AMX, repacked weights); auto: on unless a child "
                          "process running them crashes")
