@@ -257,7 +257,7 @@ def build_bundles(work: Path, cache_dir: Path, quants: list[str], rebuild: bool)
     if proc.returncode != 0:
         log(f"mlcbuild run's stderr is in {errors}")
     log(f"mlcbuild run took {time.perf_counter() - start:.1f} s (exit {proc.returncode}); bundles: "
-        + ", ".join(f"{q} {ok.get(q, 'FAILED')}" for q in quants))
+        + ", ".join(f"{q} package {ok.get(q, 'FAILED')}" for q in quants))
     return {q: work / "dist" / f"{q}-cpu" for q in quants if q in ok}
 
 
