@@ -18,7 +18,7 @@ from tvm import relax  # noqa: E402
 from tvm.relax.frontend import nn  # noqa: E402
 
 from mlcbuild.compiler_passes import apply_cpu_schedules, last_report  # noqa: E402
-from mlcbuild.compiler_passes import cpu_attention  # noqa: E402
+from mlcbuild.compiler_passes import cpu_attention, cpu_qgemv_vnni  # noqa: E402
 from mlcbuild.quantization import get_quantization  # noqa: E402
 from mlcbuild.quantization.fusion import FuseDequantizeMatmul  # noqa: E402
 from mlcbuild.quantization.scheme import family  # noqa: E402
@@ -30,10 +30,10 @@ K, N = 96, 40  # 12 packed words per row (not a multiple of 16 lanes), 40 rows (
 class _Block(nn.Module):
     """linear -> + residual (epilogue), linear without epilogue, rms_norm, silu * up."""
 
-    def __init__(self) -> None:
-        self.proj = nn.Linear(K, N, bias=False)
-        self.up = nn.Linear(K, 2 * K, bias=False)
-        self.norm = nn.RMSNorm(K, -1, 1e-5, bias=False)
+    def __init__(self, k: int = K) -> None:
+        self.proj = nn.Linear(k, N, bias=False)
+        self.up = nn.Linear(k, 2 * k, bias=False)
+        self.norm = nn.RMSNorm(k, -1, 1e-5, bias=False)
 
     def forward(self, x: nn.Tensor, res: nn.Tensor) -> Any:
         h = self.norm(x)
@@ -41,15 +41,15 @@ class _Block(nn.Module):
         return self.proj(nn.op.silu(gate) * up) + res
 
 
-def _fused_module(quant: str, shape: list[Any]) -> tuple[Any, dict[str, Any]]:
+def _fused_module(quant: str, shape: list[Any], k: int = K) -> tuple[Any, dict[str, Any]]:
     spec = get_quantization(quant)
-    model = _Block()
+    model = _Block(k)
     family(spec).quantize_model(model, spec)
     dt = spec.model_dtype
     mod, params = model.export_tvm(
         spec={
             "forward": {
-                "x": nn.spec.Tensor([*shape, K], dt),
+                "x": nn.spec.Tensor([*shape, k], dt),
                 "res": nn.spec.Tensor([*shape, N], dt),
                 "$": {"param_mode": "plain", "effect_mode": "none"},
             }
@@ -128,44 +128,59 @@ def test_scheduled_kernels_match_unscheduled(quant: str, shape: list[Any], dyn: 
     # every matmul got a fast rule, and the other kernels were scheduled too
     assert not [n for n, r in report.items() if r.startswith("failed")], report
     matmuls = [r for n, r in report.items() if "matmul" in n]
-    assert matmuls and all(r in ("gemv", "gemv-q", "gemm") for r in matmuls), report
+    assert matmuls and all(r in ("gemv", "gemv-q", "gemv-q-vnni", "gemm") for r in matmuls), report
     assert len(checked) >= 4, report
 
 
-@pytest.mark.parametrize("quant", ["q4f16_1", "q4f32_1"])
-def test_quantized_gemv_matches_numpy(quant: str) -> None:
-    """The fast 4-bit GEMV (scale and zero point factored out of the inner loop) against numpy
-    with the scheme's own dequantization."""
+# AVX-512 without VNNI: the float 4-bit GEMV; the host (VNNI where it has it): the integer one.
+NO_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+HOST_RULE = "gemv-q-vnni" if cpu_qgemv_vnni.supported(TARGET) else "gemv-q"
+
+
+@pytest.mark.parametrize(
+    "quant,k,batch,target,rule",
+    [
+        ("q4f16_1", K, 1, NO_VNNI, "gemv-q"),
+        ("q4f32_1", K, 1, NO_VNNI, "gemv-q"),
+        ("q4f16_1", 128, 1, TARGET, HOST_RULE),  # 16 words per row: 512-bit dots
+        ("q4f16_1", 64, 1, TARGET, HOST_RULE),  # 8 words per row: 256-bit dots
+        ("q4f32_1", 128, 1, TARGET, "gemv-q"),  # float32 activations keep the exact float kernel
+        ("q4f16_1", 192, 3, TARGET, HOST_RULE),  # symbolic batch of 3 rows
+    ],
+)
+def test_quantized_gemv_matches_numpy(quant: str, k: int, batch: int, target: Any, rule: str) -> None:
+    """The fast 4-bit GEMVs (scale and zero point factored out of the inner loop; on VNNI CPUs
+    integer dot products over 16-bit fixed-point activations) against numpy with the scheme's
+    own dequantization, residual-add epilogue included."""
     from mlcbuild.quantization.group_quant import dequantize_reference, quantize_tensor
 
     spec = get_quantization(quant)
-    mod, _ = _fused_module(quant, [1, 1])
-    scheduled = _primfuncs(apply_cpu_schedules(mod, TARGET))
+    mod, _ = _fused_module(quant, [1, 1] if batch == 1 else ["batch_size", 1], k)
+    scheduled = _primfuncs(apply_cpu_schedules(mod, target))
     report = last_report()
-    (name,) = [n for n, r in report.items() if r == "gemv-q" and "add" in n]
+    (name,) = [n for n, r in report.items() if "matmul" in n and "add" in n]
+    assert report[name] == rule, report
     func = scheduled[name]
     rng = np.random.default_rng(1)
-    w = rng.standard_normal((N, K)).astype(np.float32)
+    w = rng.standard_normal((N, k)).astype(np.float32)
     q_weight, q_scale = quantize_tensor(w, spec)
-    x = rng.standard_normal((1, 1, K)).astype(spec.model_dtype)
-    res = rng.standard_normal((1, 1, N)).astype(spec.model_dtype)
-    names = [p.name for p in func.params]
-    by_name = {"q_weight": q_weight, "q_scale": q_scale}
+    x = rng.standard_normal((batch, 1, k)).astype(spec.model_dtype)
+    res = rng.standard_normal((batch, 1, N)).astype(spec.model_dtype)
     arrays = []
-    for p, pname in zip(func.params, names):
-        key = next((k for k in by_name if k in pname), None)
+    for p in func.params:
+        key = next((key for key in ("q_weight", "q_scale") if key in p.name), None)
         if key is not None:
-            arrays.append(by_name[key])
-        elif [int(s) for s in p.shape] == [1, 1, K]:
+            arrays.append(q_weight if key == "q_weight" else q_scale)
+        elif int(p.shape[-1]) == k:
             arrays.append(x)
-        elif len(arrays) < len(names) - 1:
+        elif len(arrays) < len(func.params) - 1:
             arrays.append(res)
         else:
-            arrays.append(np.zeros((1, 1, N), spec.model_dtype))
+            arrays.append(np.zeros((batch, 1, N), spec.model_dtype))
     got = _run(func, arrays)
-    wd = dequantize_reference(q_weight, q_scale, K, spec).astype(np.float32)
-    want = x.astype(np.float32).reshape(1, K) @ wd.T + res.astype(np.float32).reshape(1, N)
-    np.testing.assert_allclose(got.reshape(1, N), want, rtol=0, atol=_tolerance(quant) * np.abs(want).max())
+    wd = dequantize_reference(q_weight, q_scale, k, spec).astype(np.float32)
+    want = x.astype(np.float32).reshape(batch, k) @ wd.T + res.astype(np.float32).reshape(batch, N)
+    np.testing.assert_allclose(got.reshape(batch, N), want, rtol=0, atol=_tolerance(quant) * np.abs(want).max())
 
 
 def test_attention_kernels_match_tvm_reference() -> None:

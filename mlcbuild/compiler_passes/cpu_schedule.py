@@ -7,7 +7,8 @@ and before ``CallTIRRewrite``:
 
 * matmuls (``cpu_matmul``): decode GEMV -- parallel over output rows, vector partial sums,
   4-bit dequantization in registers with the scale and zero point factored out of the inner
-  loop -- and prefill GEMM -- fp32 weight panels + register-blocked micro-kernel;
+  loop -- and prefill GEMM -- fp32 weight panels + register-blocked micro-kernel; on CPUs with
+  AVX-512 VNNI the 4-bit decode GEMV runs on integer dot products instead (``cpu_qgemv_vnni``);
 * the paged-KV-cache attention kernels TVM generates for CPU are replaced by vectorized ones with
   the same signatures (``cpu_attention``), when the cache does not apply RoPE inline;
 * row reductions (rms_norm, softmax), elementwise chains and the fused RoPE (``cpu_generic``);
@@ -26,7 +27,7 @@ from typing import Any
 import tvm
 from tvm import tirx
 
-from mlcbuild.compiler_passes import cpu_attention, cpu_generic, cpu_matmul
+from mlcbuild.compiler_passes import cpu_attention, cpu_generic, cpu_matmul, cpu_qgemv_vnni
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def _is_scheduled(func: Any) -> bool:
     return attrs is not None and "tirx.is_scheduled" in attrs and bool(attrs["tirx.is_scheduled"])
 
 
-def _schedule_matmul(func: Any, lanes: int) -> tuple[Any, str] | None:
+def _schedule_matmul(func: Any, lanes: int, vnni: bool = False) -> tuple[Any, str] | None:
     try:
         info, _ = cpu_matmul.analyze(func)
     except cpu_matmul.NotMatched:
@@ -66,6 +67,8 @@ def _schedule_matmul(func: Any, lanes: int) -> tuple[Any, str] | None:
         candidates.append(("gemm", lambda: cpu_matmul.build_gemm(info, lanes)))
     gq = cpu_matmul.match_group_quant(info)
     if gq is not None:
+        if vnni:
+            candidates.append(("gemv-q-vnni", lambda: cpu_qgemv_vnni.build(info, gq)))
         candidates.append(("gemv-q", lambda: cpu_matmul.build_gemv_q(info, gq, lanes)))
     candidates.append(("gemv", lambda: cpu_matmul.build_gemv(info, lanes)))
     # most specific first; a kernel that cannot be built falls back to the next one
@@ -79,9 +82,9 @@ def _schedule_matmul(func: Any, lanes: int) -> tuple[Any, str] | None:
     return None
 
 
-def schedule_func(func: Any, lanes: int) -> tuple[Any, str] | None:
+def schedule_func(func: Any, lanes: int, vnni: bool = False) -> tuple[Any, str] | None:
     """The scheduled function and the rule's name, or None (no rule applies)."""
-    result = _schedule_matmul(func, lanes)
+    result = _schedule_matmul(func, lanes, vnni)
     if result is not None:
         return result
     for rule, name in (
@@ -123,6 +126,7 @@ def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target, replace_at
         return mod
     mod = mod.clone()
     lanes = vector_lanes(target)
+    vnni = cpu_qgemv_vnni.supported(target)
     updates = {}
     start = time.perf_counter()
     try:
@@ -146,7 +150,7 @@ def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target, replace_at
         if _is_scheduled(func):
             continue
         try:
-            result = schedule_func(func, lanes)
+            result = schedule_func(func, lanes, vnni)
         except Exception as err:  # noqa: BLE001  (a rule bug must not break the build)
             first = str(err).strip().splitlines()
             log.warning("cpu schedule of %s failed, left unscheduled: %s: %s", name, type(err).__name__, first[-1] if first else "")

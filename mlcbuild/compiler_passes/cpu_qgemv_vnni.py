@@ -1,0 +1,240 @@
+"""4-bit decode GEMV on integer dot products (AVX-512 VNNI ``vpdpbusd``).
+
+The float kernel (``cpu_matmul.build_gemv_q``) turns every 4-bit weight into a float32 before
+its FMA: shift, mask, convert, multiply-add per weight and lane. On this kind of machine that is
+compute-bound at ~13 G weights/s per core, well under what memory can feed. Here the weights
+stay integers: one ``vpdpbusd`` multiplies 64 unsigned weight bytes by 64 signed activation bytes
+and adds groups of four into 16 int32 lanes, so a 512-bit load of 128 packed weights costs
+three bit operations and four dot instructions.
+
+Activations are not rounded to int8 (what llama.cpp does); each 32-wide group of ``x`` becomes a
+16-bit fixed-point number ``x ~= d_g * x16`` (|x16| <= 32639), split into two signed bytes
+``x16 = 256 * hi + lo`` whose dot products are recombined exactly in int32. The only error is
+the rounding of ``x16``: at most ``max|x_g| / 65278`` per element, below the float16 rounding
+(2**-11 of each value) a ``q4f16_1`` model's activations already carry. Only float16
+activations take this path: ``q4f32_1`` asks for float32 exactness and keeps the float kernel
+(measured: its logits moved by 1.0e-4 of max|logit| through two layers with this kernel). With the group's integer zero point
+``z``::
+
+    y[n] = sum_g  s[n, g] * d_g * ( sum_{k in g} q[n, k] * x16[k]  -  z * sum_{k in g} x16[k] )
+
+Bytes of the packed words line up with the dot instruction: byte ``b`` of word ``w`` holds
+nibbles ``2b`` (low half) and ``2b + 1`` (high half), i.e. weights ``8w + 2b`` and
+``8w + 2b + 1``; the activation bytes are laid out per call to match (even/odd, then lane,
+then byte).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import tvm
+from tvm import tirx
+
+from mlcbuild.compiler_passes._tir_expr import Rewriter, dtype_of, loads_in
+from mlcbuild.compiler_passes.cpu_matmul import (
+    GroupQuant,
+    MatmulInfo,
+    NotMatched,
+    _as_int,
+    _divisor,
+    _m_total,
+    _unravel,
+)
+
+# |round(x / d)| bound: hi = floor((x16 + 128) / 256) and lo = x16 - 256 * hi both fit int8.
+X16_MAX = 32639
+# names the kernel text uses itself
+RESERVED = {"T", "E", "amax", "zw", "dw", "xb", "y", "acc", "m", "g", "r", "wg", "q16", "hi", "k", "w", "no", "ni", "wo", "main"}
+
+
+
+def supported(target: Any) -> bool:
+    """Whether the llvm target has VNNI on 512- and 256-bit vectors (AVX-512 VNNI + VL)."""
+    from tvm.target import codegen
+
+    try:
+        return bool(codegen.target_has_features(["avx512vnni", "avx512vl", "avx512bw"], target))
+    except Exception:  # noqa: BLE001  (non-x86 triple)
+        return False
+
+
+class _Exprs:
+    """Parse-time helpers the kernel text calls: the fused function's activation expression and
+    epilogue, rebuilt over the kernel's own parameter buffers, and the vector dot step."""
+
+    def __init__(self, info: MatmulInfo, vl: int, gw: int):
+        self.info, self.vl, self.gw = info, vl, gw
+
+    def dot(self, W: Any, S: Any, xb: Any, zw: Any, dw: Any, n: Any, m: Any, wo: Any) -> Any:
+        """float32 x vl partial sums of row n over the vl words at wo: s * d * (q . x16 - z sum x16)."""
+        vl, gw = self.vl, self.gw
+        i32, i8 = f"int32x{vl}", f"int8x{4 * vl}"
+        lanes = tirx.Ramp(wo * vl, 1, vl)
+        words = tirx.reinterpret(i32, tirx.BufferLoad(W, [n, lanes]))
+        mask = tirx.Broadcast(tirx.const(0x0F0F0F0F, "int32"), vl)
+        nibbles = (
+            tirx.reinterpret(i8, tirx.bitwise_and(words, mask)),
+            tirx.reinterpret(i8, tirx.bitwise_and(tirx.shift_right(words, tirx.Broadcast(tirx.const(4, "int32"), vl)), mask)),
+        )
+        intrin = "llvm.x86.avx512.vpdpbusd." + {16: "512", 8: "256"}[vl]
+
+        def dots(h: int) -> Any:
+            acc = tirx.Broadcast(tirx.const(0, "int32"), vl)
+            for p in (0, 1):
+                x = tirx.BufferLoad(xb, [m, h, wo, p, tirx.Ramp(0, 1, 4 * vl)])
+                acc = tirx.call_llvm_pure_intrin(i32, intrin, acc, nibbles[p], x)
+            return acc
+
+        total = dots(0) * tirx.Broadcast(tirx.const(256, "int32"), vl) + dots(1) - tirx.BufferLoad(zw, [m, lanes])
+        per_word = vl // gw
+        scales = tirx.BufferLoad(S, [n, tirx.Ramp(wo * per_word, 1, per_word)])
+        scale = tirx.Shuffle([scales] * gw, [tirx.const(i // gw, "int32") for i in range(vl)])
+        scale = tirx.Cast(f"float32x{vl}", scale)
+        return tirx.Cast(f"float32x{vl}", total) * (scale * tirx.BufferLoad(dw, [m, lanes]))
+
+    def _loader(self, bufs: tuple[Any, ...]) -> Any:
+        params = self.info.params
+
+        def load(buf: Any, idx: list[Any]) -> Any:
+            for orig, new in zip(params, bufs):
+                if orig.same_as(buf):
+                    return tirx.BufferLoad(new, idx)
+            raise NotMatched(f"load of a non-parameter buffer {buf}")
+
+        return load
+
+    def x(self, m: Any, k: Any, *bufs: Any) -> Any:
+        info = self.info
+        vm = dict(zip(info.m_vars, _unravel(info, m)))
+        vm[info.k_var] = k
+        v = Rewriter(vm, self._loader(bufs), promote=True)(info.x_expr)
+        return v if dtype_of(v) == "float32" else tirx.Cast("float32", v)
+
+    def out_index(self, m: Any, axis: int) -> Any:
+        return _unravel(self.info, m)[axis]
+
+    def out(self, m: Any, n: Any, value: Any, *bufs: Any) -> Any:
+        """epilogue(value) for output row m, column n, in the output's dtype."""
+        info = self.info
+        idx = [*_unravel(info, m), n]
+        if info.epi_expr is None:
+            v = value
+        else:
+            load = self._loader(bufs)
+            red = info.red_buf
+
+            def epi_load(buf: Any, bidx: list[Any]) -> Any:
+                return value if buf.same_as(red) else load(buf, bidx)
+
+            v = Rewriter(dict(zip(info.epi_vars, idx)), epi_load, promote=True)(info.epi_expr)
+        dtype = str(info.out.dtype)
+        return v if dtype_of(v) == dtype else tirx.Cast(dtype, v)
+
+
+def _dim(e: Any, sym: dict[str, Any]) -> str:
+    v = _as_int(e)
+    if v is not None:
+        return f"T.int64({v})"
+    name = f"s{len(sym)}"
+    for key, var in sym.items():
+        if var.same_as(e):
+            return key
+    if not isinstance(e, tirx.Var):
+        raise NotMatched(f"shape expression {e} is not a variable")
+    sym[name] = e
+    return name
+
+
+KERNEL = """
+@T.prim_func(s_tir=False)
+def main({handles}):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+{symbols}
+{buffers}
+    amax = T.alloc_buffer(({M}, {NG}), "float32")
+    zw = T.alloc_buffer(({M}, {KW}), "int32")
+    dw = T.alloc_buffer(({M}, {KW}), "float32")
+    xb = T.alloc_buffer(({M}, 2, {WO}, 2, {VL4}), "int8")
+    y = T.alloc_buffer(({M}, {N}), "float32")
+    # activations -> per-group 16-bit fixed point, split into two signed bytes laid out for the dots
+    for m in range({M}):
+        for g in range({NG}):
+            amax[m, g] = T.float32(0)
+            for r in range({G}):
+                amax[m, g] = T.max(amax[m, g], T.abs(E.x(m, g * {G} + r, {names})))
+            for wg in range({GW}):
+                zw[m, g * {GW} + wg] = 0
+                dw[m, g * {GW} + wg] = amax[m, g] * T.float32({DSCALE})
+            for r in range({G}):
+                q16: T.int32 = T.Cast("int32", T.nearbyint(E.x(m, g * {G} + r, {names}) * T.Select(amax[m, g] > T.float32(0), T.float32({X16MAX}) / amax[m, g], T.float32(0))))
+                hi: T.int32 = T.shift_right(q16 + 128, 8)
+                k: T.int64 = g * {G} + r
+                w: T.int64 = k // 8
+                zw[m, w] = zw[m, w] + q16 * {ZERO}
+                xb[m, 0, w // {VL}, k % 2, w % {VL} * 4 + k % 8 // 2] = T.Cast("int8", hi)
+                xb[m, 1, w // {VL}, k % 2, w % {VL} * 4 + k % 8 // 2] = T.Cast("int8", q16 - hi * 256)
+    for no in T.parallel({NO}):
+        acc = T.alloc_buffer(({R}, {VL}), "float32")
+        for m in range({M}):
+            for ni in T.unroll({R}):
+                acc[ni, T.ramp(0, 1, {VL})] = T.broadcast(T.float32(0), {VL})
+            for wo in range({WO}):
+                for ni in T.unroll({R}):
+                    acc[ni, T.ramp(0, 1, {VL})] = acc[ni, T.ramp(0, 1, {VL})] + E.dot({W}, {S}, xb, zw, dw, no * {R} + ni, m, wo)
+            for ni in T.unroll({R}):
+                y[m, no * {R} + ni] = {HSUM}
+                {OUT}[{OUT_IDX}no * {R} + ni] = E.out(m, no * {R} + ni, y[m, no * {R} + ni], {names})
+"""
+
+
+def build(info: MatmulInfo, gq: GroupQuant, rows: int = 4) -> Any:
+    """The GEMV as an (already scheduled) PrimFunc with the fused function's signature."""
+    K, N = info.k_extent, info.n_extent
+    kw = _as_int(gq.weight.shape[1]) or 0
+    if gq.bits != 4 or gq.per_word != 8 or kw * 8 != K or gq.group % 8 or K % gq.group:
+        raise NotMatched("not an unpadded 4-bit, 8-per-word layout")
+    if float(gq.zero) != int(gq.zero):
+        raise NotMatched("non-integer zero point")
+    if {str(load.source.dtype) for load in loads_in(info.x_expr)} != {"float16"}:
+        # float32 activations (q4f32_1) were chosen for exactness: they keep the float kernel.
+        raise NotMatched("activations are not float16")
+    vl = _divisor(kw, [16, 8])
+    gw = gq.group // 8  # words per group
+    if kw % vl or vl % gw:
+        raise NotMatched("groups do not tile the vector")
+    rows = _divisor(N, [rows, 2, 1])
+    sym: dict[str, Any] = {}
+    params = info.params
+    names: list[str] = []
+    for i, buf in enumerate(params):  # keep the parameter names (they are the weights' names)
+        name = re.sub(r"\W", "_", str(buf.name)) or f"arg{i}"
+        if not name[0].isalpha() or name in names or name in RESERVED:
+            name = f"arg{i}_{name}"
+        names.append(name)
+    decls = []
+    for name, buf in zip(names, params):
+        dims = ", ".join(_dim(d, sym) for d in buf.shape)
+        decls.append(f'    {name} = T.match_buffer(h_{name}, ({dims},), "{buf.dtype}")')
+    M = _m_total(info)
+    m_text = " * ".join(_dim(e, sym) for e in info.m_extents) or "T.int64(1)"
+    w_name = names[[p.same_as(gq.weight) for p in params].index(True)]
+    s_name = names[[p.same_as(gq.scale) for p in params].index(True)]
+    hsum_terms = [f"acc[ni, {i}]" for i in range(vl)]
+    while len(hsum_terms) > 1:
+        hsum_terms = [f"({hsum_terms[i]} + {hsum_terms[i + 1]})" for i in range(0, len(hsum_terms), 2)]
+    text = KERNEL.format(
+        handles=", ".join(f"h_{n}: T.handle" for n in names),
+        symbols="\n".join(f"    {k} = T.int64()" for k in sym),
+        buffers="\n".join(decls), W=w_name, S=s_name,
+        M=m_text, N=f"T.int64({N})", NG=K // gq.group, KW=kw, WO=kw // vl, VL=vl, VL4=4 * vl, G=gq.group, GW=gw,
+        SCALE_COPIES=", ".join([f"S[no * {rows} + ni, T.ramp(wo * {vl // gw}, 1, {vl // gw})]"] * gw), LANE_GROUPS=", ".join(str(i // gw) for i in range(vl)), R=rows, NO=N // rows,
+        ZERO=int(gq.zero), X16MAX=float(X16_MAX), DSCALE=repr(1.0 / X16_MAX), names=", ".join(names),
+        DOT={16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256"}[vl],
+        HSUM=hsum_terms[0], OUT=names[-1],
+        OUT_IDX="".join(f"E.out_index(m, {i}), " for i in range(len(info.m_extents))),
+    )
+    del M
+    func = tvm.script.from_source(text, extra_vars={"E": _Exprs(info, vl, gw), "T": __import__("tvm.script", fromlist=["tirx"]).tirx})
+    return func
