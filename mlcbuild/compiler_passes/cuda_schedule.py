@@ -23,7 +23,8 @@ the packed words uncoalesced.
   ``LowBatchGemvSpecialize``): batch 1 -> bucket 1, <= 4 -> 4, <= 16 -> 8 (two row blocks), larger
   -> dlight's ``Matmul`` (prefill).
 
-``FuseCastsIntoNorm`` removes the float16 -> float32 cast kernels in front of every norm.
+(The float16 -> float32 casts in front of every norm are fused into it before this runs:
+``compiler_passes.relax_fusion.FuseCastsIntoNorm``.)
 ``CUDASchedule(target)`` is the schedule stage of the CUDA pipeline: both, then dlight's rules
 for everything else.
 """
@@ -63,7 +64,7 @@ def CUDASchedule(target: Any) -> Any:  # noqa: N802  (a pass, named like TVM's)
     dlight (Matmul, GEMV, Reduction, GeneralReduction, Fallback)."""
     import tvm
 
-    passes = [FuseCastsIntoNorm(), DequantGemv(target), _default_rules()]
+    passes = [DequantGemv(target), _default_rules()]
     return tvm.transform.Sequential(passes, name="CUDASchedule")
 
 
@@ -462,49 +463,3 @@ def _magic_dequantize(value: Any) -> Any | None:
     as_float = tirx.reinterpret(dtype, word if storage == "uint32" else word.astype(storage))
     out = as_float - tirx.const(magic_value + offset, dtype)
     return out if scale is None else out * scale
-
-
-# ---- fewer launches: widening casts fused into the norm that reads them -----------------------
-
-
-def FuseCastsIntoNorm() -> Any:  # noqa: N802
-    """Fuse ``cast`` kernels (float16 -> float32 of the activation, the norm weight, the bias)
-    into the RMSNorm / LayerNorm kernel that consumes them. The models normalize in float32;
-    after operator fusion each cast is a kernel of its own: two or three launches per norm, ~130
-    per Llama-3-8B decode step, each a few microseconds of a GPU that otherwise waits."""
-    import itertools
-
-    import tvm
-    from tvm import relax
-    from tvm.relax.dpl.pattern import GlobalVarPattern, TuplePattern, is_op, wildcard
-
-    def cast_of(value: Any) -> Any:
-        return is_op("relax.call_tir")(GlobalVarPattern(), TuplePattern([value]), add_constraint=False)
-
-    def pattern(casted: tuple[bool, ...]) -> tuple[Any, dict[str, Any], Any]:
-        args, annotations = [], {}
-        for i, is_cast in enumerate(casted):
-            arg = cast_of(wildcard()) if is_cast else wildcard()
-            if is_cast:
-                annotations[f"cast{i}"] = arg
-            args.append(arg)
-        norm = is_op("relax.call_tir")(GlobalVarPattern(), TuplePattern(args), add_constraint=False)
-        annotations["norm"] = norm
-
-        def check(ctx: relax.transform.PatternCheckContext) -> bool:
-            name = ctx.annotated_expr["norm"].args[0].name_hint
-            if "norm" not in name:
-                return False
-            casts = [ctx.annotated_expr[k].args[0].name_hint for k in annotations if k.startswith("cast")]
-            return all(c == "cast" or (c.startswith("cast") and c[4:].isdigit()) for c in casts)
-
-        return norm, annotations, check
-
-    patterns = []
-    for arity in (3, 2):  # LayerNorm (x, weight, bias), RMSNorm (x, weight)
-        for casted in sorted(itertools.product((True, False), repeat=arity), key=lambda c: -sum(c)):
-            if any(casted):
-                patterns.append((f"norm_casts{arity}_{''.join('c' if c else '_' for c in casted)}", *pattern(casted)))
-    return tvm.transform.Sequential(
-        [relax.transform.FuseOpsByPattern(patterns), relax.transform.FuseTIR()], name="FuseCastsIntoNorm"
-    )

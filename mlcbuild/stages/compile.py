@@ -37,7 +37,8 @@ class CompileParams(StageParams):
 @register_stage
 class Compile(Stage):
     name = "compile"
-    version = 3  # 2: CUDA kernels prebuilt with nvcc (fatbin), no tensor-core tensorization; 3: CPU schedules
+    version = 4  # 2: CUDA kernels prebuilt with nvcc (fatbin), no tensor-core tensorization; 3: CPU schedules;
+    # 4: casts fused into the norms on every target
     Params = CompileParams
     thread_safe = False  # TVM keeps process-global builder state
 
@@ -258,6 +259,7 @@ def _pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int]) -> 
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
+    from mlcbuild.compiler_passes.relax_fusion import FuseCastsIntoNorm
     from mlcbuild.quantization.fusion import FuseDequantizeMatmul
 
     if target.kind.name == "llvm":
@@ -292,6 +294,7 @@ def _pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int]) -> 
                 relax.transform.FuseOps(),
                 relax.transform.FuseTIR(),
                 FuseDequantizeMatmul(),
+                FuseCastsIntoNorm(),
                 relax.transform.DeadCodeElimination(),
                 schedule,
                 relax.transform.RewriteDataflowReshape(),
