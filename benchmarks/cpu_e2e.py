@@ -56,51 +56,19 @@ def chat_config(quant: str, layers: int, prefill_chunk: int = 512, context: int 
 def build(chat: dict[str, Any], out: Path, schedule: str, transpose_fusion: bool = True, kill_after_last_use: bool = True) -> float:
     """Compile like compile.build_library; return seconds."""
     import tvm
-    from tvm import relax
 
     from mlcbuild.compiler_passes import apply_cpu_schedules
     from mlcbuild.devices import parse_device
     from mlcbuild.stages import compile as C
 
     def pipeline_factory(target: Any, metadata: dict[str, Any], bounds: dict[str, int]) -> Any:
-        from mlcbuild.quantization.fusion import FuseDequantizeMatmul
-
         @tvm.transform.module_pass(opt_level=0, name="BenchPipeline")
         def pipeline(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
             mod = C._attach_bounds(mod, bounds)
-            first = [relax.transform.FuseTransposeMatmul()] if transpose_fusion else []
-            mod = tvm.transform.Sequential(
-                first
-                + [
-                    relax.transform.LegalizeOps(),
-                    relax.transform.AnnotateTIROpPattern(),
-                    relax.transform.FoldConstant(),
-                    relax.transform.FuseOps(),
-                    relax.transform.FuseTIR(),
-                    FuseDequantizeMatmul(),
-                    relax.transform.DeadCodeElimination(),
-                ]
-            )(mod)
+            mod = tvm.transform.Sequential(C.fusion_passes(transpose_fusion))(mod)
             if schedule == "ours":
                 mod = apply_cpu_schedules(mod, target)
-            return tvm.transform.Sequential(
-                [
-                    relax.transform.RewriteDataflowReshape(),
-                    relax.transform.ToNonDataflow(),
-                    relax.transform.RemovePurityChecking(),
-                    relax.transform.CallTIRRewrite(),
-                    relax.transform.StaticPlanBlockMemory(),
-                    C._AttachMetadata(metadata),
-                    relax.transform.LowerAllocTensor(),
-                ]
-                + ([relax.transform.KillAfterLastUse()] if kill_after_last_use else [])
-                + [
-                    relax.transform.LowerRuntimeBuiltin(),
-                    relax.transform.ComputePrimValue(),
-                    relax.transform.VMShapeLower(),
-                    relax.transform.AttachGlobalSymbol(),
-                ]
-            )(mod)
+            return tvm.transform.Sequential(C.lowering_passes(metadata, kill_after_last_use=kill_after_last_use))(mod)
 
         return pipeline
 

@@ -60,49 +60,30 @@ def target() -> Any:
 
 
 def fuse(mod: Any, tgt: Any, fusion: bool = True) -> Any:
-    """The compile stage's passes up to (not including) scheduling."""
+    """The compile stage's passes up to (not including) scheduling (``fusion=False``: legalized
+    only, one kernel per operator)."""
     import tvm
     from tvm import relax
 
-    from mlcbuild.quantization.fusion import FuseDequantizeMatmul
+    from mlcbuild.stages.compile import fusion_passes
 
-    passes = [relax.transform.FuseTransposeMatmul(), relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern()]
-    if fusion:
-        passes += [
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-            FuseDequantizeMatmul(),
-            relax.transform.DeadCodeElimination(),
-        ]
+    passes = fusion_passes() if fusion else [relax.transform.FuseTransposeMatmul(), relax.transform.LegalizeOps(),
+                                             relax.transform.AnnotateTIROpPattern()]
     with tgt:
         return tvm.transform.Sequential(passes)(mod)
 
 
 def finish(mod: Any, tgt: Any, schedule: bool) -> Any:
+    """The compile stage's schedule (ours, or none) and lowering, then build."""
     import tvm
-    from tvm import relax
 
     from mlcbuild.compiler_passes import apply_cpu_schedules
+    from mlcbuild.stages.compile import lowering_passes
 
     if schedule:
         mod = apply_cpu_schedules(mod, tgt)
     with tgt:
-        mod = tvm.transform.Sequential(
-            [
-                relax.transform.RewriteDataflowReshape(),
-                relax.transform.ToNonDataflow(),
-                relax.transform.RemovePurityChecking(),
-                relax.transform.CallTIRRewrite(),
-                relax.transform.StaticPlanBlockMemory(),
-                relax.transform.LowerAllocTensor(),
-                relax.transform.KillAfterLastUse(),
-                relax.transform.LowerRuntimeBuiltin(),
-                relax.transform.ComputePrimValue(),
-                relax.transform.VMShapeLower(),
-                relax.transform.AttachGlobalSymbol(),
-            ]
-        )(mod)
+        mod = tvm.transform.Sequential(lowering_passes())(mod)
         return tvm.compile(mod, target=tgt, relax_pipeline=None)
 
 

@@ -34,6 +34,8 @@ def test_cuda_library_builds_without_gpu(built_model):
     fatbin = (lib_dir / info["fatbin"]).read_bytes()
     assert fatbin[:4] == bytes.fromhex("50ed55ba")  # fatbin magic
     assert all(name in fatbin for name in kernels)
+    # decode steps replay CUDA graphs captured per batch size (RewriteCUDAGraph)
+    assert b"vm.builtin.cuda_graph.run_or_capture" in library
 
 
 def test_portable_cpu_target_runs_here(built_model):

@@ -14,14 +14,13 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from tvm import relax  # noqa: E402
 from tvm.relax.frontend import nn  # noqa: E402
 
 from mlcbuild.compiler_passes import apply_cpu_schedules, last_report  # noqa: E402
 from mlcbuild.compiler_passes import cpu_attention, cpu_qgemv_vnni  # noqa: E402
 from mlcbuild.quantization import get_quantization  # noqa: E402
-from mlcbuild.quantization.fusion import FuseDequantizeMatmul  # noqa: E402
 from mlcbuild.quantization.scheme import family  # noqa: E402
+from mlcbuild.stages.compile import fusion_passes  # noqa: E402
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
 K, N = 96, 40  # 12 packed words per row (not a multiple of 16 lanes), 40 rows (not of 48)
@@ -56,18 +55,7 @@ def _fused_module(quant: str, shape: list[Any], k: int = K) -> tuple[Any, dict[s
         }
     )
     with TARGET:
-        mod = tvm.transform.Sequential(
-            [
-                relax.transform.FuseTransposeMatmul(),
-                relax.transform.LegalizeOps(),
-                relax.transform.AnnotateTIROpPattern(),
-                relax.transform.FoldConstant(),
-                relax.transform.FuseOps(),
-                relax.transform.FuseTIR(),
-                FuseDequantizeMatmul(),
-                relax.transform.DeadCodeElimination(),
-            ]
-        )(mod)
+        mod = tvm.transform.Sequential(fusion_passes())(mod)
     return mod, dict(params)
 
 

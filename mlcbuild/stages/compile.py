@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from mlcbuild.bundle_format import CHAT_CONFIG_FILE, CUDA_KERNELS_FILE, LIBRARY_FILE, CudaKernels
@@ -38,7 +39,7 @@ class CompileParams(StageParams):
 class Compile(Stage):
     name = "compile"
     version = 4  # 2: CUDA kernels prebuilt with nvcc (fatbin), no tensor-core tensorization; 3: CPU schedules;
-    # 4: casts fused into the norms on every target
+    # 4: casts fused into the norms on every target; CUDA graphs for decode
     Params = CompileParams
     thread_safe = False  # TVM keeps process-global builder state
 
@@ -191,7 +192,10 @@ def build_library(chat: dict[str, Any], device: DeviceSpec, out: Path) -> dict[s
         ],
     }
     bounds = {"seq_len": chat["prefill_chunk_size"], "batch_size": chat["max_batch_size"]}
-    with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+    # CUDA: decode steps replay CUDA graphs (RewriteCUDAGraph, below) instead of launching each
+    # of the ~10 kernels per layer from the host.
+    config = {"tirx.disable_cse_tir": True, "relax.backend.use_cuda_graph": device.kind == "cuda"}
+    with target, tvm.transform.PassContext(config=config):
         executable = tvm.compile(mod, target=target, relax_pipeline=_pipeline(target, metadata, bounds))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.so")
@@ -257,10 +261,6 @@ def _valid_cpu(name: str) -> bool:
 def _pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int]) -> Any:
     import tvm
     from tvm import relax
-    from tvm.s_tir import dlight as dl
-
-    from mlcbuild.compiler_passes.relax_fusion import FuseCastsIntoNorm
-    from mlcbuild.quantization.fusion import FuseDequantizeMatmul
 
     if target.kind.name == "llvm":
         from mlcbuild.compiler_passes import CPUSchedule
@@ -269,51 +269,73 @@ def _pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int]) -> 
         # ~10x slower without speeding decode up): our rules do GEMV/GEMM/attention by hand.
         sliding = (metadata.get("sliding_window_size") or -1) > 0
         schedule = CPUSchedule(target, replace_attention=not sliding)
-        # Without this, every 16/32-bit matmul first copies its weight into a transpose.
-        before_legalize = [relax.transform.FuseTransposeMatmul()]
+        after_memory_plan = []
     else:
         from mlcbuild.compiler_passes.cuda_schedule import CUDASchedule
 
-        # (the 16/32-bit weights too: a transpose kernel per weight per step otherwise)
-        before_legalize = [relax.transform.FuseTransposeMatmul()]
         # Decode GEMVs (dequantize fused, batch-dispatched) by our rule, the rest by dlight.
         # TVM 0.27's tensor-core path of dlight's Matmul rule segfaults inside
         # s_tir::Tensorize on our fused f16 matmuls (any hidden size >= 128, sm_80 and sm_90);
         # the attribute keeps the rule's tiled shared-memory schedule without tensorizing.
         schedule = tvm.transform.Sequential([_do_not_tensorize(), CUDASchedule(target)])
+        # Decode is launch-bound at batch 1 (~320 launches per Llama-3-8B step, ~8 us each from
+        # the host): the static stretches between two KV-cache attention calls become CUDA
+        # graphs, captured once per batch size (as MLC LLM does) and replayed on later steps.
+        after_memory_plan = [_capture_decode_graphs(), relax.transform.RewriteCUDAGraph()]
 
     @tvm.transform.module_pass(opt_level=0, name="MlcbuildPipeline")
     def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         mod = _attach_bounds(mod, bounds)
         seq = tvm.transform.Sequential(
-            [
-                *before_legalize,
-                relax.transform.LegalizeOps(),
-                relax.transform.AnnotateTIROpPattern(),
-                relax.transform.FoldConstant(),
-                relax.transform.FuseOps(),
-                relax.transform.FuseTIR(),
-                FuseDequantizeMatmul(),
-                FuseCastsIntoNorm(),
-                relax.transform.DeadCodeElimination(),
-                schedule,
-                relax.transform.RewriteDataflowReshape(),
-                relax.transform.ToNonDataflow(),
-                relax.transform.RemovePurityChecking(),
-                relax.transform.CallTIRRewrite(),
-                relax.transform.StaticPlanBlockMemory(),
-                _AttachMetadata(metadata),
-                relax.transform.LowerAllocTensor(),
-                relax.transform.KillAfterLastUse(),
-                relax.transform.LowerRuntimeBuiltin(),
-                relax.transform.ComputePrimValue(),
-                relax.transform.VMShapeLower(),
-                relax.transform.AttachGlobalSymbol(),
-            ]
+            [*fusion_passes(), schedule, *lowering_passes(metadata, after_memory_plan=after_memory_plan)]
         )
         return seq(mod)
 
     return pipeline
+
+
+def fusion_passes(transpose_fusion: bool = True) -> list[Any]:
+    """Relax passes before scheduling: legalize, fuse, and our fusions (dequantize into matmul,
+    casts into norms). ``transpose_fusion``: NT matmuls read the weight as stored (without it
+    every 16/32-bit matmul first copies its weight into a transpose, every call)."""
+    from tvm import relax
+
+    from mlcbuild.compiler_passes.relax_fusion import FuseCastsIntoNorm
+    from mlcbuild.quantization.fusion import FuseDequantizeMatmul
+
+    return [
+        *([relax.transform.FuseTransposeMatmul()] if transpose_fusion else []),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        FuseDequantizeMatmul(),
+        FuseCastsIntoNorm(),
+        relax.transform.DeadCodeElimination(),
+    ]
+
+
+def lowering_passes(metadata: dict[str, Any] | None = None, after_memory_plan: Sequence[Any] = (),
+                    kill_after_last_use: bool = True) -> list[Any]:
+    """Relax passes after scheduling, down to VM code (``_metadata()`` added when given)."""
+    from tvm import relax
+
+    return [
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        relax.transform.StaticPlanBlockMemory(),
+        *after_memory_plan,
+        *([_AttachMetadata(metadata)] if metadata is not None else []),
+        relax.transform.LowerAllocTensor(),
+        *([relax.transform.KillAfterLastUse()] if kill_after_last_use else []),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
 
 
 def _do_not_tensorize() -> Any:
@@ -325,6 +347,22 @@ def _do_not_tensorize() -> Any:
         for gvar, func in list(mod.functions_items()):
             if isinstance(func, tirx.PrimFunc) and "dlight.do_not_tensorize" not in func.attrs:
                 mod[gvar] = func.with_attr("dlight.do_not_tensorize", True)
+        return mod
+
+    return mark
+
+
+def _capture_decode_graphs() -> Any:
+    """Let RewriteCUDAGraph capture the decode functions per value of their symbolic batch size
+    (weights and planned activations are static; the batch size keys the captured graph)."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="CaptureDecodeGraphs")
+    def mark(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function) and gvar.name_hint in ("decode", "batch_decode"):
+                mod[gvar] = func.with_attr("relax.rewrite_cuda_graph.capture_symbolic_vars", ["batch_size"])
         return mod
 
     return mark
