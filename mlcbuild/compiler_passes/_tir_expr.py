@@ -124,65 +124,45 @@ class Rewriter:
         raise RewriteError(f"cannot rebuild {type(e).__name__}: {e}")
 
 
-def loads_in(e: Any) -> list[Any]:
-    """All TensorLoad nodes of an expression (pre-order)."""
+def nodes_in(e: Any) -> list[Any]:
+    """Every node of an expression, pre-order (a load before its indices)."""
     out: list[Any] = []
 
     def visit(x: Any) -> None:
+        out.append(x)
         if isinstance(x, ir_expr.TensorLoad):
-            out.append(x)
-            for i in x.indices:
-                visit(i)
+            children = list(x.indices)
         elif isinstance(x, pe.Cast):
-            visit(x.value)
+            children = [x.value]
         elif isinstance(x, _BINARY):
-            visit(x.a)
-            visit(x.b)
+            children = [x.a, x.b]
         elif isinstance(x, (pe.Not, pe.BitwiseNot)):
-            visit(x.a)
+            children = [x.a]
         elif isinstance(x, pe.Select):
-            visit(x.condition)
-            visit(x.true_value)
-            visit(x.false_value)
+            children = [x.condition, x.true_value, x.false_value]
         elif isinstance(x, ir_expr.Call):
-            for a in x.args:
-                visit(a)
+            children = list(x.args)
+        else:
+            children = []
+        for child in children:
+            visit(child)
 
     visit(e)
     return out
+
+
+def loads_in(e: Any) -> list[Any]:
+    """All TensorLoad nodes of an expression (pre-order)."""
+    return [x for x in nodes_in(e) if isinstance(x, ir_expr.TensorLoad)]
 
 
 def vars_in(e: Any) -> list[Any]:
     """All Vars of an expression (with repeats)."""
-    out: list[Any] = []
-
-    def visit(x: Any) -> None:
-        if isinstance(x, ir_expr.TensorLoad):
-            for i in x.indices:
-                visit(i)
-        elif isinstance(x, ir_expr.Var):
-            out.append(x)
-        elif isinstance(x, pe.Cast):
-            visit(x.value)
-        elif isinstance(x, _BINARY):
-            visit(x.a)
-            visit(x.b)
-        elif isinstance(x, (pe.Not, pe.BitwiseNot)):
-            visit(x.a)
-        elif isinstance(x, pe.Select):
-            visit(x.condition)
-            visit(x.true_value)
-            visit(x.false_value)
-        elif isinstance(x, ir_expr.Call):
-            for a in x.args:
-                visit(a)
-
-    visit(e)
-    return out
+    return [x for x in nodes_in(e) if isinstance(x, ir_expr.Var)]
 
 
 def uses_var(e: Any, v: Any) -> bool:
     return any(x.same_as(v) for x in vars_in(e))
 
 
-__all__ = ["HALF", "Rewriter", "RewriteError", "dtype_of", "loads_in", "uses_var", "vars_in", "tvm"]
+__all__ = ["HALF", "Rewriter", "RewriteError", "dtype_of", "loads_in", "nodes_in", "uses_var", "vars_in", "tvm"]
