@@ -64,7 +64,7 @@ def build(chat: dict[str, Any], out: Path, schedule: str, transpose_fusion: bool
     def pipeline_factory(target: Any, metadata: dict[str, Any], bounds: dict[str, int]) -> Any:
         @tvm.transform.module_pass(opt_level=0, name="BenchPipeline")
         def pipeline(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
-            mod = C._attach_bounds(mod, bounds)
+            mod = C._upper_bounds(bounds)(mod)
             mod = tvm.transform.Sequential(C.fusion_passes(transpose_fusion))(mod)
             if schedule == "ours":
                 mod = apply_cpu_schedules(mod, target)

@@ -136,7 +136,7 @@ def _schedule_with_default_rules(func: Any, target: Any) -> Any | None:
     import tvm
 
     # TVM 0.27's tensor-core path of dlight's Matmul segfaults on our fused f16 matmuls (see
-    # compile._do_not_tensorize): keep its tiled shared-memory schedule without tensor cores.
+    # compile._pipeline): keep its tiled shared-memory schedule without tensor cores.
     mod = tvm.IRModule({"main": func.with_attr("dlight.do_not_tensorize", True)})
     with target:
         mod = _default_rules()(mod)

@@ -17,8 +17,8 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from mlcbuild.bundle_format import CHAT_CONFIG_FILE, CUDA_KERNELS_FILE, LIBRARY_FILE, CudaKernels
@@ -207,8 +207,6 @@ def build_library(chat: dict[str, Any], device: DeviceSpec, out: Path) -> dict[s
     return metadata
 
 
-
-
 def precompile_cuda(module: Any, arch: str, directory: Path) -> dict[str, str]:
     """Compile the library's CUDA kernels with nvcc, ahead of time.
 
@@ -277,21 +275,20 @@ def _pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int]) -> 
         # TVM 0.27's tensor-core path of dlight's Matmul rule segfaults inside
         # s_tir::Tensorize on our fused f16 matmuls (any hidden size >= 128, sm_80 and sm_90);
         # the attribute keeps the rule's tiled shared-memory schedule without tensorizing.
-        schedule = tvm.transform.Sequential([_do_not_tensorize(), CUDASchedule(target)])
-        # Decode is launch-bound at batch 1 (~320 launches per Llama-3-8B step, ~8 us each from
-        # the host): the static stretches between two KV-cache attention calls become CUDA
-        # graphs, captured once per batch size (as MLC LLM does) and replayed on later steps.
-        after_memory_plan = [_capture_decode_graphs(), relax.transform.RewriteCUDAGraph()]
-
-    @tvm.transform.module_pass(opt_level=0, name="MlcbuildPipeline")
-    def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        mod = _attach_bounds(mod, bounds)
-        seq = tvm.transform.Sequential(
-            [*fusion_passes(), schedule, *lowering_passes(metadata, after_memory_plan=after_memory_plan)]
-        )
-        return seq(mod)
-
-    return pipeline
+        schedule = tvm.transform.Sequential([_annotate("dlight.do_not_tensorize", True, prim_funcs=True),
+                                             CUDASchedule(target)])
+        # A small model's decode step is launch-bound (~10 kernels per layer, ~8 us each from the
+        # host; SmolLM2 batch 1 on an H100: 379 -> 638 tok/s): the static stretches between two
+        # KV-cache attention calls become CUDA graphs, captured once per batch size (as MLC LLM
+        # does) and replayed on later steps.
+        after_memory_plan = [
+            _annotate("relax.rewrite_cuda_graph.capture_symbolic_vars", ["batch_size"], names=("decode", "batch_decode")),
+            relax.transform.RewriteCUDAGraph(),
+        ]
+    return tvm.transform.Sequential(
+        [_upper_bounds(bounds), *fusion_passes(), schedule, *lowering_passes(metadata, after_memory_plan=after_memory_plan)],
+        name="MlcbuildPipeline",
+    )
 
 
 def fusion_passes(transpose_fusion: bool = True) -> list[Any]:
@@ -338,44 +335,27 @@ def lowering_passes(metadata: dict[str, Any] | None = None, after_memory_plan: S
     ]
 
 
-def _do_not_tensorize() -> Any:
+def _annotate(key: str, value: Any, prim_funcs: bool = False, names: Sequence[str] | None = None) -> Any:
+    """A module pass setting attribute ``key`` on the Relax functions (``prim_funcs``: the
+    PrimFuncs) of a module, or only on those named in ``names``."""
     import tvm
-    from tvm import tirx
+    from tvm import relax, tirx
 
-    @tvm.transform.module_pass(opt_level=0, name="DoNotTensorize")
-    def mark(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+    kind = tirx.PrimFunc if prim_funcs else relax.Function
+
+    @tvm.transform.module_pass(opt_level=0, name=f"Annotate({key})")
+    def annotate(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
         for gvar, func in list(mod.functions_items()):
-            if isinstance(func, tirx.PrimFunc) and "dlight.do_not_tensorize" not in func.attrs:
-                mod[gvar] = func.with_attr("dlight.do_not_tensorize", True)
+            if isinstance(func, kind) and (names is None or gvar.name_hint in names):
+                mod[gvar] = func.with_attr(key, value)
         return mod
 
-    return mark
+    return annotate
 
 
-def _capture_decode_graphs() -> Any:
-    """Let RewriteCUDAGraph capture the decode functions per value of their symbolic batch size
-    (weights and planned activations are static; the batch size keys the captured graph)."""
-    import tvm
-    from tvm import relax
-
-    @tvm.transform.module_pass(opt_level=0, name="CaptureDecodeGraphs")
-    def mark(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function) and gvar.name_hint in ("decode", "batch_decode"):
-                mod[gvar] = func.with_attr("relax.rewrite_cuda_graph.capture_symbolic_vars", ["batch_size"])
-        return mod
-
-    return mark
-
-
-def _attach_bounds(mod: Any, bounds: dict[str, int]) -> Any:
+def _upper_bounds(bounds: dict[str, int]) -> Any:
     """Upper bounds of the symbolic sizes let static memory planning preallocate activations."""
-    from tvm import relax
-
-    for gvar, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function) and gvar.name_hint in ("prefill", "decode", "batch_prefill", "batch_decode", "embed"):
-            mod[gvar] = func.with_attr("tir_var_upper_bound", bounds)
-    return mod
+    return _annotate("tir_var_upper_bound", bounds, names=("prefill", "decode", "batch_prefill", "batch_decode", "embed"))
 
 
 def _AttachMetadata(metadata: dict[str, Any]) -> Any:  # noqa: N802  (a pass, named like TVM's)
