@@ -161,8 +161,15 @@ def vars_in(e: Any) -> list[Any]:
     return [x for x in nodes_in(e) if isinstance(x, ir_expr.Var)]
 
 
+def pairwise_sum(terms: list[Any]) -> Any:
+    """terms[0] + terms[1] + ... as a balanced tree (depth log2(n), not an n-long dependency chain)."""
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
 def uses_var(e: Any, v: Any) -> bool:
     return any(x.same_as(v) for x in vars_in(e))
 
 
-__all__ = ["HALF", "Rewriter", "RewriteError", "dtype_of", "loads_in", "nodes_in", "uses_var", "vars_in", "tvm"]
+__all__ = ["HALF", "Rewriter", "RewriteError", "dtype_of", "loads_in", "nodes_in", "pairwise_sum", "uses_var", "vars_in", "tvm"]

@@ -29,6 +29,8 @@ import tvm
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
+from mlcbuild.compiler_passes._tir_expr import pairwise_sum
+
 LOG2E = math.log2(math.e)
 ROPE_INLINE = 2
 
@@ -47,11 +49,8 @@ def _exp2(x: Any) -> Any:
 
 
 def _hsum(buf: Any, n: int) -> Any:
-    """Pairwise sum of buf[0:n] (depth log2(n), not an n-long dependency chain)."""
-    terms = [buf[i] for i in range(n)]
-    while len(terms) > 1:
-        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
-    return terms[0]
+    """Pairwise sum of buf[0:n]."""
+    return pairwise_sum([buf[i] for i in range(n)])
 
 
 def _lanes(d: int) -> int:

@@ -259,14 +259,32 @@ def _ravel(info: MatmulInfo, idx: list[Any]) -> Any:
     return m
 
 
-def _x_fn(info: MatmulInfo, tes: _TE) -> Any:
-    def fn(m: Any, k: Any) -> Any:
-        vm = dict(zip(info.m_vars, _unravel(info, m)))
-        vm[info.k_var] = k
-        v = Rewriter(vm, tes.load, promote=True)(info.x_expr)
-        return v if dtype_of(v) == "float32" else tirx.Cast("float32", v)
+def x_value(info: MatmulInfo, load: Any, m: Any, k: Any) -> Any:
+    """The activation factor at flat row ``m`` and ``k``, in float32, reading through ``load``
+    (``(buffer, indices) -> expr``: the kernel's own buffers for the function's parameters)."""
+    vm = dict(zip(info.m_vars, _unravel(info, m)))
+    vm[info.k_var] = k
+    v = Rewriter(vm, load, promote=True)(info.x_expr)
+    return v if dtype_of(v) == "float32" else tirx.Cast("float32", v)
 
-    return fn
+
+def epilogue_value(info: MatmulInfo, load: Any, value: Any, idx: list[Any]) -> Any:
+    """What the function stores at output index ``idx`` (m.., n) given the reduction's ``value``
+    there: the epilogue (cast, residual add, ...) applied, in the output's dtype."""
+    v = value
+    if info.epi_expr is not None:
+        red = info.red_buf
+
+        def epi_load(buf: Any, bidx: list[Any]) -> Any:
+            return value if buf.same_as(red) else load(buf, bidx)
+
+        v = Rewriter(dict(zip(info.epi_vars, idx)), epi_load, promote=True)(info.epi_expr)
+    dtype = str(info.out.dtype)
+    return v if dtype_of(v) == dtype else tirx.Cast(dtype, v)
+
+
+def _x_fn(info: MatmulInfo, tes: _TE) -> Any:
+    return lambda m, k: x_value(info, tes.load, m, k)
 
 
 def _w_fn(info: MatmulInfo, tes: _TE) -> Any:
@@ -279,26 +297,11 @@ def _w_fn(info: MatmulInfo, tes: _TE) -> Any:
 
 def _out_compute(info: MatmulInfo, tes: _TE, result: Any) -> Any:
     """The output tensor: epilogue(result) with result(m_flat, n) in float32."""
-    out = info.out
-    dtype = str(out.dtype)
 
     def fcompute(*idx: Any) -> Any:
-        m = _ravel(info, list(idx[:-1]))
-        n = idx[-1]
-        if info.epi_expr is None:
-            v = result(m, n)
-        else:
-            red = info.red_buf
+        return epilogue_value(info, tes.load, result(_ravel(info, list(idx[:-1])), idx[-1]), list(idx))
 
-            def load(buf: Any, bidx: list[Any]) -> Any:
-                if buf.same_as(red):
-                    return result(m, n)
-                return tes.load(buf, bidx)
-
-            v = Rewriter(dict(zip(info.epi_vars, idx)), load, promote=True)(info.epi_expr)
-        return v if dtype_of(v) == dtype else tirx.Cast(dtype, v)
-
-    return te.compute(list(out.shape), fcompute, name="out")
+    return te.compute(list(info.out.shape), fcompute, name="out")
 
 
 def _finish(info: MatmulInfo, tes: _TE, out: Any) -> Any:

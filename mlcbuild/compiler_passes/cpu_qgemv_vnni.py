@@ -13,8 +13,8 @@ Activations are not rounded to int8 (what llama.cpp does); each 32-wide group of
 the rounding of ``x16``: at most ``max|x_g| / 65278`` per element, below the float16 rounding
 (2**-11 of each value) a ``q4f16_1`` model's activations already carry. Only float16
 activations take this path: ``q4f32_1`` asks for float32 exactness and keeps the float kernel
-(measured: its logits moved by 1.0e-4 of max|logit| through two layers with this kernel). With the group's integer zero point
-``z``::
+(measured: its logits moved by 1.0e-4 of max|logit| through two layers with this kernel).
+With the group's integer zero point ``z``::
 
     y[n] = sum_g  s[n, g] * d_g * ( sum_{k in g} q[n, k] * x16[k]  -  z * sum_{k in g} x16[k] )
 
@@ -32,22 +32,24 @@ from typing import Any
 import tvm
 from tvm import tirx
 
-from mlcbuild.compiler_passes._tir_expr import Rewriter, dtype_of, loads_in
+from tvm.script import tirx as T
+
+from mlcbuild.compiler_passes._tir_expr import loads_in, pairwise_sum
 from mlcbuild.compiler_passes.cpu_matmul import (
     GroupQuant,
     MatmulInfo,
     NotMatched,
     _as_int,
     _divisor,
-    _m_total,
     _unravel,
+    epilogue_value,
+    x_value,
 )
 
 # |round(x / d)| bound: hi = floor((x16 + 128) / 256) and lo = x16 - 256 * hi both fit int8.
 X16_MAX = 32639
 # names the kernel text uses itself
-RESERVED = {"T", "E", "amax", "zw", "dw", "xb", "y", "acc", "m", "g", "r", "wg", "q16", "hi", "k", "w", "no", "ni", "wo", "main"}
-
+RESERVED = {"T", "E", "amax", "zw", "dw", "xb", "acc", "m", "g", "r", "wg", "q16", "hi", "k", "w", "no", "ni", "wo", "main"}
 
 
 def supported(target: Any) -> bool:
@@ -106,31 +108,18 @@ class _Exprs:
         return load
 
     def x(self, m: Any, k: Any, *bufs: Any) -> Any:
-        info = self.info
-        vm = dict(zip(info.m_vars, _unravel(info, m)))
-        vm[info.k_var] = k
-        v = Rewriter(vm, self._loader(bufs), promote=True)(info.x_expr)
-        return v if dtype_of(v) == "float32" else tirx.Cast("float32", v)
+        return x_value(self.info, self._loader(bufs), m, k)
+
+    def hsum(self, acc: Any, row: Any) -> Any:
+        """The sum of a row's vl float32 partial sums."""
+        return pairwise_sum([acc[row, i] for i in range(self.vl)])
 
     def out_index(self, m: Any, axis: int) -> Any:
         return _unravel(self.info, m)[axis]
 
     def out(self, m: Any, n: Any, value: Any, *bufs: Any) -> Any:
         """epilogue(value) for output row m, column n, in the output's dtype."""
-        info = self.info
-        idx = [*_unravel(info, m), n]
-        if info.epi_expr is None:
-            v = value
-        else:
-            load = self._loader(bufs)
-            red = info.red_buf
-
-            def epi_load(buf: Any, bidx: list[Any]) -> Any:
-                return value if buf.same_as(red) else load(buf, bidx)
-
-            v = Rewriter(dict(zip(info.epi_vars, idx)), epi_load, promote=True)(info.epi_expr)
-        dtype = str(info.out.dtype)
-        return v if dtype_of(v) == dtype else tirx.Cast(dtype, v)
+        return epilogue_value(self.info, self._loader(bufs), value, [*_unravel(self.info, m), n])
 
 
 def _dim(e: Any, sym: dict[str, Any]) -> str:
@@ -157,7 +146,6 @@ def main({handles}):
     zw = T.alloc_buffer(({M}, {KW}), "int32")
     dw = T.alloc_buffer(({M}, {KW}), "float32")
     xb = T.alloc_buffer(({M}, 2, {WO}, 2, {VL4}), "int8")
-    y = T.alloc_buffer(({M}, {N}), "float32")
     # activations -> per-group 16-bit fixed point, split into two signed bytes laid out for the dots
     for m in range({M}):
         for g in range({NG}):
@@ -184,8 +172,7 @@ def main({handles}):
                 for ni in T.unroll({R}):
                     acc[ni, T.ramp(0, 1, {VL})] = acc[ni, T.ramp(0, 1, {VL})] + E.dot({W}, {S}, xb, zw, dw, no * {R} + ni, m, wo)
             for ni in T.unroll({R}):
-                y[m, no * {R} + ni] = {HSUM}
-                {OUT}[{OUT_IDX}no * {R} + ni] = E.out(m, no * {R} + ni, y[m, no * {R} + ni], {names})
+                {OUT}[{OUT_IDX}no * {R} + ni] = E.out(m, no * {R} + ni, E.hsum(acc, ni), {names})
 """
 
 
@@ -222,24 +209,17 @@ def build(info: MatmulInfo, gq: GroupQuant, rows: int = 1) -> Any:
     for name, buf in zip(names, params):
         dims = ", ".join(_dim(d, sym) for d in buf.shape)
         decls.append(f'    {name} = T.match_buffer(h_{name}, ({dims},), "{buf.dtype}")')
-    M = _m_total(info)
     m_text = " * ".join(_dim(e, sym) for e in info.m_extents) or "T.int64(1)"
     w_name = names[[p.same_as(gq.weight) for p in params].index(True)]
     s_name = names[[p.same_as(gq.scale) for p in params].index(True)]
-    hsum_terms = [f"acc[ni, {i}]" for i in range(vl)]
-    while len(hsum_terms) > 1:
-        hsum_terms = [f"({hsum_terms[i]} + {hsum_terms[i + 1]})" for i in range(0, len(hsum_terms), 2)]
     text = KERNEL.format(
         handles=", ".join(f"h_{n}: T.handle" for n in names),
         symbols="\n".join(f"    {k} = T.int64()" for k in sym),
         buffers="\n".join(decls), W=w_name, S=s_name,
-        M=m_text, N=f"T.int64({N})", NG=K // gq.group, KW=kw, WO=kw // vl, VL=vl, VL4=4 * vl, G=gq.group, GW=gw,
-        SCALE_COPIES=", ".join([f"S[no * {rows} + ni, T.ramp(wo * {vl // gw}, 1, {vl // gw})]"] * gw), LANE_GROUPS=", ".join(str(i // gw) for i in range(vl)), R=rows, NO=N // rows,
+        M=m_text, NG=K // gq.group, KW=kw, WO=kw // vl, VL=vl, VL4=4 * vl, G=gq.group, GW=gw,
+        R=rows, NO=N // rows,
         ZERO=int(gq.zero), X16MAX=float(X16_MAX), DSCALE=repr(1.0 / X16_MAX), names=", ".join(names),
-        DOT={16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256"}[vl],
-        HSUM=hsum_terms[0], OUT=names[-1],
+        OUT=names[-1],
         OUT_IDX="".join(f"E.out_index(m, {i}), " for i in range(len(info.m_extents))),
     )
-    del M
-    func = tvm.script.from_source(text, extra_vars={"E": _Exprs(info, vl, gw), "T": __import__("tvm.script", fromlist=["tirx"]).tirx})
-    return func
+    return tvm.script.from_source(text, extra_vars={"E": _Exprs(info, vl, gw), "T": T})
