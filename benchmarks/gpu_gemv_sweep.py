@@ -5,7 +5,7 @@
 
 ``build`` compiles every variant of ``mlcbuild.compiler_passes.cuda_schedule``'s GEMV parameters
 (weights per lane per step, rows per warp, steps unrolled, warps per block, lanes along k) into
-DIR/<variant>/<shape>/ (library + nvcc fatbin); ``run`` times each kernel with random weights
+DIR/<variant>/<shape>/lib/ (library + nvcc fatbin, laid out as in a bundle); ``run`` times each kernel with random weights
 (TVM time_evaluator, best of 5 x 50 calls) and prints GB/s of weight bytes per projection and
 summed over the four. The runtime-only tvm on the GPU machine needs no compiler.
 """
@@ -14,7 +14,12 @@ import json
 import sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mlcbuild.bundle_format import LIBRARY_FILE  # noqa: E402
+
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
 
 def variants(sweep):
     if sweep == "layout":  # contiguous run per lane, rows per warp, unrolled steps, warps per block
@@ -25,6 +30,7 @@ def variants(sweep):
         if lanes * rows_y > 512:
             continue
         yield f"l{lanes}_rows{rows}_y{rows_y}", dict(run=32, rows=rows, unroll=4, rows_y=rows_y, lanes=lanes)
+
 
 def build(root, sweep):
     import tvm
@@ -43,7 +49,7 @@ def build(root, sweep):
         cs._reduction_split = split
         for shape, (n, k) in SHAPES.items():
             out = root / name / shape
-            if (out / "model.so").exists():
+            if (out / LIBRARY_FILE).exists():
                 continue
             class P(nn.Module):
                 def __init__(self):
@@ -55,33 +61,31 @@ def build(root, sweep):
             with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
                 mod = tvm.transform.Sequential([*C.fusion_passes(), cs.CUDASchedule(target), *C.lowering_passes()])(mod)
                 ex = tvm.compile(mod, target=target, relax_pipeline=None)
-            out.mkdir(parents=True, exist_ok=True)
-            ex.export_library(str(out / "model.so"))
+            (out / LIBRARY_FILE).parent.mkdir(parents=True, exist_ok=True)
+            ex.export_library(str(out / LIBRARY_FILE))
             with target:
-                C.precompile_cuda(ex.mod, "sm_90", out)
+                C.precompile_cuda(ex.mod, "sm_90", (out / LIBRARY_FILE).parent)
             (out / "params.json").write_text(json.dumps([[p_name, [int(s) for s in p.shape], str(p.dtype)] for p_name, p in params]))
             print(name, shape, flush=True)
 
+
 def run(root):
-    import ctypes, hashlib
     import numpy as np
-    import tvm, tvm_ffi
-    ctypes.CDLL(str(Path(tvm.__file__).parent / "lib/libtvm_runtime_cuda.so"), ctypes.RTLD_GLOBAL)
+    import tvm
     from tvm.runtime.vm import VirtualMachine
-    fatbins = {}
-    @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
-    def _fatbin(code):
-        return bytearray(fatbins[hashlib.sha256(code.encode()).hexdigest()])
+
+    from gpu_decode import _load_runtime_cuda
+    from mlcbuild.runtime.bundle import _use_prebuilt_cuda_kernels
+
+    _load_runtime_cuda()
     dev = tvm.cuda(0)
     rng = np.random.default_rng(0)
-    results = {}
     for vdir in sorted(p for p in root.iterdir() if p.is_dir()):
         row = {}
         for shape, (n, k) in SHAPES.items():
             d = vdir / shape
-            info = json.loads((d / "cuda-kernels.json").read_text())
-            fatbins[info["source_sha256"]] = (d / info["fatbin"]).read_bytes()
-            vm = VirtualMachine(tvm.runtime.load_module(str(d / "model.so")), dev)
+            _use_prebuilt_cuda_kernels(d)
+            vm = VirtualMachine(tvm.runtime.load_module(str(d / LIBRARY_FILE)), dev)
             args, nbytes = [], 0
             for p_name, shp, dt in json.loads((d / "params.json").read_text()):
                 a = rng.integers(0, 1 << 32, size=shp, dtype=np.uint32) if dt == "uint32" else (rng.standard_normal(shp) * 0.02).astype(dt)
@@ -91,8 +95,8 @@ def run(root):
             f = vm.time_evaluator("forward", dev, number=50, repeat=5)
             t = min(f(x, *args).results)
             row[shape] = nbytes / t / 1e9
-        results[vdir.name] = row
         print(f"{vdir.name:28s} " + "  ".join(f"{s} {row[s]:6.0f}" for s in SHAPES) + f"  | sum-time GB/s {sum(n*k for n, k in SHAPES.values())*0.5625/sum(n*k*0.5625/row[s] for s, (n, k) in SHAPES.items()):.0f}", flush=True)
+
 
 if __name__ == "__main__":
     import argparse
