@@ -161,6 +161,20 @@ def vars_in(e: Any) -> list[Any]:
     return [x for x in nodes_in(e) if isinstance(x, ir_expr.Var)]
 
 
+def as_int(e: Any) -> int | None:
+    """The value of a constant (an IntImm or a Python int), None for anything symbolic."""
+    try:
+        return int(e)
+    except (TypeError, ValueError):
+        return None
+
+
+def is_scheduled(func: Any) -> bool:
+    """Whether a PrimFunc says it is scheduled already (``tirx.is_scheduled``)."""
+    attrs = func.attrs
+    return attrs is not None and "tirx.is_scheduled" in attrs and bool(attrs["tirx.is_scheduled"])
+
+
 def pairwise_sum(terms: list[Any]) -> Any:
     """terms[0] + terms[1] + ... as a balanced tree (depth log2(n), not an n-long dependency chain)."""
     while len(terms) > 1:
@@ -172,4 +186,4 @@ def uses_var(e: Any, v: Any) -> bool:
     return any(x.same_as(v) for x in vars_in(e))
 
 
-__all__ = ["HALF", "Rewriter", "RewriteError", "dtype_of", "loads_in", "nodes_in", "pairwise_sum", "uses_var", "vars_in", "tvm"]
+__all__ = ["HALF", "Rewriter", "RewriteError", "as_int", "dtype_of", "is_scheduled", "loads_in", "nodes_in", "pairwise_sum", "uses_var", "vars_in", "tvm"]

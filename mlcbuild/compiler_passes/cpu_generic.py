@@ -8,6 +8,8 @@ from typing import Any
 
 from tvm import s_tir, tirx
 
+from mlcbuild.compiler_passes._tir_expr import as_int, loads_in
+
 DATA_PAR, COMM_REDUCE = 0, 2
 # Below this many elements a kernel runs on the calling thread: waking the pool costs more.
 PARALLEL_MIN_ELEMENTS = 1 << 15
@@ -17,23 +19,16 @@ def _extent(sch: s_tir.Schedule, loop: Any) -> Any:
     return sch.get(loop).extent
 
 
-def _as_int(e: Any) -> int | None:
-    try:
-        return int(e)
-    except (TypeError, ValueError):
-        return None
-
-
 def _is_seq_extent(e: Any) -> bool:
     """A symbolic extent that grows with the prompt (prefill) rather than the batch (decode)."""
-    return _as_int(e) is None and "batch" not in str(e)
+    return as_int(e) is None and "batch" not in str(e)
 
 
 def _worth_parallel(sch: s_tir.Schedule, loops: list[Any]) -> bool:
     total = 1
     for lp in loops:
         e = _extent(sch, lp)
-        v = _as_int(e)
+        v = as_int(e)
         if v is None:
             if not _is_seq_extent(e):
                 return False
@@ -47,7 +42,7 @@ def _vectorize_inner(sch: s_tir.Schedule, block: Any, lanes: int) -> None:
     if not loops:
         return
     inner = loops[-1]
-    ext = _as_int(_extent(sch, inner))
+    ext = as_int(_extent(sch, inner))
     if ext is None:
         return
     if ext % lanes == 0 and ext > lanes:
@@ -61,8 +56,6 @@ def simple_blocks(sch: s_tir.Schedule) -> list[Any] | None:
     """The root's child blocks if every one is a plain store at affine indices (no nested blocks,
     no data-dependent writes such as the KV-cache page scatter); else None."""
     from tvm.ir import expr as ir_expr
-
-    from mlcbuild.compiler_passes._tir_expr import loads_in
 
     root = sch.get_sblock("root")
     if sch.get(root).alloc_buffers is None:
@@ -123,7 +116,7 @@ def schedule_injective(func: Any, lanes: int) -> Any | None:
             continue
         parallel = _worth_parallel(sch, loops)
         inner = loops[-1]
-        ext = _as_int(_extent(sch, inner))
+        ext = as_int(_extent(sch, inner))
         outer = loops[:-1]
         if ext is not None and ext >= 2 * lanes and ext % lanes == 0:
             o, v = sch.split(inner, [None, lanes])
@@ -209,7 +202,7 @@ def schedule_head_invariant(func: Any, lanes: int) -> Any | None:
     loops = sch.get_loops(block)
     if len(loops) != 3:
         return None
-    heads = _as_int(_extent(sch, loops[1]))
+    heads = as_int(_extent(sch, loops[1]))
     if heads is None or heads > 64:
         return None
     text = func.script()

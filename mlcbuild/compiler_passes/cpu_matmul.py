@@ -32,7 +32,7 @@ import tvm
 from tvm import s_tir, te, tirx
 from tvm.ir import expr as ir_expr
 
-from mlcbuild.compiler_passes._tir_expr import HALF, Rewriter, dtype_of, loads_in, uses_var
+from mlcbuild.compiler_passes._tir_expr import HALF, Rewriter, as_int, dtype_of, loads_in, uses_var
 
 DATA_PAR, COMM_REDUCE = 0, 2
 
@@ -67,13 +67,6 @@ def _root(sch: s_tir.Schedule) -> Any:
 
 def _is_reduction(block: Any) -> bool:
     return any(int(iv.iter_type) == COMM_REDUCE for iv in block.iter_vars)
-
-
-def _as_int(e: Any) -> int | None:
-    try:
-        return int(e)
-    except (TypeError, ValueError):
-        return None
 
 
 def _strip_cast(e: Any) -> Any:
@@ -150,8 +143,8 @@ def analyze(func: Any) -> tuple[MatmulInfo, s_tir.Schedule]:
     out_dtype = str(store.buffer.dtype)
     if out_dtype not in HALF + ("float32",):
         raise NotMatched(f"accumulator dtype {out_dtype}")
-    n_extent = _as_int(n_iv.dom.extent)
-    k_extent = _as_int(k_iv.dom.extent)
+    n_extent = as_int(n_iv.dom.extent)
+    k_extent = as_int(k_iv.dom.extent)
     if n_extent is None or k_extent is None:
         raise NotMatched("n and k must be static")
     params = list(func.params)
@@ -191,12 +184,12 @@ def analyze(func: Any) -> tuple[MatmulInfo, s_tir.Schedule]:
     written = [b for b in params if b.same_as(info.out)]
     if len(written) != 1:
         raise NotMatched("output buffer")
-    dyn = [e for e in info.m_extents if _as_int(e) is None]
+    dyn = [e for e in info.m_extents if as_int(e) is None]
     info.dyn_m = bool(dyn)
     if dyn:
         # [1, seq_len, K] (prefill) vs [batch, 1, K] (decode): the sequence axis is the last m axis.
         last = info.m_extents[-1]
-        info.seq_like = _as_int(last) is None and "batch" not in str(last)
+        info.seq_like = as_int(last) is None and "batch" not in str(last)
     return info, sch
 
 
@@ -235,7 +228,7 @@ def _m_total(info: MatmulInfo) -> Any:
 def _unravel(info: MatmulInfo, m: Any) -> list[Any]:
     """Flat row index -> the original m indices (axes of extent 1 get index 0)."""
     exts = info.m_extents
-    live = [i for i, e in enumerate(exts) if _as_int(e) != 1]
+    live = [i for i, e in enumerate(exts) if as_int(e) != 1]
     idx: list[Any] = [i64(0)] * len(exts)
     rest = m
     for pos, i in enumerate(live):
@@ -253,7 +246,7 @@ def _unravel(info: MatmulInfo, m: Any) -> list[Any]:
 def _ravel(info: MatmulInfo, idx: list[Any]) -> Any:
     m = i64(0)
     for i, e in zip(idx, info.m_extents):
-        if _as_int(e) == 1:
+        if as_int(e) == 1:
             continue
         m = m * e + i
     return m
@@ -440,7 +433,7 @@ def schedule_gemm(func: Any, n: int, lanes: int, nb: int, mb: int) -> Any:
     # k is split by 8 with the 8 unrolled inside: the loads of one word serve 8 rows of the panel.
     wl = sch.get_loops(wt)
     wk, wn = wl[-2], wl[-1]
-    k_ext = _as_int(sch.get(wk).extent)
+    k_ext = as_int(sch.get(wk).extent)
     wno, wv = sch.split(wn, [None, vl])
     if k_ext is not None and k_ext % 8 == 0:
         wko, wki = sch.split(wk, [None, 8])
@@ -521,11 +514,11 @@ def match_group_quant(info: MatmulInfo) -> GroupQuant | None:
         wi, si = wload.indices[1], sload.indices[1]
         if not (isinstance(wi, tirx.FloorDiv) and wi.a.same_as(k) and isinstance(si, tirx.FloorDiv) and si.a.same_as(k)):
             continue
-        per_word, group = _as_int(wi.b), _as_int(si.b)
+        per_word, group = as_int(wi.b), as_int(si.b)
         sh = _strip_cast(shr.b)
         if not (isinstance(sh, tirx.Mul) and isinstance(sh.a, tirx.FloorMod) and sh.a.a.same_as(k)):
             continue
-        if _as_int(sh.a.b) != per_word or _as_int(sh.b) != bits:
+        if as_int(sh.a.b) != per_word or as_int(sh.b) != bits:
             continue
         if per_word is None or group is None or per_word * bits > 32 or group % per_word:
             continue
@@ -538,8 +531,8 @@ def build_gemv_q(info: MatmulInfo, gq: GroupQuant, lanes: int, rows: int = 4) ->
     P = gq.per_word
     # Rows are stored zero-padded to whole groups (q3f16_1: 576 -> 600 elements in 60 words):
     # run over every stored word and give the padding x = 0.
-    kw = _as_int(gq.weight.shape[1]) or 0
-    if kw * P < K or _as_int(gq.weight.shape[0]) != N:
+    kw = as_int(gq.weight.shape[1]) or 0
+    if kw * P < K or as_int(gq.weight.shape[0]) != N:
         raise NotMatched("weight layout does not cover K")
     gw = gq.group // P  # words per group
     # Each lane holds one packed word; a vector's per-lane scales come from vl / gw groups,

@@ -34,12 +34,11 @@ from tvm import tirx
 
 from tvm.script import tirx as T
 
-from mlcbuild.compiler_passes._tir_expr import loads_in, pairwise_sum
+from mlcbuild.compiler_passes._tir_expr import as_int, loads_in, pairwise_sum
 from mlcbuild.compiler_passes.cpu_matmul import (
     GroupQuant,
     MatmulInfo,
     NotMatched,
-    _as_int,
     _divisor,
     _unravel,
     epilogue_value,
@@ -123,7 +122,7 @@ class _Exprs:
 
 
 def _dim(e: Any, sym: dict[str, Any]) -> str:
-    v = _as_int(e)
+    v = as_int(e)
     if v is not None:
         return f"T.int64({v})"
     name = f"s{len(sym)}"
@@ -184,7 +183,7 @@ def build(info: MatmulInfo, gq: GroupQuant, rows: int = 1) -> Any:
     2 threads, weights L3-resident as in a SmolLM2 decode: lm_head 17-18 -> 21-22 GB/s, gate_up
     15-17 -> 17-17.5 GB/s; from DRAM 12.5 -> 12.3 and 10.3-11.6 -> 12.2-13.4 GB/s)."""
     K, N = info.k_extent, info.n_extent
-    kw = _as_int(gq.weight.shape[1]) or 0
+    kw = as_int(gq.weight.shape[1]) or 0
     if gq.bits != 4 or gq.per_word != 8 or kw * 8 != K or gq.group % 8 or K % gq.group:
         raise NotMatched("not an unpadded 4-bit, 8-per-word layout")
     if float(gq.zero) != int(gq.zero):

@@ -28,6 +28,7 @@ import tvm
 from tvm import tirx
 
 from mlcbuild.compiler_passes import cpu_attention, cpu_generic, cpu_matmul, cpu_qgemv_vnni
+from mlcbuild.compiler_passes._tir_expr import as_int, is_scheduled
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +52,12 @@ def vector_lanes(target: Any) -> int:
     return 4
 
 
-def _is_scheduled(func: Any) -> bool:
-    attrs = func.attrs
-    return attrs is not None and "tirx.is_scheduled" in attrs and bool(attrs["tirx.is_scheduled"])
-
-
 def _schedule_matmul(func: Any, lanes: int, vnni: bool = False) -> tuple[Any, str] | None:
     try:
         info, _ = cpu_matmul.analyze(func)
     except cpu_matmul.NotMatched:
         return None
-    rows = cpu_matmul._as_int(cpu_matmul._m_total(info))
+    rows = as_int(cpu_matmul._m_total(info))
     candidates = []
     if (info.dyn_m and info.seq_like) or (rows is not None and rows > GEMV_MAX_ROWS):
         candidates.append(("gemm", lambda: cpu_matmul.build_gemm(info, lanes)))
@@ -147,7 +143,7 @@ def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target, replace_at
             updates[gvar] = _carry_attrs(attention[name], func)
             _REPORT[name] = "attention"
             continue
-        if _is_scheduled(func):
+        if is_scheduled(func):
             continue
         try:
             result = schedule_func(func, lanes, vnni)

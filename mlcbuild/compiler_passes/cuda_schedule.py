@@ -81,10 +81,12 @@ def DequantGemv(target: Any) -> Any:  # noqa: N802
     import tvm
     from tvm import tirx
 
+    from mlcbuild.compiler_passes._tir_expr import is_scheduled
+
     @tvm.transform.module_pass(opt_level=0, name="DequantGemv")
     def apply(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
         for gvar, func in list(mod.functions_items()):
-            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
                 continue
             scheduled = schedule_decode_function(func, target)
             if scheduled is not None:
@@ -92,10 +94,6 @@ def DequantGemv(target: Any) -> Any:  # noqa: N802
         return mod
 
     return apply
-
-
-def _is_scheduled(func: Any) -> bool:
-    return "tirx.is_scheduled" in func.attrs and bool(func.attrs["tirx.is_scheduled"])
 
 
 def schedule_decode_function(func: Any, target: Any) -> Any | None:
@@ -135,13 +133,15 @@ def schedule_decode_function(func: Any, target: Any) -> Any | None:
 def _schedule_with_default_rules(func: Any, target: Any) -> Any | None:
     import tvm
 
+    from mlcbuild.compiler_passes._tir_expr import is_scheduled
+
     # TVM 0.27's tensor-core path of dlight's Matmul segfaults on our fused f16 matmuls (see
     # compile._pipeline): keep its tiled shared-memory schedule without tensor cores.
     mod = tvm.IRModule({"main": func.with_attr("dlight.do_not_tensorize", True)})
     with target:
         mod = _default_rules()(mod)
     scheduled = mod["main"]
-    return scheduled if _is_scheduled(scheduled) else None
+    return scheduled if is_scheduled(scheduled) else None
 
 
 # ---- matching --------------------------------------------------------------------------------
@@ -152,6 +152,8 @@ def match_gemv(func: Any) -> GemvMatch | None:
     computed by one spatial block (the dequantization), followed by elementwise blocks only."""
     from tvm import s_tir, tirx
     from tvm.ir import expr as ir_expr
+
+    from mlcbuild.compiler_passes._tir_expr import as_int
 
     try:
         sch = s_tir.Schedule(func)
@@ -170,7 +172,7 @@ def match_gemv(func: Any) -> GemvMatch | None:
     if len(reduce_vars) != 1 or len(main.writes) != 1:
         return None
     k = reduce_vars[0].var
-    k_extent = _const(reduce_vars[0].dom.extent)
+    k_extent = as_int(reduce_vars[0].dom.extent)
     out_idx = [r.min for r in main.writes[0].region]
     if k_extent is None or not all(isinstance(e, tirx.Var) for e in out_idx) or len(out_idx) < 2:
         return None
@@ -205,9 +207,9 @@ def match_gemv(func: Any) -> GemvMatch | None:
     batch_var, batch_static = None, 1
     for iv in main.iter_vars:
         if iv.var.same_as(n):
-            n_extent = _const(iv.dom.extent)
+            n_extent = as_int(iv.dom.extent)
         elif not _is_reduce(iv):
-            extent = _const(iv.dom.extent)
+            extent = as_int(iv.dom.extent)
             if extent is not None:
                 batch_static *= extent
             elif batch_var is None and isinstance(iv.dom.extent, tirx.Var):
@@ -227,12 +229,6 @@ def _is_reduce(iv: Any) -> bool:
     from tvm import tirx
 
     return iv.iter_type == tirx.IterVar.CommReduce
-
-
-def _const(e: Any) -> int | None:
-    from tvm import tirx
-
-    return int(e) if isinstance(e, tirx.IntImm) else None
 
 
 # ---- the schedule ----------------------------------------------------------------------------
@@ -275,6 +271,8 @@ def schedule_gemv(func: Any, target: Any, match: GemvMatch, bucket: int) -> Any 
 
 
 def _schedule(sch: Any, match: GemvMatch, bucket: int, lanes: int, vk: int) -> None:
+    from mlcbuild.compiler_passes._tir_expr import as_int
+
     main = sch.get_sblock(match.main)
     producer = sch.get_sblock(match.weight_producer) if match.weight_producer else None
     if producer is not None and match.transposed:
@@ -282,7 +280,7 @@ def _schedule(sch: Any, match: GemvMatch, bucket: int, lanes: int, vk: int) -> N
     n_iters = len(sch.get(main).iter_vars)
     padded = match.batch_var is not None and bucket > 1
     if padded:
-        sch.pad_einsum(main, [bucket if not _is_reduce(iv) and _const(iv.dom.extent) is None else 1
+        sch.pad_einsum(main, [bucket if not _is_reduce(iv) and as_int(iv.dom.extent) is None else 1
                               for iv in sch.get(main).iter_vars])
     # After padding: [x_pad], main, [C -> C_unpadded], epilogue... ; inline the epilogue chain
     # into its last block so that one block writes the output.
