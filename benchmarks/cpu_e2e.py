@@ -29,6 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cpu_kernels import dram_bandwidth  # noqa: E402  (this directory)
+
 SMOLLM2_135M = dict(
     model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
     num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0, tie_word_embeddings=True,
@@ -161,18 +163,6 @@ def count_vm_calls(r: Runner, token: int) -> int:
     finally:
         r.vm.set_instrument(lambda *a: 0)
     return count[0]
-
-
-def dram_bandwidth() -> float:
-    """GB/s of a numpy copy of 1 GiB (read + write counted), best of 3."""
-    src = np.ones(1 << 28, dtype=np.float32)
-    dst = np.empty_like(src)
-    best = 0.0
-    for _ in range(3):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = max(best, 2 * src.nbytes / (time.perf_counter() - t0) / 1e9)
-    return best
 
 
 def run_one(quant: str, layers: int, schedule: str, prompt: int, gen: int, workdir: Path, transpose_fusion: bool) -> dict[str, Any]:
