@@ -7,7 +7,9 @@
 (weights per lane per step, rows per warp, steps unrolled, warps per block, lanes along k) into
 DIR/<variant>/<shape>/lib/ (library + nvcc fatbin, laid out as in a bundle); ``run`` times each kernel with random weights
 (TVM time_evaluator, best of 5 x 50 calls) and prints GB/s of weight bytes per projection and
-summed over the four. The runtime-only tvm on the GPU machine needs no compiler.
+summed over the four, and each variant's largest output difference (relative to max|y|) from the
+first variant on the same inputs (a ``float_*`` variant where there is one: ``--sweep dp4a``
+checks the integer-dot kernel's numerics on the GPU against the float kernel). The runtime-only tvm on the GPU machine needs no compiler.
 """
 import itertools
 import json
@@ -22,6 +24,11 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 
 
 def variants(sweep):
+    if sweep == "dp4a":  # integer-dot batch-1 kernel (cuda_qgemv_dp4a) vs the float kernel it would replace
+        yield "float_run32_rows2_u4_y4", dict(run=32, rows=2, unroll=4, rows_y=4)
+        for warps, rows, steps in itertools.product((4, 8), (2, 4, 8), (2, 4)):
+            yield f"dp4a_w{warps}_rows{rows}_s{steps}", dict(dp4a=(warps, rows, steps))
+        return
     if sweep == "layout":  # contiguous run per lane, rows per warp, unrolled steps, warps per block
         for run, rows, unroll, rows_y in itertools.product((128, 32), (2, 4), (2, 4), (4, 8)):
             yield f"run{run}_rows{rows}_u{unroll}_y{rows_y}", dict(run=run, rows=rows, unroll=unroll, rows_y=rows_y)
@@ -35,6 +42,7 @@ def variants(sweep):
 def build(root, sweep):
     import tvm
     from tvm.relax.frontend import nn
+    from mlcbuild.compiler_passes import cuda_qgemv_dp4a as dp4a
     from mlcbuild.compiler_passes import cuda_schedule as cs
     from mlcbuild.quantization import get_quantization
     from mlcbuild.quantization.scheme import family
@@ -43,10 +51,14 @@ def build(root, sweep):
     spec = get_quantization("q4f16_1")
     orig_split = cs._reduction_split
     for name, v in variants(sweep):
-        cs.ROWS_PER_WARP, cs.UNROLL_STEPS, cs.ROWS_Y = v["rows"], v["unroll"], v["rows_y"]
-        def split(k, bucket, run=v["run"], lanes=v.get("lanes", 32)):
-            return (lanes, run) if k % (lanes * run) == 0 else orig_split(k, bucket)
-        cs._reduction_split = split
+        cs.INTEGER_DOT_BATCH1 = "dp4a" in v
+        if "dp4a" in v:
+            dp4a.WARPS, dp4a.ROWS, dp4a.STEPS = v["dp4a"]
+        else:
+            cs.ROWS_PER_WARP, cs.UNROLL_STEPS, cs.ROWS_Y = v["rows"], v["unroll"], v["rows_y"]
+            def split(k, bucket, run=v["run"], lanes=v.get("lanes", 32)):
+                return (lanes, run) if k % (lanes * run) == 0 else orig_split(k, bucket)
+            cs._reduction_split = split
         for shape, (n, k) in SHAPES.items():
             out = root / name / shape
             if (out / LIBRARY_FILE).exists():
@@ -79,24 +91,28 @@ def run(root):
 
     _load_runtime_cuda()
     dev = tvm.cuda(0)
-    rng = np.random.default_rng(0)
-    for vdir in sorted(p for p in root.iterdir() if p.is_dir()):
-        row = {}
-        for shape, (n, k) in SHAPES.items():
+    first = {}  # shape -> output of the first variant (the others are checked against it)
+    for vdir in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: not p.name.startswith("float")):
+        row, errs = {}, []
+        for i, (shape, (n, k)) in enumerate(SHAPES.items()):
             d = vdir / shape
             _use_prebuilt_cuda_kernels(d)
             vm = VirtualMachine(tvm.runtime.load_module(str(d / LIBRARY_FILE)), dev)
+            rng = np.random.default_rng(i)  # the same inputs for every variant
             args, nbytes = [], 0
             for p_name, shp, dt in json.loads((d / "params.json").read_text()):
                 a = rng.integers(0, 1 << 32, size=shp, dtype=np.uint32) if dt == "uint32" else (rng.standard_normal(shp) * 0.02).astype(dt)
                 nbytes += a.nbytes
                 args.append(tvm.runtime.tensor(a, dev))
             x = tvm.runtime.tensor((rng.standard_normal((1, 1, k)) * 0.1).astype("float16"), dev)
+            out = vm["forward"](x, *args).numpy().astype(np.float32)
+            ref = first.setdefault(shape, out)
+            errs.append(float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30)))
             f = vm.time_evaluator("forward", dev, number=50, repeat=5)
             t = min(f(x, *args).results)
             row[shape] = nbytes / t / 1e9
-        print(f"{vdir.name:28s} " + "  ".join(f"{s} {row[s]:6.0f}" for s in SHAPES) + f"  | sum-time GB/s {sum(n*k for n, k in SHAPES.values())*0.5625/sum(n*k*0.5625/row[s] for s, (n, k) in SHAPES.items()):.0f}", flush=True)
-
+        print(f"{vdir.name:28s} " + "  ".join(f"{s} {row[s]:6.0f}" for s in SHAPES) + f"  | sum-time GB/s {sum(n*k for n, k in SHAPES.values())*0.5625/sum(n*k*0.5625/row[s] for s, (n, k) in SHAPES.items()):.0f}"
+              f"  | max rel. diff vs first {max(errs):.1e}", flush=True)
 
 if __name__ == "__main__":
     import argparse
@@ -104,7 +120,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["build", "run"])
     ap.add_argument("root", type=Path)
-    ap.add_argument("--sweep", choices=["layout", "splitk"], default="layout")
+    ap.add_argument("--sweep", choices=["layout", "splitk", "dp4a"], default="layout")
     args = ap.parse_args()
     if args.mode == "build":
         build(args.root, args.sweep)

@@ -164,3 +164,42 @@ def test_exact_int_to_float_is_bit_identical():
             lib["main"](*args)
             results.append(args[2].numpy())
         assert results[0].tobytes() == results[1].tobytes(), name
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_integer_dot_gemv_compiles_for_cuda(monkeypatch, tmp_path):
+    """With ``INTEGER_DOT_BATCH1`` the batch-1 4-bit GEMVs are ``cuda_qgemv_dp4a``'s kernel (the
+    static-batch ``decode`` ones whole, ``batch_decode``'s in its batch <= 1 branch, the float
+    kernel still serving batches 2-16), and TVM's CUDA codegen and nvcc take them. Its numerics:
+    tests/test_cpu_schedule.py (the same kernel emulated on the CPU)."""
+    import sys
+    import types
+
+    import tvm
+    from tvm import tirx
+
+    from mlcbuild.compiler_passes import cuda_schedule
+    from mlcbuild.stages.compile import precompile_cuda
+
+    monkeypatch.setattr(cuda_schedule, "INTEGER_DOT_BATCH1", True)
+    if "tvm.s_tir.tensor_intrin.cuda" not in sys.modules:  # see test_decode_gemv_is_scheduled_as_a_gemv
+        stand_in = types.ModuleType("tvm.s_tir.tensor_intrin.cuda")
+        stand_in.get_wmma_intrin_group = None
+        monkeypatch.setitem(sys.modules, "tvm.s_tir.tensor_intrin.cuda", stand_in)
+    mod = _cuda_scheduled_module("q4f16_1")
+    gemvs = {gv.name_hint: f for gv, f in mod.functions_items()
+             if isinstance(f, tirx.PrimFunc) and "dequantize" in gv.name_hint and "matmul" in gv.name_hint}
+    texts = {name: f.script() for name, f in gemvs.items()}
+    with_dot = [name for name, text in texts.items() if "__dp4a" in text]
+    assert len(with_dot) >= 4, sorted(texts)
+    for name in with_dot:
+        if "batch_size" in texts[name]:  # the dispatch keeps the float kernel for batches 2-16
+            assert "T.tvm_thread_invariant(batch_size <= T.int64(1))" in texts[name]
+            assert "dequantize_intermediate_local" in texts[name]
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    lib = tvm.compile(tvm.IRModule({n: gemvs[n].with_attr("global_symbol", n) for n in with_dot}), target=target)
+    source = lib.mod.imports[0].inspect_source()
+    assert "__dp4a(" in source and "__shfl_down_sync(" in source and "__syncthreads()" in source
+    with target:
+        info = precompile_cuda(lib.mod, "sm_90", tmp_path)
+    assert (tmp_path / info["fatbin"]).read_bytes()[:4] == bytes.fromhex("50ed55ba")

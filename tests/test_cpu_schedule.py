@@ -140,15 +140,20 @@ def test_quantized_gemv_matches_numpy(quant: str, k: int, batch: int, target: An
     """The fast 4-bit GEMVs (scale and zero point factored out of the inner loop; on VNNI CPUs
     integer dot products over 16-bit fixed-point activations) against numpy with the scheme's
     own dequantization, residual-add epilogue included."""
-    from mlcbuild.quantization.group_quant import dequantize_reference, quantize_tensor
-
-    spec = get_quantization(quant)
     mod, _ = _fused_module(quant, [1, 1] if batch == 1 else ["batch_size", 1], k)
     scheduled = _primfuncs(apply_cpu_schedules(mod, target))
     report = last_report()
     (name,) = [n for n, r in report.items() if "matmul" in n and "add" in n]
     assert report[name] == rule, report
-    func = scheduled[name]
+    _check_gemv_numerics(scheduled[name], quant, k, batch)
+
+
+def _check_gemv_numerics(func: Any, quant: str, k: int, batch: int, tolerance: float | None = None) -> None:
+    """Run ``func`` (a fused 4-bit ``linear + residual`` of ``_Block``) on random quantized
+    weights and compare with numpy on the scheme's own dequantization (``tolerance``: of max|y|)."""
+    from mlcbuild.quantization.group_quant import dequantize_reference, quantize_tensor
+
+    spec = get_quantization(quant)
     rng = np.random.default_rng(1)
     w = rng.standard_normal((N, k)).astype(np.float32)
     q_weight, q_scale = quantize_tensor(w, spec)
@@ -168,7 +173,36 @@ def test_quantized_gemv_matches_numpy(quant: str, k: int, batch: int, target: An
     got = _run(func, arrays)
     wd = dequantize_reference(q_weight, q_scale, k, spec).astype(np.float32)
     want = x.astype(np.float32).reshape(batch, k) @ wd.T + res.astype(np.float32).reshape(batch, N)
-    np.testing.assert_allclose(got.reshape(batch, N), want, rtol=0, atol=_tolerance(quant) * np.abs(want).max())
+    atol = (tolerance or _tolerance(quant)) * np.abs(want).max()
+    np.testing.assert_allclose(got.reshape(batch, N), want, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize(
+    "k,batch",
+    [
+        (1024, 1),  # 32 groups: every lane has one at every step (no guard), 4 steps unrolled
+        (96, 1),  # 3 groups: lanes without a group, guarded loads
+        (2048, 3),  # symbolic batch (blockIdx.y per row), 2 steps
+    ],
+)
+def test_cuda_integer_dot_gemv_numerics_emulated(k: int, batch: int) -> None:
+    """The CUDA dp4a GEMV (``cuda_qgemv_dp4a``), generated with its threads as serial loops, the
+    warp-shuffle tree as the same additions and dp4a as byte products, runs here: its fixed-point
+    activations, byte planes, shared-memory layout and recombination against numpy."""
+    from mlcbuild.compiler_passes import cpu_matmul, cuda_qgemv_dp4a
+
+    mod, _ = _fused_module("q4f16_1", [1, 1] if batch == 1 else ["batch_size", 1], k)
+    (func,) = [f for n, f in _primfuncs(mod).items() if "matmul" in n and "add" in n]
+    info, _ = cpu_matmul.analyze(func)
+    gq = cpu_matmul.match_group_quant(info)
+    assert cuda_qgemv_dp4a.applies(info, gq)
+    # within 1e-3 of max|y|: the float16 output's own rounding (a lost low byte plane would be ~4e-3)
+    _check_gemv_numerics(cuda_qgemv_dp4a.build(info, gq, emulate=True), "q4f16_1", k, batch, tolerance=1e-3)
+    # float32 activations (q4f32_1) are not taken: they asked for exactness
+    mod32, _ = _fused_module("q4f32_1", [1, 1], k)
+    (func32,) = [f for n, f in _primfuncs(mod32).items() if "matmul" in n and "add" in n]
+    info32, _ = cpu_matmul.analyze(func32)
+    assert not cuda_qgemv_dp4a.applies(info32, cpu_matmul.match_group_quant(info32))
 
 
 def test_attention_kernels_match_tvm_reference() -> None:

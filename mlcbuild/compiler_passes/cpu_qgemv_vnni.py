@@ -26,24 +26,13 @@ then byte).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-import tvm
 from tvm import tirx
 
-from tvm.script import tirx as T
-
+from mlcbuild.compiler_passes._text_kernel import KernelExprs, parse, signature
 from mlcbuild.compiler_passes._tir_expr import as_int, loads_in, pairwise_sum
-from mlcbuild.compiler_passes.cpu_matmul import (
-    GroupQuant,
-    MatmulInfo,
-    NotMatched,
-    _divisor,
-    _unravel,
-    epilogue_value,
-    x_value,
-)
+from mlcbuild.compiler_passes.cpu_matmul import GroupQuant, MatmulInfo, NotMatched, _divisor
 
 # |round(x / d)| bound: hi = floor((x16 + 128) / 256) and lo = x16 - 256 * hi both fit int8.
 X16_MAX = 32639
@@ -61,12 +50,12 @@ def supported(target: Any) -> bool:
         return False
 
 
-class _Exprs:
-    """Parse-time helpers the kernel text calls: the fused function's activation expression and
-    epilogue, rebuilt over the kernel's own parameter buffers, and the vector dot step."""
+class _Exprs(KernelExprs):
+    """The kernel text's parse-time helpers: the shared ones, plus the vector dot step."""
 
     def __init__(self, info: MatmulInfo, vl: int, gw: int):
-        self.info, self.vl, self.gw = info, vl, gw
+        super().__init__(info)
+        self.vl, self.gw = vl, gw
 
     def dot(self, W: Any, S: Any, xb: Any, zw: Any, dw: Any, n: Any, m: Any, wo: Any) -> Any:
         """float32 x vl partial sums of row n over the vl words at wo: s * d * (q . x16 - z sum x16)."""
@@ -95,44 +84,9 @@ class _Exprs:
         scale = tirx.Cast(f"float32x{vl}", scale)
         return tirx.Cast(f"float32x{vl}", total) * (scale * tirx.BufferLoad(dw, [m, lanes]))
 
-    def _loader(self, bufs: tuple[Any, ...]) -> Any:
-        params = self.info.params
-
-        def load(buf: Any, idx: list[Any]) -> Any:
-            for orig, new in zip(params, bufs):
-                if orig.same_as(buf):
-                    return tirx.BufferLoad(new, idx)
-            raise NotMatched(f"load of a non-parameter buffer {buf}")
-
-        return load
-
-    def x(self, m: Any, k: Any, *bufs: Any) -> Any:
-        return x_value(self.info, self._loader(bufs), m, k)
-
     def hsum(self, acc: Any, row: Any) -> Any:
         """The sum of a row's vl float32 partial sums."""
         return pairwise_sum([acc[row, i] for i in range(self.vl)])
-
-    def out_index(self, m: Any, axis: int) -> Any:
-        return _unravel(self.info, m)[axis]
-
-    def out(self, m: Any, n: Any, value: Any, *bufs: Any) -> Any:
-        """epilogue(value) for output row m, column n, in the output's dtype."""
-        return epilogue_value(self.info, self._loader(bufs), value, [*_unravel(self.info, m), n])
-
-
-def _dim(e: Any, sym: dict[str, Any]) -> str:
-    v = as_int(e)
-    if v is not None:
-        return f"T.int64({v})"
-    name = f"s{len(sym)}"
-    for key, var in sym.items():
-        if var.same_as(e):
-            return key
-    if not isinstance(e, tirx.Var):
-        raise NotMatched(f"shape expression {e} is not a variable")
-    sym[name] = e
-    return name
 
 
 KERNEL = """
@@ -196,29 +150,12 @@ def build(info: MatmulInfo, gq: GroupQuant, rows: int = 1) -> Any:
     if kw % vl or vl % gw:
         raise NotMatched("groups do not tile the vector")
     rows = _divisor(N, [rows, 2, 1])
-    sym: dict[str, Any] = {}
-    params = info.params
-    names: list[str] = []
-    for i, buf in enumerate(params):  # keep the parameter names (they are the weights' names)
-        name = re.sub(r"\W", "_", str(buf.name)) or f"arg{i}"
-        if not name[0].isalpha() or name in names or name in RESERVED:
-            name = f"arg{i}_{name}"
-        names.append(name)
-    decls = []
-    for name, buf in zip(names, params):
-        dims = ", ".join(_dim(d, sym) for d in buf.shape)
-        decls.append(f'    {name} = T.match_buffer(h_{name}, ({dims},), "{buf.dtype}")')
-    m_text = " * ".join(_dim(e, sym) for e in info.m_extents) or "T.int64(1)"
-    w_name = names[[p.same_as(gq.weight) for p in params].index(True)]
-    s_name = names[[p.same_as(gq.scale) for p in params].index(True)]
+    sig = signature(info, gq, RESERVED)
     text = KERNEL.format(
-        handles=", ".join(f"h_{n}: T.handle" for n in names),
-        symbols="\n".join(f"    {k} = T.int64()" for k in sym),
-        buffers="\n".join(decls), W=w_name, S=s_name,
-        M=m_text, NG=K // gq.group, KW=kw, WO=kw // vl, VL=vl, VL4=4 * vl, G=gq.group, GW=gw,
+        handles=sig.handles, symbols=sig.symbols, buffers=sig.buffers, W=sig.weight, S=sig.scale,
+        M=sig.m_extent, NG=K // gq.group, KW=kw, WO=kw // vl, VL=vl, VL4=4 * vl, G=gq.group, GW=gw,
         R=rows, NO=N // rows,
-        ZERO=int(gq.zero), X16MAX=float(X16_MAX), DSCALE=repr(1.0 / X16_MAX), names=", ".join(names),
-        OUT=names[-1],
-        OUT_IDX="".join(f"E.out_index(m, {i}), " for i in range(len(info.m_extents))),
+        ZERO=int(gq.zero), X16MAX=float(X16_MAX), DSCALE=repr(1.0 / X16_MAX), names=sig.names,
+        OUT=sig.out, OUT_IDX=sig.out_index,
     )
-    return tvm.script.from_source(text, extra_vars={"E": _Exprs(info, vl, gw), "T": T})
+    return parse(text, _Exprs(info, vl, gw), sig)

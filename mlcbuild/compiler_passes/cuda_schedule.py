@@ -44,6 +44,11 @@ WARP = 32  # lanes of a warp split the reduction axis
 ROWS_Y = 4  # warps per block (threadIdx.y), one group of output rows each
 ROWS_PER_WARP = 2  # output rows per warp: two independent weight streams per lane
 UNROLL_STEPS = 4  # reduction steps unrolled at batch 1 (their loads in flight together)
+# Batch-1 4-bit GEMVs on integer dot products (``cuda_qgemv_dp4a``) instead of the float kernel.
+# Off until timed on a GPU: its numerics are tested here (CPU emulation of the same kernel) and
+# its SASS has ~5x fewer instructions per weight, but no H100 has run it yet
+# (``benchmarks/gpu_gemv_sweep.py --sweep dp4a`` does, in one device call).
+INTEGER_DOT_BATCH1 = False
 
 
 @dataclass
@@ -104,13 +109,19 @@ def schedule_decode_function(func: Any, target: Any) -> Any | None:
     match = match_gemv(func)
     if match is None:
         return None
+    single_row = integer_dot_kernel(func) if INTEGER_DOT_BATCH1 else None
     func = exact_int_to_float(func)
     if match.batch_var is None:
         if match.batch_static > BATCH_BUCKETS[-1][0]:
             return None
+        if single_row is not None and match.batch_static == 1:
+            return single_row.with_attr("tirx.is_scheduled", True)
         return schedule_gemv(func, target, match, bucket=match.batch_static)
     branches = []
     for limit, bucket in BATCH_BUCKETS:
+        if bucket == 1 and single_row is not None:
+            branches.append((limit, single_row))
+            continue
         scheduled = schedule_gemv(func, target, match, bucket=bucket)
         if scheduled is None:
             return None
@@ -128,6 +139,21 @@ def schedule_decode_function(func: Any, target: Any) -> Any | None:
         .with_attr("tirx.is_scheduled", True)
         .with_attr("tirx.HoistIfThenElseExprWithBlock", 1)
     )
+
+
+def integer_dot_kernel(func: Any) -> Any | None:
+    """``func`` (unscheduled, before ``exact_int_to_float``) with ``cuda_qgemv_dp4a``'s kernel as
+    its body, or None where that kernel does not apply."""
+    from mlcbuild.compiler_passes import cpu_matmul, cuda_qgemv_dp4a
+
+    try:
+        info, _ = cpu_matmul.analyze(func)
+    except cpu_matmul.NotMatched:
+        return None
+    gq = cpu_matmul.match_group_quant(info)
+    if not cuda_qgemv_dp4a.applies(info, gq):
+        return None
+    return func.with_body(cuda_qgemv_dp4a.build(info, gq, bound=True).body)
 
 
 def _schedule_with_default_rules(func: Any, target: Any) -> Any | None:
