@@ -2,9 +2,11 @@
 
 Two steps, because the GPU machine has no compiler toolchain for us and takes only small uploads:
 
-    python benchmarks/gpu_decode.py prepare DIR [--arch sm_90]
+    python benchmarks/gpu_decode.py prepare DIR [--device cuda:sm_90] [--integer-dot]
         here: gen_config + compile (nvcc) of a SmolLM2-135M-shaped and a Llama-3-8B-shaped model
         at q4f16_1 for cuda:sm_XX; DIR/<shape>/ holds mlc-chat-config.json and lib/.
+        --integer-dot: batch-1 GEMVs on dp4a (cuda_schedule.INTEGER_DOT_BATCH1; prepare a second
+        DIR with it and run both in one GPU session to compare).
     python benchmarks/gpu_decode.py run DIR [--batches 1 16]
         on the GPU: fills each bundle with random weights of the library's parameter shapes
         (speed does not depend on the values), a word-level tokenizer of the model's vocabulary
@@ -40,11 +42,13 @@ SHAPES = {
 QUANTIZATION = "q4f16_1"
 
 
-def prepare(root: Path, device: str, shapes: list[str]) -> None:
+def prepare(root: Path, device: str, shapes: list[str], integer_dot: bool = False) -> None:
+    from mlcbuild.compiler_passes import cuda_schedule
     from mlcbuild.pipeline.stage import StageContext
     from mlcbuild.stages.compile import Compile, CompileParams
     from mlcbuild.stages.gen_config import GenConfig, GenConfigParams
 
+    cuda_schedule.INTEGER_DOT_BATCH1 = integer_dot
     for shape in shapes:
         config = SHAPES[shape]
         bundle = root / shape
@@ -195,6 +199,7 @@ def main() -> None:
     p.add_argument("root", type=Path)
     p.add_argument("--device", default="cuda:sm_90", help="cuda:sm_XX, or cpu for a dry run here")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--integer-dot", action="store_true", help="batch-1 4-bit GEMVs on dp4a (cuda_qgemv_dp4a)")
     r = sub.add_parser("run")
     r.add_argument("root", type=Path)
     r.add_argument("--batches", type=int, nargs="+", default=[1, 16])
@@ -202,7 +207,7 @@ def main() -> None:
     r.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = parser.parse_args()
     if args.command == "prepare":
-        prepare(args.root, args.device, args.shapes)
+        prepare(args.root, args.device, args.shapes, args.integer_dot)
     else:
         run(args.root, args.batches, args.device, args.shapes)
 

@@ -45,9 +45,11 @@ ROWS_Y = 4  # warps per block (threadIdx.y), one group of output rows each
 ROWS_PER_WARP = 2  # output rows per warp: two independent weight streams per lane
 UNROLL_STEPS = 4  # reduction steps unrolled at batch 1 (their loads in flight together)
 # Batch-1 4-bit GEMVs on integer dot products (``cuda_qgemv_dp4a``) instead of the float kernel.
-# Off until timed on a GPU: its numerics are tested here (CPU emulation of the same kernel) and
-# its SASS has ~5x fewer instructions per weight, but no H100 has run it yet
-# (``benchmarks/gpu_gemv_sweep.py --sweep dp4a`` does, in one device call).
+# Off until timed on a GPU: its numerics are tested here (CPU emulation of the same kernel text)
+# and its sm_90 SASS has 1.6-2.0 instructions per weight against 7.0 for the float kernel (which
+# is issue-bound), but no H100 has run it yet (``benchmarks/gpu_gemv_sweep.py --sweep dp4a``
+# times it and compares its outputs with the float kernel's, in one device call). It is part of
+# the compile node's key (``Compile.toolchain``).
 INTEGER_DOT_BATCH1 = False
 
 

@@ -52,10 +52,11 @@ class Compile(Stage):
 
         facts = {"tvm": _tvm_version(), "target": json.dumps(target_dict(parse_device(params.device)), sort_keys=True)}
         if parse_device(params.device).kind == "cuda":
-            from mlcbuild.compiler_passes.cuda_schedule import CUDA_SCHEDULE_VERSION
+            from mlcbuild.compiler_passes import cuda_schedule
 
             facts["nvcc"] = nvcc_version()
-            facts["cuda_schedule"] = CUDA_SCHEDULE_VERSION  # our decode GEMV schedule shapes the kernels
+            # our decode GEMV schedule shapes the kernels (and which batch-1 kernel it uses)
+            facts["cuda_schedule"] = cuda_schedule.CUDA_SCHEDULE_VERSION + ("+dp4a" if cuda_schedule.INTEGER_DOT_BATCH1 else "")
         else:
             facts["cpu_schedule"] = SCHEDULE_VERSION  # our hand-written schedules shape the library
         return facts
