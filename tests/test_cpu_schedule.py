@@ -132,7 +132,8 @@ HOST_RULE = "gemv-q-vnni" if cpu_qgemv_vnni.supported(TARGET) else "gemv-q"
         ("q4f32_1", K, 1, NO_VNNI, "gemv-q"),
         ("q4f16_1", 128, 1, TARGET, HOST_RULE),  # 16 words per row: 512-bit dots
         ("q4f16_1", 64, 1, TARGET, HOST_RULE),  # 8 words per row: 256-bit dots
-        ("q4f32_1", 128, 1, TARGET, "gemv-q"),  # float32 activations keep the exact float kernel
+        ("q4f32_1", 128, 1, TARGET, HOST_RULE),  # float32 activations: 24-bit fixed point (3 byte planes)
+        ("q4f32_1", 192, 3, TARGET, HOST_RULE),
         ("q4f16_1", 192, 3, TARGET, HOST_RULE),  # symbolic batch of 3 rows
     ],
 )

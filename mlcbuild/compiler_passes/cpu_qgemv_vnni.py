@@ -5,18 +5,18 @@ its FMA: shift, mask, convert, multiply-add per weight and lane. On this kind of
 compute-bound at ~13 G weights/s per core, well under what memory can feed. Here the weights
 stay integers: one ``vpdpbusd`` multiplies 64 unsigned weight bytes by 64 signed activation bytes
 and adds groups of four into 16 int32 lanes, so a 512-bit load of 128 packed weights costs
-three bit operations and four dot instructions.
+three bit operations and two dot instructions per activation byte plane.
 
 Activations are not rounded to int8 (what llama.cpp does); each 32-wide group of ``x`` becomes a
-16-bit fixed-point number ``x ~= d_g * x16`` (|x16| <= 32639), split into two signed bytes
-``x16 = 256 * hi + lo`` whose dot products are recombined exactly in int32. The only error is
-the rounding of ``x16``: at most ``max|x_g| / 65278`` per element, below the float16 rounding
-(2**-11 of each value) a ``q4f16_1`` model's activations already carry. Only float16
-activations take this path: ``q4f32_1`` asks for float32 exactness and keeps the float kernel
-(measured: its logits moved by 1.0e-4 of max|logit| through two layers with this kernel).
-With the group's integer zero point ``z``::
+fixed-point number ``x ~= d_g * xq`` split into signed byte planes whose dot products recombine
+exactly in int32 (``PLANES``): for float16 activations 16 bits, ``xq = 256 * hi + lo``
+(|xq| <= 32639), whose rounding (at most ``max|x_g| / 65278`` per element) stays below the float16
+rounding (2**-11 of each value) the activations already carry; for float32 activations
+(``q4f32_1``) 24 bits in three planes (at most ``max|x_g| / 16711390`` per element, the size of a
+float32 rounding of the group's largest value; measured on one GEMV: within 4e-7 of max|y| of the
+float kernel's). With the group's integer zero point ``z``::
 
-    y[n] = sum_g  s[n, g] * d_g * ( sum_{k in g} q[n, k] * x16[k]  -  z * sum_{k in g} x16[k] )
+    y[n] = sum_g  s[n, g] * d_g * ( sum_{k in g} q[n, k] * xq[k]  -  z * sum_{k in g} xq[k] )
 
 Bytes of the packed words line up with the dot instruction: byte ``b`` of word ``w`` holds
 nibbles ``2b`` (low half) and ``2b + 1`` (high half), i.e. weights ``8w + 2b`` and
@@ -34,10 +34,18 @@ from mlcbuild.compiler_passes._text_kernel import KernelExprs, parse, signature
 from mlcbuild.compiler_passes._tir_expr import as_int, loads_in, pairwise_sum
 from mlcbuild.compiler_passes.cpu_matmul import GroupQuant, MatmulInfo, NotMatched, _divisor
 
-# |round(x / d)| bound: hi = floor((x16 + 128) / 256) and lo = x16 - 256 * hi both fit int8.
-X16_MAX = 32639
+# Byte planes of the fixed-point activations per activation dtype: 16 bits for float16 (11-bit
+# significand), 24 bits for float32 (24-bit significand).
+PLANES = {"float16": 2, "float32": 3}
+# |round(x / d)| bound for P planes: split from the low byte, lo = xq - 256 * floor((xq + 128) / 256)
+# is in [-128, 127] at every step and the top plane stays an int8 up to 127 * (1 + 256 + ...).
+# 24 bits keep a margin: x * (X_MAX / amax) is a float32 product, which near 2**23 can round up
+# by one unit (and the top byte would wrap to -128). With 3 planes the recombination peaks at
+# 8 * 15 * 128 * 65536 ~ 1.0e9 < 2**31 per int32 lane.
+X_MAX = {2: 127 * 257, 3: 127 * (1 + 256 + 65536) - 16}  # 32639, 8355695
+X16_MAX = X_MAX[2]
 # names the kernel text uses itself
-RESERVED = {"T", "E", "amax", "zw", "dw", "xb", "acc", "m", "g", "r", "wg", "q16", "hi", "k", "w", "no", "ni", "wo", "main"}
+RESERVED = {"T", "E", "amax", "zw", "dw", "xb", "acc", "m", "g", "r", "wg", "r0", "r1", "r2", "k", "w", "no", "ni", "wo", "main"}
 
 
 def supported(target: Any) -> bool:
@@ -53,12 +61,12 @@ def supported(target: Any) -> bool:
 class _Exprs(KernelExprs):
     """The kernel text's parse-time helpers: the shared ones, plus the vector dot step."""
 
-    def __init__(self, info: MatmulInfo, vl: int, gw: int):
+    def __init__(self, info: MatmulInfo, vl: int, gw: int, planes: int):
         super().__init__(info)
-        self.vl, self.gw = vl, gw
+        self.vl, self.gw, self.planes = vl, gw, planes
 
     def dot(self, W: Any, S: Any, xb: Any, zw: Any, dw: Any, n: Any, m: Any, wo: Any) -> Any:
-        """float32 x vl partial sums of row n over the vl words at wo: s * d * (q . x16 - z sum x16)."""
+        """float32 x vl partial sums of row n over the vl words at wo: s * d * (q . xq - z sum xq)."""
         vl, gw = self.vl, self.gw
         i32, i8 = f"int32x{vl}", f"int8x{4 * vl}"
         lanes = tirx.Ramp(wo * vl, 1, vl)
@@ -77,7 +85,10 @@ class _Exprs(KernelExprs):
                 acc = tirx.call_llvm_pure_intrin(i32, intrin, acc, nibbles[p], x)
             return acc
 
-        total = dots(0) * tirx.Broadcast(tirx.const(256, "int32"), vl) + dots(1) - tirx.BufferLoad(zw, [m, lanes])
+        total = dots(0)  # planes from the most significant byte: Horner in int32 (no overflow, see X_MAX)
+        for h in range(1, self.planes):
+            total = total * tirx.Broadcast(tirx.const(256, "int32"), vl) + dots(h)
+        total = total - tirx.BufferLoad(zw, [m, lanes])
         per_word = vl // gw
         scales = tirx.BufferLoad(S, [n, tirx.Ramp(wo * per_word, 1, per_word)])
         scale = tirx.Shuffle([scales] * gw, [tirx.const(i // gw, "int32") for i in range(vl)])
@@ -98,8 +109,8 @@ def main({handles}):
     amax = T.alloc_buffer(({M}, {NG}), "float32")
     zw = T.alloc_buffer(({M}, {KW}), "int32")
     dw = T.alloc_buffer(({M}, {KW}), "float32")
-    xb = T.alloc_buffer(({M}, 2, {WO}, 2, {VL4}), "int8")
-    # activations -> per-group 16-bit fixed point, split into two signed bytes laid out for the dots
+    xb = T.alloc_buffer(({M}, {P}, {WO}, 2, {VL4}), "int8")
+    # activations -> per-group fixed point, split into signed byte planes laid out for the dots
     for m in range({M}):
         for g in range({NG}):
             amax[m, g] = T.float32(0)
@@ -109,13 +120,11 @@ def main({handles}):
                 zw[m, g * {GW} + wg] = 0
                 dw[m, g * {GW} + wg] = amax[m, g] * T.float32({DSCALE})
             for r in range({G}):
-                q16: T.int32 = T.Cast("int32", T.nearbyint(E.x(m, g * {G} + r, {names}) * T.Select(amax[m, g] > T.float32(0), T.float32({X16MAX}) / amax[m, g], T.float32(0))))
-                hi: T.int32 = T.shift_right(q16 + 128, 8)
+                r0: T.int32 = T.Cast("int32", T.nearbyint(E.x(m, g * {G} + r, {names}) * T.Select(amax[m, g] > T.float32(0), T.float32({XMAX}) / amax[m, g], T.float32(0))))
                 k: T.int64 = g * {G} + r
                 w: T.int64 = k // 8
-                zw[m, w] = zw[m, w] + q16 * {ZERO}
-                xb[m, 0, w // {VL}, k % 2, w % {VL} * 4 + k % 8 // 2] = T.Cast("int8", hi)
-                xb[m, 1, w // {VL}, k % 2, w % {VL} * 4 + k % 8 // 2] = T.Cast("int8", q16 - hi * 256)
+                zw[m, w] = zw[m, w] + r0 * {ZERO}
+{SPLIT}
     for no in T.parallel({NO}):
         acc = T.alloc_buffer(({R}, {VL}), "float32")
         for m in range({M}):
@@ -127,6 +136,17 @@ def main({handles}):
             for ni in T.unroll({R}):
                 {OUT}[{OUT_IDX}no * {R} + ni] = E.out(m, no * {R} + ni, E.hsum(acc, ni), {names})
 """
+
+
+def _split_planes(planes: int, vl: int) -> str:
+    """Kernel text: r0 (the fixed-point value) into signed byte planes, most significant first."""
+    pad = " " * 16
+    lines = [f"{pad}r{i}: T.int32 = T.shift_right(r{i - 1} + 128, 8)" for i in range(1, planes)]
+    index = f"w // {vl}, k % 2, w % {vl} * 4 + k % 8 // 2"
+    for i in range(planes - 1):  # plane planes-1-i holds r_i - 256 * r_{i+1}
+        lines.append(f'{pad}xb[m, {planes - 1 - i}, {index}] = T.Cast("int8", r{i} - r{i + 1} * 256)')
+    lines.append(f'{pad}xb[m, 0, {index}] = T.Cast("int8", r{planes - 1})')
+    return "\n".join(lines)
 
 
 def build(info: MatmulInfo, gq: GroupQuant, rows: int = 1) -> Any:
@@ -142,9 +162,10 @@ def build(info: MatmulInfo, gq: GroupQuant, rows: int = 1) -> Any:
         raise NotMatched("not an unpadded 4-bit, 8-per-word layout")
     if float(gq.zero) != int(gq.zero):
         raise NotMatched("non-integer zero point")
-    if {str(load.source.dtype) for load in loads_in(info.x_expr)} != {"float16"}:
-        # float32 activations (q4f32_1) were chosen for exactness: they keep the float kernel.
-        raise NotMatched("activations are not float16")
+    x_dtypes = {str(load.source.dtype) for load in loads_in(info.x_expr)}
+    if len(x_dtypes) != 1 or next(iter(x_dtypes)) not in PLANES:
+        raise NotMatched(f"activations of dtype {x_dtypes}")
+    planes = PLANES[next(iter(x_dtypes))]
     vl = _divisor(kw, [16, 8])
     gw = gq.group // 8  # words per group
     if kw % vl or vl % gw:
@@ -155,7 +176,8 @@ def build(info: MatmulInfo, gq: GroupQuant, rows: int = 1) -> Any:
         handles=sig.handles, symbols=sig.symbols, buffers=sig.buffers, W=sig.weight, S=sig.scale,
         M=sig.m_extent, NG=K // gq.group, KW=kw, WO=kw // vl, VL=vl, VL4=4 * vl, G=gq.group, GW=gw,
         R=rows, NO=N // rows,
-        ZERO=int(gq.zero), X16MAX=float(X16_MAX), DSCALE=repr(1.0 / X16_MAX), names=sig.names,
+        ZERO=int(gq.zero), XMAX=float(X_MAX[planes]), DSCALE=repr(1.0 / X_MAX[planes]), names=sig.names,
+        P=planes, SPLIT=_split_planes(planes, vl),
         OUT=sig.out, OUT_IDX=sig.out_index,
     )
-    return parse(text, _Exprs(info, vl, gw), sig)
+    return parse(text, _Exprs(info, vl, gw, planes), sig)
