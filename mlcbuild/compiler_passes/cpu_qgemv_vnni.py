@@ -45,7 +45,10 @@ PLANES = {"float16": 2, "float32": 3}
 X_MAX = {2: 127 * 257, 3: 127 * (1 + 256 + 65536) - 16}  # 32639, 8355695
 X16_MAX = X_MAX[2]
 # names the kernel text uses itself
-RESERVED = {"T", "E", "amax", "zw", "dw", "xb", "acc", "m", "g", "r", "wg", "r0", "r1", "r2", "k", "w", "no", "ni", "wo", "main"}
+RESERVED = {
+    "T", "E", "amax", "zw", "dw", "xb", "xs", "xq", "pl", "hm", "acc", "m", "g", "c", "kv", "ko", "wg",
+    "h", "w", "no", "ni", "wo", "main",
+}
 
 
 def supported(target: Any) -> bool:
@@ -95,6 +98,22 @@ class _Exprs(KernelExprs):
         scale = tirx.Cast(f"float32x{vl}", scale)
         return tirx.Cast(f"float32x{vl}", total) * (scale * tirx.BufferLoad(dw, [m, lanes]))
 
+    def hmax(self, buf: Any) -> Any:
+        """max over a 16-element float32 buffer."""
+        values = [buf[i] for i in range(16)]
+        while len(values) > 1:
+            values = [tirx.max(a, b) for a, b in zip(values[::2], values[1::2])]
+        return values[0]
+
+    def deinterleave(self, pl: Any, m: Any, h: Any, wo: Any, p: int) -> Any:
+        """Plane h's bytes of the even (p=0) or odd (p=1) weights of the vl words at wo, as the
+        dot instruction pairs them with the nibbles: byte j of the vector is k = 2j + p."""
+        n = 4 * self.vl
+        pairs = tirx.reinterpret(f"int16x{n}", tirx.BufferLoad(pl, [m, h, tirx.Ramp(wo * 2 * n, 1, 2 * n)]))
+        if p:
+            pairs = tirx.shift_right(pairs, tirx.Broadcast(tirx.const(8, "int16"), n))
+        return tirx.Cast(f"int8x{n}", pairs)  # the low byte of each pair
+
     def hsum(self, acc: Any, row: Any) -> Any:
         """The sum of a row's vl float32 partial sums."""
         return pairwise_sum([acc[row, i] for i in range(self.vl)])
@@ -110,21 +129,37 @@ def main({handles}):
     zw = T.alloc_buffer(({M}, {KW}), "int32")
     dw = T.alloc_buffer(({M}, {KW}), "float32")
     xb = T.alloc_buffer(({M}, {P}, {WO}, 2, {VL4}), "int8")
-    # activations -> per-group fixed point, split into signed byte planes laid out for the dots
+    xs = T.alloc_buffer(({M}, {K}), "float32")
+    xq = T.alloc_buffer(({M}, {K}), "int32")
+    pl = T.alloc_buffer(({M}, {P}, {K}), "int8")
+    hm = T.alloc_buffer((16,), "float32")
+    # activations -> per-group fixed point, split into signed byte planes laid out for the dots;
+    # 16 lanes at a time (this runs on one thread, before the parallel loop)
     for m in range({M}):
+        for ko in range({K16}):
+            for kv in T.vectorized(16):
+                xs[m, ko * 16 + kv] = E.x(m, ko * 16 + kv, {names})
         for g in range({NG}):
-            amax[m, g] = T.float32(0)
-            for r in range({G}):
-                amax[m, g] = T.max(amax[m, g], T.abs(E.x(m, g * {G} + r, {names})))
+            for kv in T.vectorized(16):
+                hm[kv] = T.abs(xs[m, g * {G} + kv])
+            for c in range(1, {G16}):
+                for kv in T.vectorized(16):
+                    hm[kv] = T.max(hm[kv], T.abs(xs[m, g * {G} + c * 16 + kv]))
+            amax[m, g] = E.hmax(hm)
             for wg in range({GW}):
-                zw[m, g * {GW} + wg] = 0
                 dw[m, g * {GW} + wg] = amax[m, g] * T.float32({DSCALE})
-            for r in range({G}):
-                r0: T.int32 = T.Cast("int32", T.nearbyint(E.x(m, g * {G} + r, {names}) * T.Select(amax[m, g] > T.float32(0), T.float32({XMAX}) / amax[m, g], T.float32(0))))
-                k: T.int64 = g * {G} + r
-                w: T.int64 = k // 8
-                zw[m, w] = zw[m, w] + r0 * {ZERO}
+            for c in range({G16}):
+                # (no let-bindings inside vectorized loops: TVM 0.27's vectorizer gets them wrong)
+                for kv in T.vectorized(16):
+                    xq[m, g * {G} + c * 16 + kv] = T.Cast("int32", T.nearbyint(xs[m, g * {G} + c * 16 + kv] * T.Select(amax[m, g] > T.float32(0), T.float32({XMAX}) / amax[m, g], T.float32(0))))
+                for kv in T.vectorized(16):
 {SPLIT}
+        for w in range({KW}):
+            zw[m, w] = ({ZSUM}) * {ZERO}
+        for h in range({P}):
+            for wo in range({WO}):
+                xb[m, h, wo, 0, T.ramp(0, 1, {VL4})] = E.deinterleave(pl, m, h, wo, 0)
+                xb[m, h, wo, 1, T.ramp(0, 1, {VL4})] = E.deinterleave(pl, m, h, wo, 1)
     for no in T.parallel({NO}):
         acc = T.alloc_buffer(({R}, {VL}), "float32")
         for m in range({M}):
@@ -138,14 +173,18 @@ def main({handles}):
 """
 
 
-def _split_planes(planes: int, vl: int) -> str:
-    """Kernel text: r0 (the fixed-point value) into signed byte planes, most significant first."""
-    pad = " " * 16
-    lines = [f"{pad}r{i}: T.int32 = T.shift_right(r{i - 1} + 128, 8)" for i in range(1, planes)]
-    index = f"w // {vl}, k % 2, w % {vl} * 4 + k % 8 // 2"
-    for i in range(planes - 1):  # plane planes-1-i holds r_i - 256 * r_{i+1}
-        lines.append(f'{pad}xb[m, {planes - 1 - i}, {index}] = T.Cast("int8", r{i} - r{i + 1} * 256)')
-    lines.append(f'{pad}xb[m, 0, {index}] = T.Cast("int8", r{planes - 1})')
+def _split_planes(planes: int, group: int) -> str:
+    """Kernel text: the fixed-point values ``xq`` into signed byte planes, most significant first,
+    in k order (``E.deinterleave`` lays them out for the dots). r_0 = xq, r_i+1 = (r_i + 128) >> 8;
+    plane planes-1-i holds r_i - 256 * r_i+1 and plane 0 the last r."""
+    at = f"m, g * {group} + c * 16 + kv"
+    r = [f"xq[{at}]"]
+    for _ in range(1, planes):
+        r.append(f"T.shift_right({r[-1]} + 128, 8)")
+    pad = " " * 20
+    lines = [f'{pad}pl[m, {planes - 1 - i}, g * {group} + c * 16 + kv] = T.Cast("int8", {r[i]} - {r[i + 1]} * 256)'
+             for i in range(planes - 1)]
+    lines.append(f'{pad}pl[m, 0, g * {group} + c * 16 + kv] = T.Cast("int8", {r[-1]})')
     return "\n".join(lines)
 
 
@@ -158,7 +197,7 @@ def build(info: MatmulInfo, gq: GroupQuant, rows: int = 1) -> Any:
     15-17 -> 17-17.5 GB/s; from DRAM 12.5 -> 12.3 and 10.3-11.6 -> 12.2-13.4 GB/s)."""
     K, N = info.k_extent, info.n_extent
     kw = as_int(gq.weight.shape[1]) or 0
-    if gq.bits != 4 or gq.per_word != 8 or kw * 8 != K or gq.group % 8 or K % gq.group:
+    if gq.bits != 4 or gq.per_word != 8 or kw * 8 != K or gq.group % 16 or K % gq.group:
         raise NotMatched("not an unpadded 4-bit, 8-per-word layout")
     if float(gq.zero) != int(gq.zero):
         raise NotMatched("non-integer zero point")
@@ -177,7 +216,8 @@ def build(info: MatmulInfo, gq: GroupQuant, rows: int = 1) -> Any:
         M=sig.m_extent, NG=K // gq.group, KW=kw, WO=kw // vl, VL=vl, VL4=4 * vl, G=gq.group, GW=gw,
         R=rows, NO=N // rows,
         ZERO=int(gq.zero), XMAX=float(X_MAX[planes]), DSCALE=repr(1.0 / X_MAX[planes]), names=sig.names,
-        P=planes, SPLIT=_split_planes(planes, vl),
+        P=planes, SPLIT=_split_planes(planes, gq.group), K=K, K16=K // 16, G16=gq.group // 16,
+        ZSUM=" + ".join(f"xq[m, w * 8 + {i}]" for i in range(8)),
         OUT=sig.out, OUT_IDX=sig.out_index,
     )
     return parse(text, _Exprs(info, vl, gw, planes), sig)
