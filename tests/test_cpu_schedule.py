@@ -257,3 +257,32 @@ def test_attention_kernels_match_tvm_reference() -> None:
                 outs.append((out.numpy().astype(np.float32), lse.numpy()))
             for w, g in zip(outs[0], outs[1]):
                 np.testing.assert_allclose(g, w, atol=2e-3, err_msg=f"{kind} causal={causal}")
+
+
+def test_vectorizable_exp_and_sigmoid_match_numpy() -> None:
+    """``_tir_math.exp``/``sigmoid`` (what SiLU and other elementwise kernels get instead of a libm
+    call per element) against numpy in float64, over expf's whole range and at its edges."""
+    from tvm import te
+
+    from mlcbuild.compiler_passes import _tir_math
+
+    x = te.placeholder((4096,), "float32", name="x")
+    e = te.compute((4096,), lambda i: _tir_math.exp(x[i]), name="e")
+    s = te.compute((4096,), lambda i: _tir_math.sigmoid(x[i]), name="s")
+    e2 = te.compute((4096,), lambda i: _tir_math.exp2_nonpositive(-tvm.tirx.abs(x[i])), name="e2")
+    func = te.create_prim_func([x, e, s, e2])
+    values = np.concatenate([np.linspace(-87, 88, 4000), [-1e3, -87.4, 88.8, 0.0, 1e-8, -1e-8, 30.0, -30.0], np.zeros(88)])
+    arrays = [values.astype("float32")] + [np.zeros(4096, "float32")] * 3
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET).jit()
+    tensors = [tvm.runtime.tensor(a) for a in arrays]
+    lib["main"](*tensors)
+    got_e, got_s, got_e2 = (t.numpy().astype(np.float64) for t in tensors[1:])
+    xs = arrays[0].astype(np.float64)
+    want = np.exp(xs)
+    normal = (want > 1.2e-38) & (want < 3.4e38)
+    assert np.max(np.abs(got_e[normal] - want[normal]) / want[normal]) < 2e-7
+    assert got_e[4002] == np.inf and got_e[4000] < 1.2e-38 and got_e[4003] == 1.0
+    np.testing.assert_allclose(got_s, 1.0 / (1.0 + np.exp(-xs)), rtol=0, atol=2e-7)
+    want2 = np.exp2(-np.abs(xs))
+    normal2 = want2 > 1.2e-38
+    assert np.max(np.abs(got_e2[normal2] - want2[normal2]) / want2[normal2]) < 3e-7

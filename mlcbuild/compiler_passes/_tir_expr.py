@@ -59,6 +59,7 @@ class Rewriter:
     var_map:  Var -> Expr substitution.
     load:     (buffer, new_indices) -> Expr, replacing every TensorLoad (default: reload the buffer).
     promote:  widen float16/bfloat16 arithmetic to float32.
+    call:     (call, new_args) -> Expr or None, replacing a Call (None: rebuild it as it is).
     """
 
     def __init__(
@@ -66,10 +67,12 @@ class Rewriter:
         var_map: dict[Any, Any] | None = None,
         load: Callable[[Any, list[Any]], Any] | None = None,
         promote: bool = False,
+        call: Callable[[Any, list[Any]], Any] | None = None,
     ):
         self.var_map = list((var_map or {}).items())
         self.load = load or (lambda buf, idx: tirx.BufferLoad(buf, idx))
         self.promote = promote
+        self.call = call
 
     def _var(self, v: Any) -> Any:
         for key, value in self.var_map:
@@ -117,6 +120,9 @@ class Rewriter:
             return pe.Select(self(e.condition), self(e.true_value), self(e.false_value))
         if isinstance(e, ir_expr.Call):
             args = [self(a) for a in e.args]
+            replaced = self.call(e, args) if self.call is not None else None
+            if replaced is not None:
+                return replaced
             ret = dtype_of(e)
             if self.promote and ret in HALF:
                 ret = "float32"
@@ -182,8 +188,41 @@ def pairwise_sum(terms: list[Any]) -> Any:
     return terms[0]
 
 
+def map_stores(func: Any, fn: Callable[[str, Any], Any]) -> Any:
+    """``func`` with the store of every block whose body is one ``BufferStore`` replaced by
+    ``fn(block_name, store)`` (return the store itself to keep it); ``func`` when none changed."""
+    from tvm import s_tir
+
+    def rebuild(stmt: Any) -> Any:
+        if isinstance(stmt, s_tir.SBlockRealize):
+            block = rebuild(stmt.block)
+            return stmt if block.same_as(stmt.block) else s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, block)
+        if isinstance(stmt, s_tir.SBlock):
+            body = rebuild(stmt.body)
+            if isinstance(body, tirx.BufferStore):
+                body = fn(stmt.name_hint, body)
+            if body.same_as(stmt.body):
+                return stmt
+            return s_tir.SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, body, stmt.init,
+                                stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
+        if isinstance(stmt, tirx.SeqStmt):
+            seq = [rebuild(s) for s in stmt.seq]
+            return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq)) else tirx.SeqStmt(seq)
+        if isinstance(stmt, tirx.For):
+            body = rebuild(stmt.body)
+            if body.same_as(stmt.body):
+                return stmt
+            return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding,
+                            stmt.annotations, stmt.step)
+        return stmt
+
+    body = rebuild(func.body)
+    return func if body.same_as(func.body) else func.with_body(body)
+
+
 def uses_var(e: Any, v: Any) -> bool:
     return any(x.same_as(v) for x in vars_in(e))
 
 
-__all__ = ["HALF", "Rewriter", "RewriteError", "as_int", "dtype_of", "is_scheduled", "loads_in", "nodes_in", "pairwise_sum", "uses_var", "vars_in", "tvm"]
+__all__ = ["HALF", "Rewriter", "RewriteError", "as_int", "dtype_of", "is_scheduled", "loads_in", "map_stores", "nodes_in",
+           "pairwise_sum", "uses_var", "vars_in", "tvm"]

@@ -11,7 +11,8 @@ and before ``CallTIRRewrite``:
   AVX-512 VNNI the 4-bit decode GEMV runs on integer dot products instead (``cpu_qgemv_vnni``);
 * the paged-KV-cache attention kernels TVM generates for CPU are replaced by vectorized ones with
   the same signatures (``cpu_attention``), when the cache does not apply RoPE inline;
-* row reductions (rms_norm, softmax), elementwise chains and the fused RoPE (``cpu_generic``);
+* row reductions (rms_norm, softmax), elementwise chains and the fused RoPE (``cpu_generic``),
+  with ``exp``/``sigmoid`` as vectorizable arithmetic (``_tir_math``) instead of a libm call per element;
 * other functions that already carry ``tirx.is_scheduled`` are left alone.
 
 A rule that does not apply, or fails, leaves the function as it was: the pass never breaks a
@@ -28,6 +29,7 @@ import tvm
 from tvm import tirx
 
 from mlcbuild.compiler_passes import cpu_attention, cpu_generic, cpu_matmul, cpu_qgemv_vnni
+from mlcbuild.compiler_passes._tir_math import vectorizable_transcendentals
 from mlcbuild.compiler_passes._tir_expr import as_int, is_scheduled
 
 log = logging.getLogger(__name__)
@@ -146,7 +148,7 @@ def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target, replace_at
         if is_scheduled(func):
             continue
         try:
-            result = schedule_func(func, lanes, vnni)
+            result = schedule_func(vectorizable_transcendentals(func), lanes, vnni)
         except Exception as err:  # noqa: BLE001  (a rule bug must not break the build)
             first = str(err).strip().splitlines()
             log.warning("cpu schedule of %s failed, left unscheduled: %s: %s", name, type(err).__name__, first[-1] if first else "")

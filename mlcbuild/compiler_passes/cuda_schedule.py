@@ -443,35 +443,15 @@ _MAGIC = {"float16": (0x6400, 1024.0, "uint16", 1 << 10), "float32": (0x4B000000
 def exact_int_to_float(func: Any) -> Any:
     """Rewrite ``cast(float, q & mask) - c`` in the dequantize blocks of ``func`` (a legalized,
     unscheduled PrimFunc) into the bit-trick form above; the values are bit-identical."""
-    from tvm import s_tir, tirx
+    from tvm import tirx
 
-    def rebuild(stmt: Any) -> Any:
-        if isinstance(stmt, s_tir.SBlockRealize):
-            block = rebuild(stmt.block)
-            return stmt if block.same_as(stmt.block) else s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, block)
-        if isinstance(stmt, s_tir.SBlock):
-            body = rebuild(stmt.body)
-            if stmt.name_hint.startswith("dequantize") and isinstance(body, tirx.BufferStore):
-                value = _magic_dequantize(body.value)
-                if value is not None:
-                    body = tirx.BufferStore(body.buffer, value, body.indices)
-            if body.same_as(stmt.body):
-                return stmt
-            return s_tir.SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, body, stmt.init,
-                                stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
-        if isinstance(stmt, tirx.SeqStmt):
-            seq = [rebuild(s) for s in stmt.seq]
-            return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq)) else tirx.SeqStmt(seq)
-        if isinstance(stmt, tirx.For):
-            body = rebuild(stmt.body)
-            if body.same_as(stmt.body):
-                return stmt
-            return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding,
-                            stmt.annotations, stmt.step)
-        return stmt
+    from mlcbuild.compiler_passes._tir_expr import map_stores
 
-    body = rebuild(func.body)
-    return func if body.same_as(func.body) else func.with_body(body)
+    def rewrite(block: str, store: Any) -> Any:
+        value = _magic_dequantize(store.value) if block.startswith("dequantize") else None
+        return store if value is None else tirx.BufferStore(store.buffer, value, store.indices)
+
+    return map_stores(func, rewrite)
 
 
 def _magic_dequantize(value: Any) -> Any | None:
