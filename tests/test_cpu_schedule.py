@@ -190,20 +190,20 @@ def test_cuda_integer_dot_gemv_numerics_emulated(k: int, batch: int) -> None:
     """The CUDA dp4a GEMV (``cuda_qgemv_dp4a``), generated with its threads as serial loops, the
     warp-shuffle tree as the same additions and dp4a as byte products, runs here: its fixed-point
     activations, byte planes, shared-memory layout and recombination against numpy."""
-    from mlcbuild.compiler_passes import cpu_matmul, cuda_qgemv_dp4a
+    from mlcbuild.compiler_passes import cuda_qgemv_dp4a, matmul_analysis
 
     mod, _ = _fused_module("q4f16_1", [1, 1] if batch == 1 else ["batch_size", 1], k)
     (func,) = [f for n, f in _primfuncs(mod).items() if "matmul" in n and "add" in n]
-    info, _ = cpu_matmul.analyze(func)
-    gq = cpu_matmul.match_group_quant(info)
+    info, _ = matmul_analysis.analyze(func)
+    gq = matmul_analysis.match_group_quant(info)
     assert cuda_qgemv_dp4a.applies(info, gq)
     # within 1e-3 of max|y|: the float16 output's own rounding (a lost low byte plane would be ~4e-3)
     _check_gemv_numerics(cuda_qgemv_dp4a.build(info, gq, emulate=True), "q4f16_1", k, batch, tolerance=1e-3)
     # float32 activations (q4f32_1) are not taken: they asked for exactness
     mod32, _ = _fused_module("q4f32_1", [1, 1], k)
     (func32,) = [f for n, f in _primfuncs(mod32).items() if "matmul" in n and "add" in n]
-    info32, _ = cpu_matmul.analyze(func32)
-    assert not cuda_qgemv_dp4a.applies(info32, cpu_matmul.match_group_quant(info32))
+    info32, _ = matmul_analysis.analyze(func32)
+    assert not cuda_qgemv_dp4a.applies(info32, matmul_analysis.match_group_quant(info32))
 
 
 def test_attention_kernels_match_tvm_reference() -> None:

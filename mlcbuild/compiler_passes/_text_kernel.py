@@ -18,7 +18,7 @@ from typing import Any
 from tvm import tirx
 
 from mlcbuild.compiler_passes._tir_expr import as_int
-from mlcbuild.compiler_passes.cpu_matmul import GroupQuant, MatmulInfo, NotMatched, _unravel, epilogue_value, x_value
+from mlcbuild.compiler_passes.matmul_analysis import GroupQuant, MatmulInfo, NotMatched, _unravel, epilogue_value, x_value
 
 
 class KernelExprs:

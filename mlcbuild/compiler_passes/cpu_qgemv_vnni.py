@@ -32,7 +32,8 @@ from tvm import tirx
 
 from mlcbuild.compiler_passes._text_kernel import KernelExprs, parse, signature
 from mlcbuild.compiler_passes._tir_expr import as_int, loads_in, pairwise_sum
-from mlcbuild.compiler_passes.cpu_matmul import GroupQuant, MatmulInfo, NotMatched, _divisor
+from mlcbuild.compiler_passes.cpu_matmul import _divisor
+from mlcbuild.compiler_passes.matmul_analysis import GroupQuant, MatmulInfo, NotMatched
 
 # Byte planes of the fixed-point activations per activation dtype: 16 bits for float16 (11-bit
 # significand), 24 bits for float32 (24-bit significand).

@@ -28,7 +28,7 @@ from typing import Any
 import tvm
 from tvm import tirx
 
-from mlcbuild.compiler_passes import cpu_attention, cpu_generic, cpu_matmul, cpu_qgemv_vnni
+from mlcbuild.compiler_passes import cpu_attention, cpu_generic, cpu_matmul, cpu_qgemv_vnni, matmul_analysis
 from mlcbuild.compiler_passes._tir_math import vectorizable_transcendentals
 from mlcbuild.compiler_passes._tir_expr import as_int, is_scheduled
 
@@ -56,14 +56,14 @@ def vector_lanes(target: Any) -> int:
 
 def _schedule_matmul(func: Any, lanes: int, vnni: bool = False) -> tuple[Any, str] | None:
     try:
-        info, _ = cpu_matmul.analyze(func)
-    except cpu_matmul.NotMatched:
+        info, _ = matmul_analysis.analyze(func)
+    except matmul_analysis.NotMatched:
         return None
-    rows = as_int(cpu_matmul._m_total(info))
+    rows = as_int(matmul_analysis._m_total(info))
     candidates = []
     if (info.dyn_m and info.seq_like) or (rows is not None and rows > GEMV_MAX_ROWS):
         candidates.append(("gemm", lambda: cpu_matmul.build_gemm(info, lanes)))
-    gq = cpu_matmul.match_group_quant(info)
+    gq = matmul_analysis.match_group_quant(info)
     if gq is not None:
         if vnni:
             candidates.append(("gemv-q-vnni", lambda: cpu_qgemv_vnni.build(info, gq)))

@@ -38,7 +38,7 @@ from tvm import tirx
 
 from mlcbuild.compiler_passes._text_kernel import KernelExprs, parse, signature
 from mlcbuild.compiler_passes._tir_expr import as_int, loads_in
-from mlcbuild.compiler_passes.cpu_matmul import GroupQuant, MatmulInfo, NotMatched
+from mlcbuild.compiler_passes.matmul_analysis import GroupQuant, MatmulInfo, NotMatched
 from mlcbuild.compiler_passes.cpu_qgemv_vnni import X16_MAX
 
 WARP = 32

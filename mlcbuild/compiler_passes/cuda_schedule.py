@@ -146,13 +146,13 @@ def schedule_decode_function(func: Any, target: Any) -> Any | None:
 def integer_dot_kernel(func: Any) -> Any | None:
     """``func`` (unscheduled, before ``exact_int_to_float``) with ``cuda_qgemv_dp4a``'s kernel as
     its body, or None where that kernel does not apply."""
-    from mlcbuild.compiler_passes import cpu_matmul, cuda_qgemv_dp4a
+    from mlcbuild.compiler_passes import cuda_qgemv_dp4a, matmul_analysis
 
     try:
-        info, _ = cpu_matmul.analyze(func)
-    except cpu_matmul.NotMatched:
+        info, _ = matmul_analysis.analyze(func)
+    except matmul_analysis.NotMatched:
         return None
-    gq = cpu_matmul.match_group_quant(info)
+    gq = matmul_analysis.match_group_quant(info)
     if not cuda_qgemv_dp4a.applies(info, gq):
         return None
     return func.with_body(cuda_qgemv_dp4a.build(info, gq, bound=True).body)
