@@ -46,6 +46,7 @@ GROUP = 32  # weights per quantization group = one lane's 16-byte load of packed
 WARPS = 4  # warps per block
 ROWS = 4  # output rows per warp: one shared activation load serves them all
 STEPS = 4  # groups per lane whose loads are issued together
+SHARED_LIMIT = 46 * 1024  # 48 KB static shared memory per block, less ~1 KB of buffer alignment (K <= ~22000)
 RESERVED = {
     "T", "E", "m", "bx", "ty", "tx", "xs", "xd", "xz", "red", "amax", "zsum", "pk", "acc", "wv", "xv",
     "ihi", "ilo", "gi", "g", "j", "p", "b", "q16", "hi", "so", "su", "r", "i", "l", "inv", "main",
@@ -192,6 +193,14 @@ def _check(info: MatmulInfo, gq: GroupQuant | None) -> None:
         raise NotMatched("non-integer zero point")
     if {str(load.source.dtype) for load in loads_in(info.x_expr)} != {"float16"}:
         raise NotMatched("activations are not float16")  # float32 ones (q4f32_1) asked for exactness
+    if _shared_bytes(info.k_extent) > SHARED_LIMIT:
+        raise NotMatched(f"K={info.k_extent}: the fixed-point activations would not fit in shared memory")
+
+
+def _shared_bytes(k: int) -> int:
+    """Shared memory of one block: 4 int32 words per packed weight word, d and z per group."""
+    groups = -(-(k // GROUP) // WARP) * WARP
+    return groups * (GROUP // 8) * 4 * 4 + groups * 8
 
 
 def build(info: MatmulInfo, gq: GroupQuant, *, emulate: bool = False, bound: bool = False) -> Any:
