@@ -23,6 +23,9 @@ the packed words uncoalesced.
   ``LowBatchGemvSpecialize``): batch 1 -> bucket 1, <= 4 -> 4, <= 16 -> 8 (two row blocks), larger
   -> dlight's ``Matmul`` (prefill).
 
+With ``INTEGER_DOT_BATCH1`` the batch-1 branch of 4-bit GEMVs is ``cuda_qgemv_dp4a``'s kernel
+instead (integer dot products; off until timed on a GPU, see there).
+
 (The float16 -> float32 casts in front of every norm are fused into it before this runs:
 ``compiler_passes.relax_fusion.FuseCastsIntoNorm``.)
 ``CUDASchedule(target)`` is the schedule stage of the CUDA pipeline: both, then dlight's rules
