@@ -114,6 +114,7 @@ def run(root):
         print(f"{vdir.name:28s} " + "  ".join(f"{s} {row[s]:6.0f}" for s in SHAPES) + f"  | sum-time GB/s {sum(n*k for n, k in SHAPES.values())*0.5625/sum(n*k*0.5625/row[s] for s, (n, k) in SHAPES.items()):.0f}"
               f"  | max rel. diff vs first {max(errs):.1e}", flush=True)
 
+
 if __name__ == "__main__":
     import argparse
 
