@@ -12,8 +12,9 @@ import math
 from typing import Any
 
 from tvm import tirx
+from tvm.ir import expr as ir_expr
 
-from mlcbuild.compiler_passes._tir_expr import HALF, Rewriter, dtype_of, map_stores
+from mlcbuild.compiler_passes._tir_expr import HALF, Rewriter, RewriteError, dtype_of, map_stores, nodes_in
 
 LOG2E = math.log2(math.e)
 # ln 2 split so that n * LN2_HI is exact for |n| < 2**10 (Cody-Waite reduction)
@@ -67,9 +68,10 @@ _REPLACEMENTS = {"tirx.exp": exp, "tirx.sigmoid": sigmoid}
 def vectorizable_transcendentals(func: Any) -> Any:
     """``func`` with every ``exp``/``sigmoid`` call in its block stores replaced by the arithmetic
     above (float16 arguments are computed in float32 and rounded back); ``func`` itself when it
-    has none."""
-    if not any(f"T.{name.split('.')[1]}(" in func.script(show_meta=False) for name in _REPLACEMENTS):
-        return func
+    has none. A store the rewriter cannot rebuild is left as it is."""
+
+    def replaceable(e: Any) -> bool:
+        return isinstance(e, ir_expr.Call) and getattr(e.op, "name", "") in _REPLACEMENTS
 
     def call(e: Any, args: list[Any]) -> Any | None:
         fn = _REPLACEMENTS.get(getattr(e.op, "name", ""))
@@ -79,4 +81,13 @@ def vectorizable_transcendentals(func: Any) -> Any:
         return value if dtype_of(e) == "float32" else tirx.Cast(dtype_of(e), value)
 
     rewrite = Rewriter(call=call)
-    return map_stores(func, lambda _block, store: tirx.BufferStore(store.buffer, rewrite(store.value), store.indices))
+
+    def store(_block: str, st: Any) -> Any:
+        if not any(replaceable(e) for e in nodes_in(st.value)):
+            return st
+        try:
+            return tirx.BufferStore(st.buffer, rewrite(st.value), st.indices)
+        except RewriteError:
+            return st
+
+    return map_stores(func, store)
