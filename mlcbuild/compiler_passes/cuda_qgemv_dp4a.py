@@ -203,7 +203,7 @@ def _shared_bytes(k: int) -> int:
     return groups * (GROUP // 8) * 4 * 4 + groups * 8
 
 
-def build(info: MatmulInfo, gq: GroupQuant, *, emulate: bool = False, bound: bool = False) -> Any:
+def build(info: MatmulInfo, gq: GroupQuant | None, *, emulate: bool = False, bound: bool = False) -> Any:
     """The GEMV as an (already scheduled) PrimFunc with the fused function's signature (``bound``:
     without parameters, its body on ``info.func``'s own buffers, see ``_text_kernel.signature``).
     Every row of the batch (blockIdx.y) reads all weights, so it is meant for a batch of one.

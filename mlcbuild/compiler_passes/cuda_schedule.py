@@ -153,12 +153,10 @@ def integer_dot_kernel(func: Any) -> Any | None:
 
     try:
         info, _ = matmul_analysis.analyze(func)
+        kernel = cuda_qgemv_dp4a.build(info, matmul_analysis.match_group_quant(info), bound=True)
     except matmul_analysis.NotMatched:
         return None
-    gq = matmul_analysis.match_group_quant(info)
-    if not cuda_qgemv_dp4a.applies(info, gq):
-        return None
-    return func.with_body(cuda_qgemv_dp4a.build(info, gq, bound=True).body)
+    return func.with_body(kernel.body)
 
 
 def _schedule_with_default_rules(func: Any, target: Any) -> Any | None:
