@@ -7,6 +7,8 @@ Two steps, because the GPU machine has no compiler toolchain for us and takes on
         at q4f16_1 for cuda:sm_XX; DIR/<shape>/ holds mlc-chat-config.json and lib/.
         --integer-dot: batch-1 GEMVs on dp4a (cuda_schedule.INTEGER_DOT_BATCH1; prepare a second
         DIR with it and run both in one GPU session to compare).
+        --decode-attention: the KV cache's decode attention kernel from cuda_attention
+        (cuda_schedule.DECODE_ATTENTION_KERNEL), likewise.
     python benchmarks/gpu_decode.py run DIR [--batches 1 16]
         on the GPU: fills each bundle with random weights of the library's parameter shapes
         (speed does not depend on the values), a word-level tokenizer of the model's vocabulary
@@ -42,13 +44,15 @@ SHAPES = {
 QUANTIZATION = "q4f16_1"
 
 
-def prepare(root: Path, device: str, shapes: list[str], integer_dot: bool = False) -> None:
+def prepare(root: Path, device: str, shapes: list[str], integer_dot: bool = False,
+            decode_attention: bool = False) -> None:
     from mlcbuild.compiler_passes import cuda_schedule
     from mlcbuild.pipeline.stage import StageContext
     from mlcbuild.stages.compile import Compile, CompileParams
     from mlcbuild.stages.gen_config import GenConfig, GenConfigParams
 
     cuda_schedule.INTEGER_DOT_BATCH1 = integer_dot
+    cuda_schedule.DECODE_ATTENTION_KERNEL = decode_attention
     for shape in shapes:
         config = SHAPES[shape]
         bundle = root / shape
@@ -89,7 +93,6 @@ def fill_bundle(bundle: Path, device: str) -> int:
     from tvm.runtime.vm import VirtualMachine
 
     from mlcbuild import bundle_format as bf
-    from mlcbuild.stages.convert_weight import ShardWriter
     from mlcbuild.runtime.bundle import _use_prebuilt_cuda_kernels
 
     if device == "cuda":
@@ -98,23 +101,15 @@ def fill_bundle(bundle: Path, device: str) -> int:
     vm = VirtualMachine(tvm.runtime.load_module(str(bundle / bf.LIBRARY_FILE)), dev)
     metadata = json.loads(vm["_metadata"]())
     chat = bf.ChatConfig.model_validate_json((bundle / bf.CHAT_CONFIG_FILE).read_bytes())
-    rng = np.random.default_rng(0)
-    (bundle / "params").mkdir(exist_ok=True)
-    writer = ShardWriter(bundle / "params", 1 << 30)
-    per_step = 0
-    for param in metadata["params"]:
-        shape, dtype = param["shape"], param["dtype"]
-        if dtype == "uint32":
-            array = rng.integers(0, 1 << 32, size=shape, dtype=np.uint32)
-        else:
-            array = (rng.standard_normal(size=shape, dtype=np.float32) * 0.02).astype(dtype)
-        writer.add(param["name"], array)
+    per_step = sum(
+        int(np.prod(p["shape"])) * (2 if p["dtype"] == "bfloat16" else np.dtype(p["dtype"]).itemsize)
+        for p in metadata["params"]
         # An untied input embedding is read one row per token, not whole.
-        if not ("embed_tokens" in param["name"] and not chat.arch_config.get("tie_word_embeddings", False)):
-            per_step += array.nbytes
-    writer.close()
+        if not ("embed_tokens" in p["name"] and not chat.arch_config.get("tie_word_embeddings", False))
+    )
+    shards, records = _random_weights(metadata["params"], bundle / "params")
     index = bf.TensorCacheIndex(quantization=chat.quantization, model_type=chat.model_type,
-                                shards=writer.shards, tensors=writer.records)
+                                shards=shards, tensors=records)
     (bundle / bf.TENSOR_CACHE_FILE).write_text(index.model_dump_json(indent=1))
     vocab = {f"t{i}": i for i in range(chat.vocab_size)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
@@ -130,6 +125,42 @@ def fill_bundle(bundle: Path, device: str) -> int:
                            recipe={}, node_keys={}, tools={}, source={"format": "random"}, files=files)
     (bundle / bf.MANIFEST_FILE).write_text(manifest.model_dump_json(indent=1))
     return per_step
+
+
+def _random_weights(params: list[dict], directory: Path) -> tuple[list[str], list]:
+    """Shards of random values for ``params`` in ``directory``. Made once per parameter list and
+    hard-linked into later bundles of the same model (variants of one library: 4.5 GB each for
+    Llama-3-8B, a minute of the GPU machine's time per variant otherwise)."""
+    import hashlib
+    import os
+    import shutil
+
+    from mlcbuild.bundle_format import TensorRecord
+    from mlcbuild.stages.convert_weight import ShardWriter
+
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(tempfile.gettempdir()) / "mlcbuild-gpu-weights" / key
+    if not (cache / "records.json").exists():
+        shutil.rmtree(cache, ignore_errors=True)
+        cache.mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        writer = ShardWriter(cache, 1 << 30)
+        for param in params:
+            shape, dtype = param["shape"], param["dtype"]
+            if dtype == "uint32":
+                array = rng.integers(0, 1 << 32, size=shape, dtype=np.uint32)
+            else:
+                array = (rng.standard_normal(size=shape, dtype=np.float32) * 0.02).astype(dtype)
+            writer.add(param["name"], array)
+        writer.close()
+        records = [r.model_dump() for r in writer.records]
+        (cache / "records.json").write_text(json.dumps({"shards": writer.shards, "records": records}))
+    saved = json.loads((cache / "records.json").read_text())
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    for shard in saved["shards"]:
+        os.link(cache / shard, directory / shard)
+    return saved["shards"], [TensorRecord.model_validate(r) for r in saved["records"]]
 
 
 def _bundle_device(bundle: Path, device: str) -> str:
@@ -200,6 +231,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda:sm_90", help="cuda:sm_XX, or cpu for a dry run here")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--integer-dot", action="store_true", help="batch-1 4-bit GEMVs on dp4a (cuda_qgemv_dp4a)")
+    p.add_argument("--decode-attention", action="store_true", help="our decode attention kernel (cuda_attention)")
     r = sub.add_parser("run")
     r.add_argument("root", type=Path)
     r.add_argument("--batches", type=int, nargs="+", default=[1, 16])
@@ -207,7 +239,7 @@ def main() -> None:
     r.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = parser.parse_args()
     if args.command == "prepare":
-        prepare(args.root, args.device, args.shapes, args.integer_dot)
+        prepare(args.root, args.device, args.shapes, args.integer_dot, args.decode_attention)
     else:
         run(args.root, args.batches, args.device, args.shapes)
 

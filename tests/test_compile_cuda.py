@@ -92,24 +92,29 @@ def _cuda_scheduled_module(quantization: str):
         return _pipeline(target, {}, {"seq_len": 64, "batch_size": 16})(mod)
 
 
+def _stand_in_tensor_intrinsics(monkeypatch) -> None:
+    """dlight's Matmul (the branch for more than 16 rows) imports TVM's tensor-core intrinsics
+    before it reads `dlight.do_not_tensorize` and returns; parsing them takes ~30 s (much more on a
+    loaded machine). Every function here is marked do_not_tensorize: a stand-in will do."""
+    import sys
+    import types
+
+    if "tvm.s_tir.tensor_intrin.cuda" not in sys.modules:
+        stand_in = types.ModuleType("tvm.s_tir.tensor_intrin.cuda")
+        stand_in.get_wmma_intrin_group = None
+        monkeypatch.setitem(sys.modules, "tvm.s_tir.tensor_intrin.cuda", stand_in)
+
+
 def test_decode_gemv_is_scheduled_as_a_gemv(monkeypatch):
     """Every dequantize+matmul kernel (decode, batch_decode, prefill) gets our GEMV schedule: warps
     over output rows, lanes along the packed words (one 16-byte load of a quantization group
     each), dequantization in registers, a cross-lane reduction; a symbolic batch dispatches at
     run time between GEMV buckets and dlight's Matmul (prefill)."""
     import re
-    import sys
-    import types
 
     from tvm import tirx
 
-    # dlight's Matmul (the branch for more than 16 rows) imports TVM's tensor-core intrinsics
-    # before it reads `dlight.do_not_tensorize` and returns; parsing them takes ~30 s (much
-    # more on a loaded machine). Every function here is marked do_not_tensorize: a stand-in will do.
-    if "tvm.s_tir.tensor_intrin.cuda" not in sys.modules:
-        stand_in = types.ModuleType("tvm.s_tir.tensor_intrin.cuda")
-        stand_in.get_wmma_intrin_group = None
-        monkeypatch.setitem(sys.modules, "tvm.s_tir.tensor_intrin.cuda", stand_in)
+    _stand_in_tensor_intrinsics(monkeypatch)
     mod = _cuda_scheduled_module("q4f16_1")
     gemvs = {gv.name_hint: f.script() for gv, f in mod.functions_items()
              if isinstance(f, tirx.PrimFunc) and "dequantize" in gv.name_hint and "matmul" in gv.name_hint}
@@ -172,8 +177,6 @@ def test_integer_dot_gemv_compiles_for_cuda(monkeypatch, tmp_path):
     static-batch ``decode`` ones whole, ``batch_decode``'s in its batch <= 1 branch, the float
     kernel still serving batches 2-16), and TVM's CUDA codegen and nvcc take them. Its numerics:
     tests/test_cpu_schedule.py (the same kernel emulated on the CPU)."""
-    import sys
-    import types
 
     import tvm
     from tvm import tirx
@@ -182,10 +185,7 @@ def test_integer_dot_gemv_compiles_for_cuda(monkeypatch, tmp_path):
     from mlcbuild.stages.compile import precompile_cuda
 
     monkeypatch.setattr(cuda_schedule, "INTEGER_DOT_BATCH1", True)
-    if "tvm.s_tir.tensor_intrin.cuda" not in sys.modules:  # see test_decode_gemv_is_scheduled_as_a_gemv
-        stand_in = types.ModuleType("tvm.s_tir.tensor_intrin.cuda")
-        stand_in.get_wmma_intrin_group = None
-        monkeypatch.setitem(sys.modules, "tvm.s_tir.tensor_intrin.cuda", stand_in)
+    _stand_in_tensor_intrinsics(monkeypatch)
     mod = _cuda_scheduled_module("q4f16_1")
     gemvs = {gv.name_hint: f for gv, f in mod.functions_items()
              if isinstance(f, tirx.PrimFunc) and "dequantize" in gv.name_hint and "matmul" in gv.name_hint}
@@ -200,6 +200,37 @@ def test_integer_dot_gemv_compiles_for_cuda(monkeypatch, tmp_path):
     lib = tvm.compile(tvm.IRModule({n: gemvs[n].with_attr("global_symbol", n) for n in with_dot}), target=target)
     source = lib.mod.imports[0].inspect_source()
     assert "__dp4a(" in source and "__shfl_down_sync(" in source and "__syncthreads()" in source
+    with target:
+        info = precompile_cuda(lib.mod, "sm_90", tmp_path)
+    assert (tmp_path / info["fatbin"]).read_bytes()[:4] == bytes.fromhex("50ed55ba")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_decode_attention_kernel_compiles_for_cuda(monkeypatch, tmp_path):
+    """With ``DECODE_ATTENTION_KERNEL`` the KV cache's decode attention PrimFunc is
+    ``cuda_attention``'s (the prefill and sliding-window kernels stay TVM's), and TVM's CUDA
+    codegen and nvcc take it: 16-byte row loads, xor shuffles, one barrier before the merge.
+    Its numerics: tests/test_cuda_attention.py (the same kernel emulated on the CPU)."""
+
+    import tvm
+    from tvm import tirx
+
+    from mlcbuild.compiler_passes import cuda_attention, cuda_schedule
+    from mlcbuild.stages.compile import precompile_cuda
+
+    monkeypatch.setattr(cuda_schedule, "DECODE_ATTENTION_KERNEL", True)
+    _stand_in_tensor_intrinsics(monkeypatch)
+    mod = _cuda_scheduled_module("q4f16_1")
+    decode = {gv.name_hint: f for gv, f in mod.functions_items()
+              if isinstance(f, tirx.PrimFunc) and f.attrs and str(f.attrs.get("global_symbol", "")) == cuda_attention.NAME}
+    assert len(decode) == 1, sorted(gv.name_hint for gv in mod.get_global_vars())
+    name, kernel = next(iter(decode.items()))
+    assert "T.tvm_warp_shuffle_xor" in kernel.script()  # ours, not TVM's (whose rows go through shared memory)
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    lib = tvm.compile(tvm.IRModule({name: kernel}), target=target)
+    source = lib.mod.imports[0].inspect_source()
+    assert "__shfl_xor_sync(" in source and source.count("__syncthreads()") == 1
+    assert "*(uint4*)(pages_ptr" in source  # rows read as 16-byte vectors, not gathered
     with target:
         info = precompile_cuda(lib.mod, "sm_90", tmp_path)
     assert (tmp_path / info["fatbin"]).read_bytes()[:4] == bytes.fromhex("50ed55ba")

@@ -25,14 +25,14 @@ from __future__ import annotations
 from typing import Any
 
 import tvm
-from tvm import relax, tirx
+from tvm import tirx
 from tvm.script import tirx as T
 
 from mlcbuild.compiler_passes._tir_expr import pairwise_sum
 from mlcbuild.compiler_passes._tir_math import LOG2E
 from mlcbuild.compiler_passes._tir_math import exp2_nonpositive as _exp2
+from mlcbuild.compiler_passes.kv_cache_calls import ROPE_INLINE, kv_cache_rope_modes, shape_ints
 
-ROPE_INLINE = 2
 
 
 def _hsum(buf: Any, n: int) -> Any:
@@ -353,42 +353,9 @@ def prefill_paged_kernel(h_kv: int, h_q: int, d: int, dtype: str, page_size: int
 # ---- replacing the kernels in a module -------------------------------------------------------------
 
 
-def _kv_cache_rope_modes(mod: tvm.IRModule) -> list[int]:
-    """rope_mode arguments of every paged_attention_kv_cache_create call in the module."""
-    modes: list[int] = []
-
-    def visit(expr: Any) -> None:
-        if isinstance(expr, relax.Call) and len(expr.args) > 10:
-            callee = expr.args[0]
-            if isinstance(callee, relax.ExternFunc) and str(callee.global_symbol) == "vm.builtin.paged_attention_kv_cache_create":
-                # (extern, sizes, layer_partition, heads, kv_heads, qk_dim, v_dim, attn_kind,
-                #  enable_disaggregation, rope_mode, ...)
-                arg = expr.args[9]
-                value = getattr(arg, "value", None)
-                try:
-                    modes.append(int(value))
-                except (TypeError, ValueError):
-                    modes.append(ROPE_INLINE)  # unknown: treat as unsupported
-
-    for _, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func.body, visit)
-    return modes
-
-
-def _shape_ints(buf: Any) -> list[int | None]:
-    out: list[int | None] = []
-    for s in buf.shape:
-        try:
-            out.append(int(s))
-        except (TypeError, ValueError):
-            out.append(None)
-    return out
-
-
 def replacements(mod: tvm.IRModule) -> dict[str, Any]:
     """name -> replacement PrimFunc for the CPU attention kernels we know in ``mod``."""
-    modes = _kv_cache_rope_modes(mod)
+    modes = kv_cache_rope_modes(mod)
     if not modes or any(m == ROPE_INLINE for m in modes):
         return {}
     out: dict[str, Any] = {}
@@ -400,21 +367,21 @@ def replacements(mod: tvm.IRModule) -> dict[str, Any]:
         try:
             if name == "batch_decode_paged_kv_cpu" and len(params) == 13:
                 q, pages = params[0], params[1]
-                _, h_q, d = _shape_ints(q)
-                _, two, h_kv, page_size, d2 = _shape_ints(pages)
+                _, h_q, d = shape_ints(q)
+                _, two, h_kv, page_size, d2 = shape_ints(pages)
                 if two == 2 and d == d2 and h_q % h_kv == 0 and len(params[4].shape) == 1:
                     out[name] = decode_kernel(h_kv, h_q, d, str(q.dtype), page_size)
             elif name == "batch_prefill_ragged_kv" and len(params) == 14:
                 q, k, v = params[0], params[2], params[3]
-                _, h_q, d_qk = _shape_ints(q)
-                _, h_kv, d_k = _shape_ints(k)
-                _, _, d_v = _shape_ints(v)
+                _, h_q, d_qk = shape_ints(q)
+                _, h_kv, d_k = shape_ints(k)
+                _, _, d_v = shape_ints(v)
                 if d_qk == d_k and h_q % h_kv == 0:
                     out[name] = prefill_ragged_kernel(h_kv, h_q, d_qk, d_v, str(q.dtype))
             elif name == "batch_prefill_paged_kv_cpu" and len(params) == 15:
                 q, pages = params[0], params[2]
-                _, h_q, d = _shape_ints(q)
-                _, two, h_kv, page_size, d2 = _shape_ints(pages)
+                _, h_q, d = shape_ints(q)
+                _, two, h_kv, page_size, d2 = shape_ints(pages)
                 if two == 2 and d == d2 and h_q % h_kv == 0 and len(params[5].shape) == 1:
                     out[name] = prefill_paged_kernel(h_kv, h_q, d, str(q.dtype), page_size)
         except (TypeError, ValueError):

@@ -24,7 +24,8 @@ the packed words uncoalesced.
   -> dlight's ``Matmul`` (prefill).
 
 With ``INTEGER_DOT_BATCH1`` the batch-1 branch of 4-bit GEMVs is ``cuda_qgemv_dp4a``'s kernel
-instead (integer dot products; off until timed on a GPU, see there).
+instead (integer dot products; off until timed on a GPU, see there); with
+``DECODE_ATTENTION_KERNEL`` the KV cache's decode attention is ``cuda_attention``'s.
 
 (The float16 -> float32 casts in front of every norm are fused into it before this runs:
 ``compiler_passes.relax_fusion.FuseCastsIntoNorm``.)
@@ -54,6 +55,15 @@ UNROLL_STEPS = 4  # reduction steps unrolled at batch 1 (their loads in flight t
 # times it and compares its outputs with the float kernel's, in one device call). It is part of
 # the compile node's key (``Compile.toolchain``).
 INTEGER_DOT_BATCH1 = False
+# The KV cache's decode attention kernel replaced by ``cuda_attention``'s (all rows' loads in
+# flight instead of 16 rows per dependent step). Off until timed on a GPU, like the above: its
+# numerics are tested here on a CPU emulation of the same kernel text, nvcc compiles it.
+DECODE_ATTENTION_KERNEL = False
+
+
+def schedule_key() -> str:
+    """What of this module shapes the CUDA kernels, for the compile node's key."""
+    return CUDA_SCHEDULE_VERSION + ("+dp4a" if INTEGER_DOT_BATCH1 else "") + ("+attn" if DECODE_ATTENTION_KERNEL else "")
 
 
 @dataclass
@@ -75,6 +85,10 @@ def CUDASchedule(target: Any) -> Any:  # noqa: N802  (a pass, named like TVM's)
     import tvm
 
     passes = [DequantGemv(target), _default_rules()]
+    if DECODE_ATTENTION_KERNEL:
+        from mlcbuild.compiler_passes.cuda_attention import ReplaceDecodeAttention
+
+        passes.insert(0, ReplaceDecodeAttention())
     return tvm.transform.Sequential(passes, name="CUDASchedule")
 
 

@@ -55,8 +55,8 @@ class Compile(Stage):
             from mlcbuild.compiler_passes import cuda_schedule
 
             facts["nvcc"] = nvcc_version()
-            # our decode GEMV schedule shapes the kernels (and which batch-1 kernel it uses)
-            facts["cuda_schedule"] = cuda_schedule.CUDA_SCHEDULE_VERSION + ("+dp4a" if cuda_schedule.INTEGER_DOT_BATCH1 else "")
+            # our decode GEMV schedule shapes the kernels (and which batch-1 / attention kernels it uses)
+            facts["cuda_schedule"] = cuda_schedule.schedule_key()
         else:
             facts["cpu_schedule"] = SCHEDULE_VERSION  # our hand-written schedules shape the library
         return facts
