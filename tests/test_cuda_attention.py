@@ -36,6 +36,7 @@ def _reference(q, pages, indptr, values, last_len, sm_scale):
         (8, 32, 128, [129, 5]),  # Llama-3-8B's heads: 2 streams per warp, 8 warps, a partial last round
         (2, 8, 64, [1, 17, 300]),  # 4 streams per warp; one row, a page and a bit, five rounds
         (1, 1, 32, [40]),  # no grouping, 8 streams per warp
+        (2, 4, 16, [7, 33]),  # the tiny test models' heads: 16 streams per warp, 2-lane butterfly
     ],
 )
 def test_decode_attention_matches_numpy(h_kv, h_q, d, lengths):
