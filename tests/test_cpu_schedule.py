@@ -286,3 +286,41 @@ def test_vectorizable_exp_and_sigmoid_match_numpy() -> None:
     want2 = np.exp2(-np.abs(xs))
     normal2 = want2 > 1.2e-38
     assert np.max(np.abs(got_e2[normal2] - want2[normal2]) / want2[normal2]) < 3e-7
+
+
+@pytest.mark.parametrize("quant", ["q0f16", "q0f32"])
+def test_gemv_prefetches_the_rows_ahead(quant: str) -> None:
+    """The 16/32-bit decode GEMV issues a prefetch of every 64-byte line of the weight rows
+    ``PREFETCH_BYTES`` ahead of each chunk of rows it reads (clamped to the last row); the
+    numerics are the other tests' (a prefetch changes no value)."""
+    import re
+
+    from mlcbuild.compiler_passes import cpu_matmul, matmul_analysis
+
+    mod, _ = _fused_module(quant, [1, 1])
+    info, _ = matmul_analysis.analyze(_primfuncs(mod)["NT_matmul"])
+    text = cpu_matmul.build_gemv(info, 16).script()
+    row_bytes = K * (2 if quant == "q0f16" else 4)
+    ahead = cpu_matmul.PREFETCH_BYTES // row_bytes
+    first = re.findall(r"llvm\.prefetch\", T\.address_of\((\w+)\[T\.min\(n_0 \* T\.int64\((\d+)\) \+ T\.int64\((\d+)\)", text)
+    assert first, text
+    weights = {name for name, _, _ in first}
+    assert weights == {"up_weight"}
+    rows = int(first[0][1])
+    assert sorted({int(a) for _, _, a in first}) == list(range(ahead, ahead + rows))
+    assert len(first) == rows * -(-row_bytes // 64)  # every line of every row once
+
+
+def test_vnni_gemv_prefetches_the_rows_ahead() -> None:
+    """The same for the 4-bit VNNI kernel: packed words and scales of the row ahead."""
+    from mlcbuild.compiler_passes import cpu_matmul, matmul_analysis
+
+    mod, _ = _fused_module("q4f16_1", [1, 1], k=128)
+    func = next(f for name, f in _primfuncs(mod).items() if "matmul" in name)
+    info, _ = matmul_analysis.analyze(func)
+    text = cpu_qgemv_vnni.build(info, matmul_analysis.match_group_quant(info)).script()
+    ahead = cpu_matmul.PREFETCH_BYTES // (128 // 2)  # 64 bytes of packed words per row
+    words = [line for line in text.splitlines() if "llvm.prefetch" in line and "weight" in line and "scale" not in line]
+    scales = [line for line in text.splitlines() if "llvm.prefetch" in line and "scale" in line]
+    assert len(words) == 1 and len(scales) == 1, text  # one 64-byte line of each per row
+    assert f"T.int64({ahead})" in words[0] or f" + {ahead}" in words[0], words[0]

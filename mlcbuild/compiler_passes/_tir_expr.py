@@ -191,6 +191,15 @@ def pairwise_sum(terms: list[Any]) -> Any:
 def map_stores(func: Any, fn: Callable[[str, Any], Any]) -> Any:
     """``func`` with the store of every block whose body is one ``BufferStore`` replaced by
     ``fn(block_name, store)`` (return the store itself to keep it); ``func`` when none changed."""
+    return map_body(func, store=fn)
+
+
+def map_body(func: Any, store: Callable[[str, Any], Any] | None = None,
+             loop: Callable[[Any], Any] | None = None) -> Any:
+    """``func`` with its statements rebuilt where the callbacks change them: ``store(block_name,
+    store)`` for the store of every block whose body is one ``BufferStore``; ``loop(for_stmt)``
+    for every loop, returning a statement to put in its place (not descended into) or None to
+    go on inside it. ``func`` itself when nothing changed."""
     from tvm import s_tir
 
     def rebuild(stmt: Any) -> Any:
@@ -199,8 +208,8 @@ def map_stores(func: Any, fn: Callable[[str, Any], Any]) -> Any:
             return stmt if block.same_as(stmt.block) else s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, block)
         if isinstance(stmt, s_tir.SBlock):
             body = rebuild(stmt.body)
-            if isinstance(body, tirx.BufferStore):
-                body = fn(stmt.name_hint, body)
+            if isinstance(body, tirx.BufferStore) and store is not None:
+                body = store(stmt.name_hint, body)
             if body.same_as(stmt.body):
                 return stmt
             return s_tir.SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, body, stmt.init,
@@ -209,6 +218,9 @@ def map_stores(func: Any, fn: Callable[[str, Any], Any]) -> Any:
             seq = [rebuild(s) for s in stmt.seq]
             return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq)) else tirx.SeqStmt(seq)
         if isinstance(stmt, tirx.For):
+            replaced = loop(stmt) if loop is not None else None
+            if replaced is not None:
+                return replaced
             body = rebuild(stmt.body)
             if body.same_as(stmt.body):
                 return stmt

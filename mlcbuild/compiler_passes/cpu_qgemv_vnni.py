@@ -33,7 +33,7 @@ from tvm import tirx
 
 from mlcbuild.compiler_passes._text_kernel import KernelExprs, parse, signature
 from mlcbuild.compiler_passes._tir_expr import as_int, loads_in, pairwise_sum
-from mlcbuild.compiler_passes.cpu_matmul import _divisor
+from mlcbuild.compiler_passes.cpu_matmul import PREFETCH_BYTES, _divisor
 from mlcbuild.compiler_passes.matmul_analysis import GroupQuant, MatmulInfo, NotMatched
 
 # Byte planes of the fixed-point activations per activation dtype: 16 bits for float16 (11-bit
@@ -46,13 +46,6 @@ PLANES = {"float16": 2, "float32": 3}
 # 8 * 15 * 128 * 65536 ~ 1.0e9 < 2**31 per int32 lane.
 X_MAX = {2: 127 * 257, 3: 127 * (1 + 256 + 65536) - 16}  # 32639, 8355695
 X16_MAX = X_MAX[2]
-# Software prefetch distance of the weight stream (bytes ahead of the row being read). The rows of
-# a thread's share are contiguous, but each decode GEMV of SmolLM2 reads only 0.1-0.5 MB per
-# thread, too short for the hardware prefetcher to ramp up (and lm_head's 8 MB per thread ran at
-# ~11.5 GB/s of a ~19 GB/s memory). Measured on the demo's q4f16_1 decode, in one process with
-# bundles alternating (16 rounds of 64 steps): 7.15 ms/step without, 6.29 / 6.21 / 6.02 with 4,
-# 8 and 16 KB ahead.
-PREFETCH_BYTES = 16384
 # names the kernel text uses itself
 RESERVED = {
     "T", "E", "amax", "zw", "dw", "xb", "xs", "xq", "pl", "hm", "acc", "m", "g", "c", "kv", "ko", "wg",
@@ -185,7 +178,8 @@ def main({handles}):
 
 def _prefetch_lines(weight: str, scale: str, gq: GroupQuant, kw: int, rows: int, n: int) -> str:
     """Kernel text: software prefetches of the packed words and the scales of the row
-    ``PREFETCH_BYTES`` ahead of each row the loop is about to read, one per 64-byte line."""
+    ``PREFETCH_BYTES`` ahead of each row the loop is about to read, one per 64-byte line (why:
+    ``cpu_matmul.PREFETCH_BYTES``)."""
     ahead = max(1, PREFETCH_BYTES // (4 * kw))
     scale_size = tvm.DataType(str(gq.scale.dtype)).bits // 8
     groups = as_int(gq.scale.shape[1]) or 0
