@@ -324,3 +324,19 @@ def test_vnni_gemv_prefetches_the_rows_ahead() -> None:
     scales = [line for line in text.splitlines() if "llvm.prefetch" in line and "scale" in line]
     assert len(words) == 1 and len(scales) == 1, text  # one 64-byte line of each per row
     assert f"T.int64({ahead})" in words[0] or f" + {ahead}" in words[0], words[0]
+
+
+def test_float_4bit_gemv_prefetches_words_and_scales() -> None:
+    """The float 4-bit GEMV (CPUs without VNNI, q3f16_1) prefetches the packed words and the
+    scales of the rows ahead, for every row of a chunk."""
+    import re
+
+    from mlcbuild.compiler_passes import cpu_matmul, matmul_analysis
+
+    mod, _ = _fused_module("q4f16_1", [1, 1], k=128)
+    func = next(f for name, f in _primfuncs(mod).items() if "matmul" in name)
+    info, _ = matmul_analysis.analyze(func)
+    text = cpu_matmul.build_gemv_q(info, matmul_analysis.match_group_quant(info), 16).script()
+    hits = re.findall(r"llvm\.prefetch\", T\.address_of\((\w+)\[T\.min\(n_0 \* T\.int64\(4\) \+ T\.int64\((\d+)\)", text)
+    ahead = cpu_matmul.PREFETCH_BYTES // 64  # 16 packed words = 64 bytes per row
+    assert sorted(hits) == sorted((name, str(ahead + r)) for r in range(4) for name in ("proj_q_scale", "proj_q_weight")), hits

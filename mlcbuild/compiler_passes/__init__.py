@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 # Bump when the generated kernels change: the compile stage can put it in its node key.
-SCHEDULE_VERSION = "9"
+SCHEDULE_VERSION = "10"
 
 _LAZY = {"CPUSchedule", "apply_cpu_schedules", "last_report", "vector_lanes"}
 

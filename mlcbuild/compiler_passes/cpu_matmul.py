@@ -122,7 +122,7 @@ def build_gemv(info: MatmulInfo, lanes: int, rows: int = 4) -> Any:
     row_bytes = K * max((tvm.DataType(str(load.source.dtype)).bits // 8 for load in loads_in(info.w_expr)), default=4)
     scheduled = schedule_gemv(func, N, rows, sequential_rows=row_bytes < SEQUENTIAL_ROW_BYTES)
     if len(weights) == 1:  # a plain [N, K] weight (16/32-bit, read as stored)
-        scheduled = prefetch_rows_ahead(scheduled, weights[0].source.name, _divisor(N, [rows, 4, 2, 1]))
+        scheduled = prefetch_rows_ahead(scheduled, _divisor(N, [rows, 4, 2, 1]), weights[0].source.name)
     return scheduled
 
 
@@ -134,32 +134,38 @@ def build_gemv(info: MatmulInfo, lanes: int, rows: int = 4) -> Any:
 PREFETCH_BYTES = 16384
 
 
-def prefetch_rows_ahead(func: Any, weight: str, rows: int) -> Any:
+def prefetch_rows_ahead(func: Any, rows: int, weight: str, *row_aligned: str) -> Any:
     """``func`` (a scheduled GEMV: a parallel loop over chunks of ``rows`` rows of the [N, K]
     buffer named ``weight``) with a prefetch of every 64-byte line of the rows ``PREFETCH_BYTES``
-    ahead at the top of each chunk; ``func`` itself where it has no such loop or buffer."""
-    found: list[Any] = []
+    of ``weight`` ahead at the top of each chunk, and of the same rows of the ``row_aligned``
+    buffers ([N, ...]: the scales of packed weights); ``func`` itself where it has no such loop
+    or buffer."""
+    names = (weight, *row_aligned)
+    found: dict[str, Any] = {}
 
     def find(_name: str, store: Any) -> Any:
-        found.extend(ld.source for ld in loads_in(store.value) if ld.source.name == weight)
+        for ld in loads_in(store.value):
+            if ld.source.name in names:
+                found.setdefault(ld.source.name, ld.source)
         return store
 
     map_body(func, store=find)
-    if not found:
+    if weight not in found:
         return func
-    buf = found[0]
-    n, k = (as_int(d) for d in buf.shape)
-    size = tvm.DataType(str(buf.dtype)).bits // 8
-    ahead = max(1, PREFETCH_BYTES // (k * size))
+    buffers = [found[name] for name in names if name in found]
+    n = as_int(buffers[0].shape[0])
+    ahead = max(1, PREFETCH_BYTES // _row_bytes(buffers[0]))
 
     def prefetches(loop: Any) -> list[Any]:
         no, dtype = loop.loop_var, dtype_of(loop.min)
         calls = []
         for r in range(rows):
             row = tirx.min(no * tirx.IntImm(dtype, rows) + tirx.IntImm(dtype, ahead + r), tirx.IntImm(dtype, n - 1))
-            for col in range(0, k, 64 // size):
-                address = tirx.address_of(tirx.BufferLoad(buf, [row, tirx.IntImm(dtype, col)]))
-                calls.append(tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch", address, 0, 3, 1)))
+            for buf in buffers:
+                per_line = 64 * 8 // tvm.DataType(str(buf.dtype)).bits
+                for col in range(0, as_int(buf.shape[1]), per_line):
+                    address = tirx.address_of(tirx.BufferLoad(buf, [row, tirx.IntImm(dtype, col)]))
+                    calls.append(tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch", address, 0, 3, 1)))
         return calls
 
     def add(stmt: Any) -> Any:
@@ -169,6 +175,10 @@ def prefetch_rows_ahead(func: Any, weight: str, rows: int) -> Any:
                         stmt.thread_binding, stmt.annotations, stmt.step)
 
     return map_body(func, loop=add)
+
+
+def _row_bytes(buf: Any) -> int:
+    return (as_int(buf.shape[1]) or 1) * tvm.DataType(str(buf.dtype)).bits // 8
 
 
 # Rows shorter than this are read one after another (one accumulator chain per row) instead of
@@ -364,7 +374,8 @@ def build_gemv_q(info: MatmulInfo, gq: GroupQuant, lanes: int, rows: int = 4) ->
     y = te.compute((M, i64(N)), lambda m, n: te.sum(rf(m, n, lr), axis=lr), name="y")
     out = _out_compute(info, tes, lambda m, n: y(m, n))
     func = _finish(info, tes, out)
-    return schedule_gemv_q(func, N, rows)
+    rows = _divisor(N, [rows, 4, 2, 1])
+    return prefetch_rows_ahead(schedule_gemv_q(func, N, rows), rows, gq.weight.name, gq.scale.name)
 
 
 def schedule_gemv_q(func: Any, n: int, rows: int) -> Any:
