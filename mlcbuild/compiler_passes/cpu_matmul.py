@@ -128,9 +128,10 @@ def build_gemv(info: MatmulInfo, lanes: int, rows: int = 4) -> Any:
 
 # Software prefetch distance of a GEMV's weight stream (bytes ahead of the rows being read). A
 # thread's rows are contiguous, but a decode GEMV of SmolLM2 reads only 0.1-0.5 MB per thread:
-# too short for the hardware prefetcher to ramp up. Measured with the 4-bit VNNI kernel on the
-# demo's q4f16_1 decode (one process, bundles alternating 16 x 64 steps): 7.15 ms/step without,
-# 6.29 / 6.21 / 6.02 with 4, 8 and 16 KB ahead; 7.89 -> 6.01 for the final build.
+# too short for the hardware prefetcher to ramp up. Measured on the demo's decode (one process,
+# bundles alternating, 16 rounds of 64 steps): q4f16_1 (VNNI kernel) 7.15 ms/step without, 6.29 /
+# 6.21 / 6.02 with 4, 8 and 16 KB ahead, 7.89 -> 6.01 for the final build; q0f16 16.44 -> 14.68;
+# q4f16_1 for cpu:x86-64-v3 (float 4-bit kernel) 9.72 -> 7.96.
 PREFETCH_BYTES = 16384
 
 
