@@ -78,3 +78,49 @@ def test_shapes_it_declines():
     assert not cuda_attention.shape_fits(8, 32, 128, "float32")
     with pytest.raises(ValueError, match="unsupported shape"):
         cuda_attention.build(3, 8, 128, "float16", 16)
+
+
+def test_decode_attention_in_a_compiled_model(built_model, tmp_path, monkeypatch):
+    """The kernel in the KV cache's real calling convention: a tiny llama compiled for the CPU
+    with its decode attention swapped for the emulated CUDA kernel gives the logits of the
+    standard CPU build (one sequence, then two of different lengths in one batch)."""
+    from compiler_harness import CompiledModel, run_stage
+
+    from mlcbuild.compiler_passes import cpu_attention, cuda_attention
+    from mlcbuild.stages.compile import Compile, CompileParams
+
+    reference = built_model("llama", "q4f16_1")
+    keep = cpu_attention.replacements
+
+    def with_cuda_decode(mod):
+        out = keep(mod)
+        for gvar, func in mod.functions_items():
+            if gvar.name_hint == "batch_decode_paged_kv_cpu":
+                q, pages = list(func.params)[:2]
+                _, h_q, d = (int(x) if not hasattr(x, "name") else None for x in q.shape)
+                _, _, h_kv, page_size, _ = (int(x) if not hasattr(x, "name") else None for x in pages.shape)
+                out[gvar.name_hint] = cuda_attention.build(h_kv, h_q, d, str(q.dtype), page_size, emulate=True)
+        assert "batch_decode_paged_kv_cpu" in out
+        return out
+
+    monkeypatch.setattr(cpu_attention, "replacements", with_cuda_decode)
+    library = run_stage(Compile(), CompileParams(quantization="q4f16_1", device="cpu"),
+                        {"config": reference["config"]}, tmp_path / "library")
+    swapped = {**reference, "library": library}
+
+    ids = np.array([5, 17, 99, 3, 250, 42, 7, 1, 64, 128, 11], dtype=np.int32)
+    want, got = CompiledModel(reference), CompiledModel(swapped)
+    _, want_tokens, want_steps = want.generate(ids, steps=12)
+    _, got_tokens, got_steps = got.generate(ids, steps=12)
+    assert got_tokens == want_tokens
+    scale = np.abs(np.array(want_steps)).max()
+    np.testing.assert_allclose(np.array(got_steps), np.array(want_steps), rtol=0, atol=1e-3 * scale)
+
+    results = []
+    for model in (want, got):
+        kv = model.new_cache()
+        for seq, prompt in enumerate((ids[:5], np.tile(ids, 2)[:21])):
+            model._builtin["kv_state_add_sequence"](kv, seq)
+            model.prefill_all(kv, seq, prompt)
+        results.append([model.decode(kv, [0, 1], [3, 4]) for _ in range(3)])
+    np.testing.assert_allclose(np.array(results[1]), np.array(results[0]), rtol=0, atol=1e-3 * np.abs(np.array(results[0])).max())
