@@ -1,6 +1,8 @@
-"""The CUDA decode attention kernel (mlcbuild.compiler_passes.cuda_attention), without a GPU: its
+"""CUDA kernels checked without a GPU. The decode attention kernel (cuda_attention): its
 numerics on the CPU (the same kernel text with the threads as loops, ``emulate=True``) against a
-numpy reference, and its code generation for sm_90 with nvcc (tests/test_compile_cuda.py)."""
+numpy reference (code generation for sm_90 with nvcc: tests/test_compile_cuda.py). Both it and
+the dp4a GEMV (cuda_qgemv_dp4a), emulated, inside a tiny llama compiled for the CPU against the
+standard CPU build of the same model."""
 
 from __future__ import annotations
 
@@ -80,36 +82,22 @@ def test_shapes_it_declines():
         cuda_attention.build(3, 8, 128, "float16", 16)
 
 
-def test_decode_attention_in_a_compiled_model(built_model, tmp_path, monkeypatch):
-    """The kernel in the KV cache's real calling convention: a tiny llama compiled for the CPU
-    with its decode attention swapped for the emulated CUDA kernel gives the logits of the
-    standard CPU build (one sequence, then two of different lengths in one batch)."""
+def _compare_with_cpu_build(built_model, tmp_path, monkeypatch, patch) -> None:
+    """Compile the tiny llama q4f16_1 for the CPU again with ``patch(monkeypatch)`` applied and
+    check its logits against the standard CPU build: 12 greedy steps of one sequence (tokens
+    identical, logits within 1e-3 of their largest), then 3 batch steps of two sequences of 5
+    and 21 tokens."""
     from compiler_harness import CompiledModel, run_stage
 
-    from mlcbuild.compiler_passes import cpu_attention, cuda_attention
     from mlcbuild.stages.compile import Compile, CompileParams
 
     reference = built_model("llama", "q4f16_1")
-    keep = cpu_attention.replacements
-
-    def with_cuda_decode(mod):
-        out = keep(mod)
-        for gvar, func in mod.functions_items():
-            if gvar.name_hint == "batch_decode_paged_kv_cpu":
-                q, pages = list(func.params)[:2]
-                _, h_q, d = (int(x) if not hasattr(x, "name") else None for x in q.shape)
-                _, _, h_kv, page_size, _ = (int(x) if not hasattr(x, "name") else None for x in pages.shape)
-                out[gvar.name_hint] = cuda_attention.build(h_kv, h_q, d, str(q.dtype), page_size, emulate=True)
-        assert "batch_decode_paged_kv_cpu" in out
-        return out
-
-    monkeypatch.setattr(cpu_attention, "replacements", with_cuda_decode)
+    patch(monkeypatch)
     library = run_stage(Compile(), CompileParams(quantization="q4f16_1", device="cpu"),
                         {"config": reference["config"]}, tmp_path / "library")
-    swapped = {**reference, "library": library}
+    want, got = CompiledModel(reference), CompiledModel({**reference, "library": library})
 
     ids = np.array([5, 17, 99, 3, 250, 42, 7, 1, 64, 128, 11], dtype=np.int32)
-    want, got = CompiledModel(reference), CompiledModel(swapped)
     _, want_tokens, want_steps = want.generate(ids, steps=12)
     _, got_tokens, got_steps = got.generate(ids, steps=12)
     assert got_tokens == want_tokens
@@ -124,3 +112,51 @@ def test_decode_attention_in_a_compiled_model(built_model, tmp_path, monkeypatch
             model.prefill_all(kv, seq, prompt)
         results.append([model.decode(kv, [0, 1], [3, 4]) for _ in range(3)])
     np.testing.assert_allclose(np.array(results[1]), np.array(results[0]), rtol=0, atol=1e-3 * np.abs(np.array(results[0])).max())
+
+
+def test_decode_attention_in_a_compiled_model(built_model, tmp_path, monkeypatch):
+    """The kernel in the KV cache's real calling convention: the tiny llama compiled for the CPU
+    with its decode attention swapped for the emulated CUDA kernel."""
+    from mlcbuild.compiler_passes import cpu_attention, cuda_attention
+
+    keep = cpu_attention.replacements
+
+    def with_cuda_decode(mod):
+        out = keep(mod)
+        for gvar, func in mod.functions_items():
+            if gvar.name_hint == "batch_decode_paged_kv_cpu":
+                q, pages = list(func.params)[:2]  # [B, h_q, d], [pages, 2, h_kv, page_size, d]
+                h_q, d = int(q.shape[1]), int(q.shape[2])
+                h_kv, page_size = int(pages.shape[2]), int(pages.shape[3])
+                out[gvar.name_hint] = cuda_attention.build(h_kv, h_q, d, str(q.dtype), page_size, emulate=True)
+        assert "batch_decode_paged_kv_cpu" in out
+        return out
+
+    _compare_with_cpu_build(built_model, tmp_path, monkeypatch,
+                            lambda mp: mp.setattr(cpu_attention, "replacements", with_cuda_decode))
+
+
+def test_integer_dot_gemv_in_a_compiled_model(built_model, tmp_path, monkeypatch):
+    """The same for the dp4a GEMV (``cuda_qgemv_dp4a``, emulated): every decode GEMV it takes
+    (fused epilogues: residual adds, casts) of the tiny llama, at batch 1 and 2."""
+    from mlcbuild.compiler_passes import cpu_matmul, cpu_qgemv_vnni, cuda_qgemv_dp4a, matmul_analysis
+
+    taken = []
+    keep_vnni, keep_float = cpu_qgemv_vnni.build, cpu_matmul.build_gemv_q
+
+    def dp4a_first(keep):
+        def build(info, gq, *args, **kwargs):
+            try:
+                kernel = cuda_qgemv_dp4a.build(info, gq, emulate=True)
+            except matmul_analysis.NotMatched:
+                return keep(info, gq, *args, **kwargs)
+            taken.append(info.n_extent)
+            return kernel
+        return build
+
+    def patch(mp):
+        mp.setattr(cpu_qgemv_vnni, "build", dp4a_first(keep_vnni))
+        mp.setattr(cpu_matmul, "build_gemv_q", dp4a_first(keep_float))
+
+    _compare_with_cpu_build(built_model, tmp_path, monkeypatch, patch)
+    assert len(taken) >= 4, taken  # qkv, o, gate_up, down (decode and batch_decode), lm_head
