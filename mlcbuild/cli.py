@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -13,9 +13,6 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.tree import Tree
 
 from mlcbuild.cache.store import ArtifactStore
 from mlcbuild.pipeline.executor import Event, Executor, RunOptions
@@ -84,12 +81,32 @@ def _executor(loaded: LoadedRecipe, graph: Graph, cache_dir: Path | None, option
 
 
 class _HumanProgress:
-    """Rich progress for a build: a spinner per running node, one line per finished node."""
+    """Rich progress for a build: a spinner per running node, one line per finished node. The
+    progress display starts with the first node that runs (a no-op rerun, all cached, neither
+    imports nor draws it: it is the most frequent command and should cost milliseconds)."""
 
     def __init__(self) -> None:
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                 DownloadColumn(), TimeElapsedColumn(), console=console, transient=True)
+        self._progress: Any = None
+        self._lock = threading.Lock()
         self.tasks: dict[str, Any] = {}
+
+    @property
+    def progress(self) -> Any:
+        with self._lock:
+            if self._progress is None:
+                from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+                self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                          DownloadColumn(), TimeElapsedColumn(), console=console, transient=True)
+                self._progress.start()
+            return self._progress
+
+    def __enter__(self) -> "_HumanProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
 
     def __call__(self, event: Event) -> None:
         kind, node = event["event"], event.get("node", "")
@@ -155,8 +172,7 @@ def run(
     if as_json:
         result = _executor(loaded, graph, cache_dir, options, _json_event).run()
     else:
-        human = _HumanProgress()
-        with human.progress:
+        with _HumanProgress() as human:
             result = _executor(loaded, graph, cache_dir, options, human).run()
         summary = (f"{result.count('built')} built, {result.count('cached')} cached, "
                    f"{result.count('failed')} failed, {result.count('skipped')} skipped "
@@ -222,6 +238,8 @@ def dag(
         out.print("}", markup=False)
     elif fmt == "text":
         sinks = [n for n in graph.nodes if not graph.dependents(n)]
+        from rich.tree import Tree
+
         root = Tree(f"[bold]{loaded.recipe.name}[/bold]")
 
         def add(tree: Tree, node: Any) -> None:
@@ -266,6 +284,8 @@ def cache_ls(cache_dir: Optional[Path] = CacheDir, as_json: bool = typer.Option(
             _json_event({"key": r.key, "label": r.label, "stage": r.stage, "bytes": r.size,
                          "files": len(r.outputs), "created": r.created, "duration_s": r.duration_s})
         return
+    from rich.table import Table
+
     table = Table("key", "node", "files", "size", "built", "took")
     for r in records:
         table.add_row(r.key[:16], r.label, str(len(r.outputs)), _size(r.size),
@@ -438,6 +458,8 @@ def bench(
     if as_json:
         print(json.dumps(result.as_dict(), sort_keys=True))
         return
+    from rich.table import Table
+
     table = Table("metric", "median", "min", "max", title=f"{result.model} ({result.quantization}, {result.device}): "
                   f"prompt {prompt_len}, generate {gen_len}, batch {batch}, {repeats} repeats")
     for name, spread, fmt in (("TTFT (ms)", result.ttft_s, lambda v: f"{v * 1000:.1f}"),

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Any, Iterator
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Iterator
 
 from mlcbuild.bundle_format import CHAT_CONFIG_FILE, TENSOR_CACHE_FILE, TensorCacheIndex, TensorRecord
 from mlcbuild.pipeline.stage import Stage, StageContext, StageError, StageParams
 from mlcbuild.recipe import LoadedRecipe
 from mlcbuild.stages import register_stage
+
+if TYPE_CHECKING:  # numpy is imported where arrays are made: a no-op `mlcbuild run` imports every
+    import numpy as np  # stage module to key its nodes, and numpy alone is ~0.1 s of that
 
 SHARD_BYTES = 32 * 1024 * 1024
 
@@ -109,6 +110,8 @@ def _header(path: Path) -> dict[str, Any]:
 
 
 def _read_bf16(path: Path, name: str) -> np.ndarray:
+    import numpy as np
+
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         entry = json.loads(f.read(length))[name]
@@ -133,6 +136,7 @@ class ShardWriter:
         self._size = 0
 
     def add(self, name: str, array: np.ndarray) -> None:
+        import numpy as np
         import xxhash
 
         data = np.ascontiguousarray(array)
@@ -171,6 +175,8 @@ def mapped_tensors(source: SafetensorsSource, model_config: dict[str, Any], quan
     """(stored name, array) for every parameter of the compiled model, in parameter order:
     the architecture's mapping gives each float parameter, the scheme turns it into the stored
     tensors. Shapes and dtypes are checked against the model the compile stage builds."""
+    import numpy as np
+
     from mlcbuild.models import config_from_normalized, get_architecture
     from mlcbuild.models.base_nn import build_quantized_model
     from mlcbuild.quantization import get_quantization
