@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from filelock import FileLock
 from platformdirs import user_cache_dir
 from pydantic import BaseModel, ConfigDict
 
@@ -138,8 +139,6 @@ class ArtifactStore:
     # -- building --------------------------------------------------------------------------
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:
-        from filelock import FileLock  # here, not at import: a no-op run takes no lock
-
         with FileLock(str(self.root / "locks" / f"{key}.lock")):
             yield
 
