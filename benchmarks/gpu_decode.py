@@ -159,7 +159,10 @@ def _random_weights(params: list[dict], directory: Path) -> tuple[list[str], lis
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     for shard in saved["shards"]:
-        os.link(cache / shard, directory / shard)
+        try:
+            os.link(cache / shard, directory / shard)
+        except OSError:  # another file system
+            shutil.copyfile(cache / shard, directory / shard)
     return saved["shards"], [TensorRecord.model_validate(r) for r in saved["records"]]
 
 
