@@ -155,7 +155,7 @@ def prefetch_rows_ahead(func: Any, rows: int, weight: str, *row_aligned: str) ->
         return func
     buffers = [found[name] for name in names if name in found]
     n = as_int(buffers[0].shape[0])
-    ahead = max(1, PREFETCH_BYTES // _row_bytes(buffers[0]))
+    ahead = rows_ahead(buffers[0])
 
     def prefetches(loop: Any) -> list[Any]:
         no, dtype = loop.loop_var, dtype_of(loop.min)
@@ -163,8 +163,7 @@ def prefetch_rows_ahead(func: Any, rows: int, weight: str, *row_aligned: str) ->
         for r in range(rows):
             row = tirx.min(no * tirx.IntImm(dtype, rows) + tirx.IntImm(dtype, ahead + r), tirx.IntImm(dtype, n - 1))
             for buf in buffers:
-                per_line = 64 * 8 // tvm.DataType(str(buf.dtype)).bits
-                for col in range(0, as_int(buf.shape[1]), per_line):
+                for col in line_starts(buf):
                     address = tirx.address_of(tirx.BufferLoad(buf, [row, tirx.IntImm(dtype, col)]))
                     calls.append(tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch", address, 0, 3, 1)))
         return calls
@@ -178,8 +177,14 @@ def prefetch_rows_ahead(func: Any, rows: int, weight: str, *row_aligned: str) ->
     return map_body(func, loop=add)
 
 
-def _row_bytes(buf: Any) -> int:
-    return (as_int(buf.shape[1]) or 1) * tvm.DataType(str(buf.dtype)).bits // 8
+def rows_ahead(weight: Any) -> int:
+    """How many rows of the [N, ...] buffer ``weight`` are ``PREFETCH_BYTES`` (at least one)."""
+    return max(1, PREFETCH_BYTES // ((as_int(weight.shape[1]) or 1) * tvm.DataType(str(weight.dtype)).bits // 8))
+
+
+def line_starts(buf: Any) -> range:
+    """Column indices of a row of the [N, ...] buffer ``buf`` that start its 64-byte lines."""
+    return range(0, as_int(buf.shape[1]) or 0, 64 * 8 // tvm.DataType(str(buf.dtype)).bits)
 
 
 # Rows shorter than this are read one after another (one accumulator chain per row) instead of

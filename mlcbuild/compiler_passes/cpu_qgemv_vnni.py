@@ -28,12 +28,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import tvm
 from tvm import tirx
 
 from mlcbuild.compiler_passes._text_kernel import KernelExprs, parse, signature
 from mlcbuild.compiler_passes._tir_expr import as_int, loads_in, pairwise_sum
-from mlcbuild.compiler_passes.cpu_matmul import PREFETCH_BYTES, _divisor
+from mlcbuild.compiler_passes.cpu_matmul import _divisor, line_starts, rows_ahead
 from mlcbuild.compiler_passes.matmul_analysis import GroupQuant, MatmulInfo, NotMatched
 
 # Byte planes of the fixed-point activations per activation dtype: 16 bits for float16 (11-bit
@@ -176,18 +175,15 @@ def main({handles}):
 """
 
 
-def _prefetch_lines(weight: str, scale: str, gq: GroupQuant, kw: int, rows: int, n: int) -> str:
+def _prefetch_lines(weight: str, scale: str, gq: GroupQuant, rows: int, n: int) -> str:
     """Kernel text: software prefetches of the packed words and the scales of the row
-    ``PREFETCH_BYTES`` ahead of each row the loop is about to read, one per 64-byte line (why:
-    ``cpu_matmul.PREFETCH_BYTES``)."""
-    ahead = max(1, PREFETCH_BYTES // (4 * kw))
-    scale_size = tvm.DataType(str(gq.scale.dtype)).bits // 8
-    groups = as_int(gq.scale.shape[1]) or 0
+    ``PREFETCH_BYTES`` ahead of each row the loop is about to read, one per 64-byte line (why and
+    how far: ``cpu_matmul.PREFETCH_BYTES``, the same rule as ``prefetch_rows_ahead``)."""
+    ahead = rows_ahead(gq.weight)
     lines = []
     for ni in range(rows):
         row = f"T.min(no * {rows} + {ni + ahead}, {n - 1})"
-        columns = [(weight, w) for w in range(0, kw, 64 // 4)]
-        columns += [(scale, g) for g in range(0, groups, 64 // scale_size)]
+        columns = [(weight, w) for w in line_starts(gq.weight)] + [(scale, g) for g in line_starts(gq.scale)]
         for buf, column in columns:
             lines.append(f'        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch", '
                          f"T.address_of({buf}[{row}, {column}]), 0, 3, 1))")
@@ -232,7 +228,7 @@ def build(info: MatmulInfo, gq: GroupQuant, rows: int = 1) -> Any:
         raise NotMatched("groups do not tile the vector")
     rows = _divisor(N, [rows, 2, 1])
     sig = signature(info, gq, RESERVED)
-    prefetch = _prefetch_lines(sig.weight, sig.scale, gq, kw, rows, N)
+    prefetch = _prefetch_lines(sig.weight, sig.scale, gq, rows, N)
     text = KERNEL.format(
         handles=sig.handles, symbols=sig.symbols, buffers=sig.buffers, W=sig.weight, S=sig.scale,
         M=sig.m_extent, NG=K // gq.group, KW=kw, WO=kw // vl, VL=vl, VL4=4 * vl, G=gq.group, GW=gw,
