@@ -118,6 +118,7 @@ def test_decode_attention_in_a_compiled_model(built_model, tmp_path, monkeypatch
     """The kernel in the KV cache's real calling convention: the tiny llama compiled for the CPU
     with its decode attention swapped for the emulated CUDA kernel."""
     from mlcbuild.compiler_passes import cpu_attention, cuda_attention
+    from mlcbuild.compiler_passes.kv_cache_calls import shape_ints
 
     keep = cpu_attention.replacements
 
@@ -125,9 +126,9 @@ def test_decode_attention_in_a_compiled_model(built_model, tmp_path, monkeypatch
         out = keep(mod)
         for gvar, func in mod.functions_items():
             if gvar.name_hint == "batch_decode_paged_kv_cpu":
-                q, pages = list(func.params)[:2]  # [B, h_q, d], [pages, 2, h_kv, page_size, d]
-                h_q, d = int(q.shape[1]), int(q.shape[2])
-                h_kv, page_size = int(pages.shape[2]), int(pages.shape[3])
+                q, pages = list(func.params)[:2]
+                _, h_q, d = shape_ints(q)
+                _, _, h_kv, page_size, _ = shape_ints(pages)
                 out[gvar.name_hint] = cuda_attention.build(h_kv, h_q, d, str(q.dtype), page_size, emulate=True)
         assert "batch_decode_paged_kv_cpu" in out
         return out
