@@ -236,5 +236,5 @@ def uses_var(e: Any, v: Any) -> bool:
     return any(x.same_as(v) for x in vars_in(e))
 
 
-__all__ = ["HALF", "Rewriter", "RewriteError", "as_int", "dtype_of", "is_scheduled", "loads_in", "map_stores", "nodes_in",
+__all__ = ["HALF", "Rewriter", "RewriteError", "as_int", "dtype_of", "is_scheduled", "loads_in", "map_body", "map_stores", "nodes_in",
            "pairwise_sum", "uses_var", "vars_in", "tvm"]
