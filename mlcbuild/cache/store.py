@@ -8,6 +8,7 @@ Layout under the cache root (``$MLCBUILD_CACHE_DIR``, default: the platform user
     locks/<key>.lock         per-key file locks: two processes needing one node build it once
     pins/<session>.json      keys a running build holds (flock-ed while alive); gc spares them
     tmp/                     private work dirs of running nodes; published by atomic rename
+    journal/<digest>.json    run journals: what a no-op rerun checks by stat (pipeline.journal)
     statcache.sqlite         digests of source files by (path, size, mtime_ns, inode)
 
 A crash at any moment leaves either nothing or a complete entry: outputs are renamed into
@@ -29,9 +30,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from filelock import FileLock
-from platformdirs import user_cache_dir
 from pydantic import BaseModel, ConfigDict
 
+from mlcbuild.cache.location import default_cache_dir
 from mlcbuild.pipeline.hashing import StatCache, file_digest, iter_files, tree_digest
 
 
@@ -68,11 +69,6 @@ class NodeRecord(BaseModel):
     @property
     def size(self) -> int:
         return sum(o.size for o in self.outputs)
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("MLCBUILD_CACHE_DIR")
-    return Path(env) if env else Path(user_cache_dir("mlcbuild"))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -320,6 +316,10 @@ class ArtifactStore:
             if blob.name not in referenced and now - st.st_mtime > grace_s:
                 blob.unlink(missing_ok=True)
                 freed += st.st_size
+        # Run journals (pipeline.journal) only speed up no-op reruns, and one is written per
+        # environment a recipe ran in: drop them all; the next all-cached run writes its own.
+        for stale in (self.root / "journal").glob("*.json"):
+            stale.unlink(missing_ok=True)
         for work in (self.root / "tmp").iterdir():
             owner = work.name.split(".", 1)[0]
             if owner.isdigit() and not _pid_alive(int(owner)):

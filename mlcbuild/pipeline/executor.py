@@ -16,7 +16,7 @@ import time
 import traceback
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +24,9 @@ from filelock import FileLock
 
 from mlcbuild.cache.store import ArtifactStore, CorruptBlob, NodeRecord
 from mlcbuild.pipeline.graph import Graph, Node
-from mlcbuild.pipeline.hashing import canonical_digest, tree_digest
+from mlcbuild.pipeline import journal
+from mlcbuild.pipeline.hashing import canonical_digest, iter_files, tree_digest
+from mlcbuild.pipeline.journal import Watch
 from mlcbuild.pipeline.stage import Stage, StageContext, StageError
 
 Event = dict[str, Any]
@@ -95,6 +97,7 @@ class Executor:
         self._event_lock = threading.Lock()
         self._stages: dict[str, Stage] = {}
         self._exclusive = threading.Lock()  # held while a non-thread-safe stage runs
+        self._read_files: set[Watch] = set()  # what keys were computed from (for the run journal)
 
     # -- keys --------------------------------------------------------------------------------
     def _stage(self, name: str) -> Stage:
@@ -105,11 +108,9 @@ class Executor:
     def components(self, node: Node, inputs: dict[str, NodeRecord], lineage: dict[str, str]) -> dict:
         """Everything that can change ``node``'s output; its key is the digest of this."""
         stage = self._stage(node.stage)
-        source_files = [
-            entry
-            for path in stage.source_paths(node.params)
-            for entry in self.store.stat_cache.tree(Path(path))
-        ]
+        roots = [Path(path) for path in stage.source_paths(node.params)]
+        source_files = [entry for root in roots for entry in self.store.stat_cache.tree(root)]
+        self._note_read(roots, stage.toolchain_files(node.params))
         comps = {
             "stage": node.stage,
             "version": stage.version,
@@ -121,6 +122,30 @@ class Executor:
         if stage.records_lineage:
             comps["lineage"] = lineage
         return {"components": comps, "source_files": [e[:2] for e in source_files]}
+
+    def _note_read(self, roots: list[Path], toolchain_files: list[Path]) -> None:
+        for root in roots:
+            root = root.absolute()
+            # the parent too: a stage may pick its source files by listing a directory
+            self._read_files.add((str(root.parent), journal.DIR))
+            if root.is_dir():
+                self._read_files.update((str(p), journal.DIR) for p in _dirs(root))
+            self._read_files.update((str(p.absolute()), journal.FILE) for p in iter_files(root))
+        self._read_files.update((str(Path(p).absolute()), journal.FILE) for p in toolchain_files)
+
+    def watches(self, result: "RunResult") -> list[Watch]:
+        """For the run journal: the files ``result``'s keys were computed from, its nodes'
+        records and the outputs it laid out."""
+        found = sorted(self._read_files)
+        for state in result.states:
+            if state.key:
+                found.append((str(self.store.record_path(state.key).absolute()), journal.ENTRY))
+            if state.node.materialize and self.options.output_dir is not None:
+                for sub in state.node.materialize:
+                    dest = (self.options.output_dir / sub).absolute()
+                    found += [(str(p), journal.DIR) for p in _dirs(dest)]
+                    found += [(str(p), journal.FILE) for p in iter_files(dest)]
+        return found
 
     @staticmethod
     def key_of(described: dict) -> str:
@@ -352,6 +377,11 @@ class Executor:
         if self._on_event is not None:
             with self._event_lock:
                 self._on_event(event)
+
+
+def _dirs(root: Path) -> list[Path]:
+    """``root`` and every directory below it."""
+    return [root, *(Path(d) / n for d, names, _ in os.walk(root) for n in names)]
 
 
 def _describe_failure(exc: BaseException) -> str:

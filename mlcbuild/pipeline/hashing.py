@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import stat
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import xxhash
+
+if TYPE_CHECKING:
+    import sqlite3
 
 CHUNK = 8 << 20
 # A file modified less than this long before it was digested may be modified again within the
@@ -76,6 +78,8 @@ class StatCache:
     def _connect(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
+            import sqlite3  # here, not at the top: the no-op fast path imports this module
+
             db = sqlite3.connect(self._db_path, timeout=60, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")

@@ -75,5 +75,11 @@ class Stage(ABC):
         the stat cache, so an unchanged multi-GB source costs a stat per file, not a read)."""
         return []
 
+    def toolchain_files(self, params: Any) -> list[Path]:
+        """Files that ``toolchain`` reads its facts from (a compiler's executable), so a no-op
+        check by ``stat`` (the run journal) notices when they change. Python distributions need
+        no listing: the journal watches the ``sys.path`` directories they are installed in."""
+        return []
+
     @abstractmethod
     def run(self, ctx: StageContext) -> None: ...

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from mlcbuild.bundle_format import CHAT_CONFIG_FILE, CUDA_KERNELS_FILE, LIBRARY_FILE, CudaKernels
+from mlcbuild.cache.location import default_cache_dir
 from mlcbuild.devices import DeviceSpec, parse_device
+from mlcbuild.hostinfo import cpu_identity
 from mlcbuild.pipeline.stage import Stage, StageContext, StageError, StageParams
 from mlcbuild.recipe import LoadedRecipe
 from mlcbuild.stages import register_stage
@@ -61,6 +63,9 @@ class Compile(Stage):
             facts["cpu_schedule"] = SCHEDULE_VERSION  # our hand-written schedules shape the library
         return facts
 
+    def toolchain_files(self, params: CompileParams) -> list[Path]:
+        return nvcc_files(params.device)
+
     def run(self, ctx: StageContext) -> None:
         chat = json.loads((ctx.inputs["config"] / CHAT_CONFIG_FILE).read_text(encoding="utf-8"))
         if chat["quantization"] != ctx.params.quantization:
@@ -86,8 +91,6 @@ def _tvm_version() -> str:
 
 
 def _facts_dir() -> Path:
-    from mlcbuild.cache.store import default_cache_dir
-
     path = Path(default_cache_dir()) / "host-facts"
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -111,12 +114,7 @@ def _memo(key: str, compute: Any) -> str:
 def host_cpu() -> str:
     """LLVM's name for this host's CPU (e.g. "znver3", "sapphirerapids"), memoized by the
     /proc/cpuinfo model name and feature flags so a different CPU gets a fresh answer."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        lines = []
-    ident = [line for line in lines if line.startswith(("model name", "flags", "vendor_id", "cpu family", "model\t"))][:5]
-    key = "host-cpu\n" + "\n".join(ident)
+    key = "host-cpu\n" + cpu_identity()
 
     def compute() -> str:
         code = "import tvm.target.codegen as c; print(c.llvm_get_system_cpu())"
@@ -124,6 +122,12 @@ def host_cpu() -> str:
         return result.stdout.strip().splitlines()[-1]
 
     return _memo(key, compute)
+
+
+def nvcc_files(device: str) -> list[Path]:
+    """The nvcc executable (resolved) whose version a stage building for ``device`` records."""
+    nvcc = shutil.which("nvcc") if parse_device(device).kind == "cuda" else None
+    return [Path(os.path.realpath(nvcc))] if nvcc else []
 
 
 def nvcc_version() -> str:

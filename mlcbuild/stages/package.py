@@ -24,7 +24,7 @@ from mlcbuild.pipeline.hashing import file_digest, iter_files
 from mlcbuild.pipeline.stage import Stage, StageContext, StageError, StageParams
 from mlcbuild.recipe import LoadedRecipe
 from mlcbuild.stages import register_stage
-from mlcbuild.stages.compile import nvcc_version
+from mlcbuild.stages.compile import nvcc_files, nvcc_version
 
 # Files of the inputs that are bookkeeping of the build, not part of a bundle.
 _NOT_BUNDLED = {SOURCE_INFO_FILE}
@@ -71,6 +71,9 @@ class Package(Stage):
         if parse_device(params.device).kind == "cuda":
             tools["nvcc"] = nvcc_version()
         return tools
+
+    def toolchain_files(self, params: PackageParams) -> list[Path]:
+        return nvcc_files(params.device)
 
     def run(self, ctx: StageContext) -> None:
         placed: dict[str, str] = {}

@@ -63,6 +63,15 @@ class Workspace:
             raise AssertionError(f"mlcbuild {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
         return proc
 
+    def launch(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        """Like ``mlcbuild`` but through the console script's entry (``python -m mlcbuild``),
+        which answers a no-op ``run`` from the run journal."""
+        proc = subprocess.run([sys.executable, "-m", "mlcbuild", *args], env={**self.env, **(env or {})},
+                              cwd=self.root, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise AssertionError(f"mlcbuild {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
     def run_json(self, *args: str, env: dict | None = None, check: bool = True) -> list[dict]:
         proc = self.mlcbuild("run", "toy.yaml", "--json", *args, env=env, check=check)
         return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -1,0 +1,141 @@
+"""The run journal: a no-op rerun answered by stat alone, and every change that must not be."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from mlcbuild.launcher import _noop_request
+
+HERE = Path(__file__).parent
+
+
+def age(root: Path, seconds: float = 60.0) -> None:
+    """Make every file and directory under ``root`` older than the journal's racy window, as
+    they would be on a rerun minutes after the build."""
+    past = time.time() - seconds
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            os.utime(Path(dirpath) / name, (past, past), follow_symlinks=False)
+        os.utime(dirpath, (past, past))
+
+
+def events(proc) -> list[dict]:
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def done(proc) -> dict:
+    return next(e for e in events(proc) if e["event"] == "run_done")
+
+
+def journaled(ws) -> dict:
+    """Build, let time pass, and run again so the all-cached run writes its journal; returns the
+    node_cached events of that run."""
+    ws.launch("run", "toy.yaml", "--json")
+    ws.ran()
+    age(ws.root)
+    full = ws.launch("run", "toy.yaml", "--json")
+    assert "journal" not in done(full) and done(full)["cached"] == 13
+    assert list((ws.cache / "journal").glob("*.json")), f"an all-cached run writes a journal\n{full.stderr}"
+    return {e["node"]: e for e in events(full) if e["event"] == "node_cached"}
+
+
+def test_noop_rerun_is_replayed_from_the_journal(ws):
+    full = journaled(ws)
+    fast = ws.launch("run", "toy.yaml", "--json", "-j", "2")
+    assert done(fast)["journal"] is True and done(fast)["ok"] and done(fast)["cached"] == len(full)
+    assert {e["node"]: e for e in events(fast) if e["event"] == "node_cached"} == full  # same keys
+    assert ws.ran() == []
+    human = ws.launch("run", "toy.yaml")
+    assert "no input changed since the last run" in human.stderr
+    assert f"outputs in {ws.root / 'dist' / 'toy'}" in human.stderr
+    assert human.stderr.count("cached ") == len(full)
+
+
+def test_run_right_after_a_build_writes_no_journal(ws):
+    # Files younger than the racy window could change again without their stat changing.
+    ws.launch("run", "toy.yaml", "--json")
+    ws.launch("run", "toy.yaml", "--json")
+    assert not list((ws.cache / "journal").glob("*.json"))
+
+
+def _edit_source(ws):
+    (ws.root / "src" / "a.txt").write_text("alphA\nbeta\n")  # same size
+
+
+def _add_source_file(ws):
+    (ws.root / "src" / "c.txt").write_text("new\n")
+
+
+def _edit_recipe(ws):
+    ws.recipe.write_text(ws.recipe.read_text().replace("512", "1024"))
+
+
+def _delete_output(ws):
+    (ws.root / "dist" / "toy" / "q0f16-cpu" / "lib.so").unlink()
+
+
+def _forget_record(ws):
+    key = next(e["key"] for e in ws.run_json() if e.get("node") == "compile[q0f16,cpu]")
+    ws.mlcbuild("cache", "rm", key)
+
+
+CHANGES = {
+    # change -> (env for the rerun, nodes that must run, check afterwards)
+    "source file edited in place": (_edit_source, {}, None),
+    "file added to the source dir": (_add_source_file, {}, None),
+    "recipe edited": (_edit_recipe, {}, None),
+    "toolchain fact from the environment": (None, {"FAKE_CC_VERSION": "2.0"}, None),
+    "bundle file deleted": (_delete_output, {}, lambda ws: (ws.root / "dist/toy/q0f16-cpu/lib.so").is_file()),
+    "cache record forgotten": (_forget_record, {}, None),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_every_change_that_can_change_a_key_is_a_miss(ws, change):
+    make, env, after = CHANGES[change]
+    journaled(ws)
+    if make is not None:
+        make(ws)
+    proc = ws.launch("run", "toy.yaml", "--json", env=env)
+    assert "journal" not in done(proc), f"{change}: replayed a stale journal"
+    assert done(proc)["ok"]
+    if after is not None:
+        assert after(ws)
+    if make in (_edit_source, _add_source_file, _edit_recipe, _forget_record) or env:
+        assert ws.ran(), f"{change}: nothing was rebuilt"
+
+
+def test_editing_a_stage_module_is_a_miss(ws):
+    # A stage's code decides its key (its version, params, toolchain): the journal watches the
+    # file of every module loaded when it was written.
+    plugins = ws.root / "plugins"
+    plugins.mkdir()
+    shutil.copy(HERE / "fake_stages.py", plugins / "fake_stages.py")
+    ws.env["PYTHONPATH"] = os.pathsep.join([str(plugins), *ws.env["PYTHONPATH"].split(os.pathsep)[1:]])
+    journaled(ws)
+    assert done(ws.launch("run", "toy.yaml", "--json"))["journal"] is True
+    with open(plugins / "fake_stages.py", "a") as handle:
+        handle.write("\n# edited\n")
+    assert "journal" not in done(ws.launch("run", "toy.yaml", "--json"))
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["run", "r.yaml"], ("r.yaml", None, False)),
+    (["run", "--json", "r.yaml", "-j", "3", "--cache-dir", "c", "-k"], ("r.yaml", "c", True)),
+    (["run", "r.yaml", "--jobs=2", "--cache-dir=c"], ("r.yaml", "c", False)),
+    (["run", "r.yaml", "--force"], None),  # must rebuild
+    (["run", "r.yaml", "--device", "cpu"], None),  # a selection: another outcome
+    (["run", "r.yaml", "-j", "0"], None),  # the full CLI refuses it
+    (["run", "r.yaml", "-j"], None),
+    (["run", "a.yaml", "b.yaml"], None),
+    (["run"], None),
+    (["plan", "r.yaml"], None),
+])
+def test_only_a_plain_run_is_answered_from_the_journal(argv, expected):
+    assert _noop_request(argv) == expected
