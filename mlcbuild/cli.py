@@ -139,34 +139,21 @@ class _HumanProgress:
             self.progress.remove_task(task)
 
 
-class _CachedEvents:
-    """Forwards a run's events, keeping the ``node_cached`` ones (a no-op replays them)."""
-
-    def __init__(self, forward: Any) -> None:
-        self.forward = forward
-        self.cached: list[Event] = []
-
-    def __call__(self, event: Event) -> None:
-        if event["event"] == "node_cached":
-            self.cached.append(event)
-        self.forward(event)
-
-
-def _update_journal(recipe: Path, loaded: LoadedRecipe, executor: Executor, result: Any, cached: list[Event]) -> None:
-    """A run that found every node cached records the run journal, so that the next identical
-    run is answered by ``stat`` alone (``mlcbuild.launcher``); any other outcome drops it."""
+def _update_journal(recipe: Path, loaded: LoadedRecipe, executor: Executor, result: Any) -> None:
+    """A run of the whole recipe that succeeded records the run journal, so that the next
+    identical run is answered by ``stat`` alone (``mlcbuild.launcher``); a failed one drops it."""
     from mlcbuild.pipeline import journal
     from mlcbuild.sources.lock import lock_path
 
     ident = journal.run_identity(recipe, executor.store.root)
     path = journal.journal_path(executor.store.root, ident)
-    if not (result.ok and result.count("cached") == len(result.states)):
+    if not result.ok:
         journal.discard(path)
         return
-    read = [(str(loaded.path.absolute()), journal.FILE), (str(lock_path(loaded.path).absolute()), journal.FILE)]
+    recipe_files = [(str(loaded.path.absolute()), journal.FILE), (str(lock_path(loaded.path).absolute()), journal.FILE)]
     output_dir = str(loaded.output_dir) if any(n.materialize for n in executor.graph.nodes) else None
-    journal.write(path, ident, read + executor.watches(result) + journal.python_watches(),
-                  {"events": cached, "output_dir": output_dir})
+    journal.write(path, ident, recipe_files + executor.read_watches() + journal.python_watches(),
+                  executor.produced_watches(result), {"events": executor.rerun_events(result), "output_dir": output_dir})
 
 
 def _json_event(event: Event) -> None:
@@ -199,17 +186,15 @@ def run(
     graph = _graph(loaded, device, quantization, until)
     options = RunOptions(jobs=jobs, keep_going=keep_going, force=force,
                          force_stages=frozenset(force_stage or []), output_dir=loaded.output_dir)
-    tap = _CachedEvents(_json_event if as_json else None)
     if as_json:
-        executor = _executor(loaded, graph, cache_dir, options, tap)
+        executor = _executor(loaded, graph, cache_dir, options, _json_event)
         result = executor.run()
     else:
         with _HumanProgress() as human:
-            tap.forward = human
-            executor = _executor(loaded, graph, cache_dir, options, tap)
+            executor = _executor(loaded, graph, cache_dir, options, human)
             result = executor.run()
     if not (device or quantization or until or force or force_stage):
-        _update_journal(recipe, loaded, executor, result, tap.cached)
+        _update_journal(recipe, loaded, executor, result)
     if not as_json:
         summary = (f"{result.count('built')} built, {result.count('cached')} cached, "
                    f"{result.count('failed')} failed, {result.count('skipped')} skipped "

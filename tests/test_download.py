@@ -319,6 +319,8 @@ def test_local_directory_source(tmp_path):
     assert params.kind == "directory" and params.source == str(checkpoint.resolve())
     assert list(params.names) == WANTED
     assert Download().source_paths(params) == [checkpoint.resolve() / n for n in WANTED]
+    # the files were chosen by listing the directory: the run journal watches it
+    assert Download().watch_paths(params) == [checkpoint.resolve()]
     out = _run(params, tmp_path / "build")
     assert (out / "model.safetensors").read_bytes() == TINY_FILES["model.safetensors"]
     assert not (out / "model.safetensors").samefile(checkpoint / "model.safetensors")

@@ -16,7 +16,7 @@ import time
 import traceback
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -110,7 +110,7 @@ class Executor:
         stage = self._stage(node.stage)
         roots = [Path(path) for path in stage.source_paths(node.params)]
         source_files = [entry for root in roots for entry in self.store.stat_cache.tree(root)]
-        self._note_read(roots, stage.toolchain_files(node.params))
+        self._note_read(roots, stage.watch_paths(node.params))
         comps = {
             "stage": node.stage,
             "version": stage.version,
@@ -123,20 +123,23 @@ class Executor:
             comps["lineage"] = lineage
         return {"components": comps, "source_files": [e[:2] for e in source_files]}
 
-    def _note_read(self, roots: list[Path], toolchain_files: list[Path]) -> None:
+    def _note_read(self, roots: list[Path], watched: list[Path]) -> None:
         for root in roots:
             root = root.absolute()
-            # the parent too: a stage may pick its source files by listing a directory
-            self._read_files.add((str(root.parent), journal.DIR))
             if root.is_dir():
                 self._read_files.update((str(p), journal.DIR) for p in _dirs(root))
             self._read_files.update((str(p.absolute()), journal.FILE) for p in iter_files(root))
-        self._read_files.update((str(Path(p).absolute()), journal.FILE) for p in toolchain_files)
+        for path in watched:
+            path = Path(path).absolute()
+            self._read_files.add((str(path), journal.DIR if path.is_dir() else journal.FILE))
 
-    def watches(self, result: "RunResult") -> list[Watch]:
-        """For the run journal: the files ``result``'s keys were computed from, its nodes'
-        records and the outputs it laid out."""
-        found = sorted(self._read_files)
+    def read_watches(self) -> list[Watch]:
+        """For the run journal: the files the keys were computed from (sources, toolchain files)."""
+        return sorted(self._read_files)
+
+    def produced_watches(self, result: "RunResult") -> list[Watch]:
+        """For the run journal: ``result``'s node records and the outputs it laid out."""
+        found: list[Watch] = []
         for state in result.states:
             if state.key:
                 found.append((str(self.store.record_path(state.key).absolute()), journal.ENTRY))
@@ -364,14 +367,23 @@ class Executor:
                 self._emit("materialized", state, path=str(dest))
 
     # -- events ----------------------------------------------------------------------------
-    def _emit(self, kind: str, state: NodeState, **extra: Any) -> None:
+    @staticmethod
+    def _event(kind: str, state: NodeState, **extra: Any) -> Event:
         event = {"event": kind, "node": state.node.label, "stage": state.node.stage}
         if state.key:
             event["key"] = state.key
         if state.reason and kind in ("node_start", "node_cached", "node_skipped"):
             event["reason"] = state.reason
         event.update(extra)
-        self._emit_raw(event)
+        return event
+
+    def _emit(self, kind: str, state: NodeState, **extra: Any) -> None:
+        self._emit_raw(self._event(kind, state, **extra))
+
+    def rerun_events(self, result: RunResult) -> list[Event]:
+        """The events a rerun emits that finds every node of the successful ``result`` cached (what
+        the run journal replays), in graph order."""
+        return [self._event("node_cached", replace(state, reason="up to date")) for state in result.states]
 
     def _emit_raw(self, event: Event) -> None:
         if self._on_event is not None:

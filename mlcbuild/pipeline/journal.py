@@ -1,18 +1,18 @@
 """The run journal: a no-op rerun answered by ``stat`` alone.
 
-A run that finds every node cached writes a journal: the stat of every file its keys were
-computed from (the recipe and its lock, the source files, the files stages read toolchain facts
-from, the Python modules that computed the keys, the ``sys.path`` directories whose installed
-distributions gave tool versions) and of every node record and laid-out output. It is filed
-under a digest of the command, the interpreter, the environment and the host CPU. The next
-identical command checks the journal before importing anything heavy (``mlcbuild.launcher``):
-when every stat is unchanged, no key can have changed, so the outcome is replayed; it costs a
-few hundred ``stat`` calls instead of ~0.3 s of imports (CLI framework, pydantic, the stages) and
-key computation. Any difference, or any doubt, and the full run decides, as make and ninja
-decide from mtimes and Bazel's server from its in-memory graph.
+A run of a whole recipe that succeeds (every node cached or built) writes a journal: the stat
+of every path its keys were computed from (the recipe and its lock, the source files, the paths
+stages declare in ``watch_paths``, the Python modules that computed the keys, the ``sys.path``
+directories whose installed distributions gave tool versions) and of every node record and
+laid-out output. It is filed under a digest of the command, the interpreter, the environment and
+the host CPU. The next identical command checks the journal before importing anything heavy
+(``mlcbuild.launcher``): when every stat is unchanged, no key can have changed, so the outcome is
+replayed; it costs a few hundred ``stat`` calls instead of ~0.3 s of imports (CLI framework,
+pydantic, the stages) and key computation. Any difference, or any doubt, and the full run
+decides, as make and ninja decide from mtimes and Bazel's server from its in-memory graph.
 
-Like the stat cache, a journal is not written while a watched file is younger than
-``RACY_SECONDS``: it could change again within the same mtime tick without its stat changing.
+Like the stat cache, a journal is not written while a path the keys were read from is younger
+than ``RACY_SECONDS``: it could change again within the same mtime tick without its stat changing.
 
 Kept to the standard library and xxhash on purpose (not pydantic): loading this module is the
 whole cost of a no-op. The file is private to the cache; a journal that does not parse, or has
@@ -99,8 +99,8 @@ def journal_path(cache_root: Path, ident: dict[str, Any]) -> Path:
 def python_watches() -> list[Watch]:
     """The Python side of a run's keys: every loaded module's file outside the standard library
     (the stages' code and versions, plugins, the libraries that validate params) and every
-    ``sys.path`` directory (installing, upgrading or removing a distribution adds or removes an
-    entry there, and tool versions are read from those entries)."""
+    ``sys.path`` directory that holds installed distributions (installing, upgrading or removing
+    one adds or removes a ``*.dist-info`` entry there, and tool versions are read from those)."""
     stdlib = os.path.dirname(os.path.realpath(os.__file__)) + os.sep
     files = set()
     for module in list(sys.modules.values()):
@@ -112,21 +112,31 @@ def python_watches() -> list[Watch]:
         if not real.startswith(stdlib) or "-packages" + os.sep in real[len(stdlib):]:
             files.add(os.path.abspath(file))
     watches = [(file, FILE) for file in sorted(files)]
-    watches += [(os.path.abspath(entry or "."), DIR if os.path.isdir(entry or ".") else FILE) for entry in sys.path]
+    for entry in sys.path:
+        entry = os.path.abspath(entry or ".")
+        if os.path.isfile(entry):  # a zip archive
+            watches.append((entry, FILE))
+        elif os.path.isdir(entry) and any(name.endswith((".dist-info", ".egg-info")) for name in os.listdir(entry)):
+            watches.append((entry, DIR))
     return watches
 
 
-def write(path: Path, ident: dict[str, Any], watches: Iterable[Watch], replay: dict[str, Any]) -> bool:
-    """Record ``watches`` as they are now, with what to ``replay``. False (and no journal) when a
-    watched file is too young to be trusted."""
+def write(path: Path, ident: dict[str, Any], read: Iterable[Watch], produced: Iterable[Watch],
+          replay: dict[str, Any]) -> bool:
+    """Record the watched paths as they are now, with what to ``replay``: ``read``, what the keys
+    were computed from, and ``produced``, what the run wrote (records, laid-out outputs). False,
+    and no journal, when a ``read`` path is too young to be trusted. A young ``produced`` path is
+    fine: the pipeline writes those by atomic rename and the full run itself trusts them by
+    inode, so a journal written right after a build makes the first rerun fast."""
     now = time.time()
     entries = []
-    for file, kind in dict.fromkeys(watches):
+    for file, kind in dict.fromkeys(read):
         sig = signature(file, kind)
         if sig is not None and kind != ENTRY and now - sig[0 if kind == DIR else 1] / 1e9 < RACY_SECONDS:
             discard(path)
             return False
         entries.append([file, kind, sig])
+    entries += [[file, kind, signature(file, kind)] for file, kind in dict.fromkeys(produced)]
     data = json.dumps({"identity": ident, "watched": entries, "replay": replay}, separators=(",", ":")).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

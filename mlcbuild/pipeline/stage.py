@@ -75,10 +75,11 @@ class Stage(ABC):
         the stat cache, so an unchanged multi-GB source costs a stat per file, not a read)."""
         return []
 
-    def toolchain_files(self, params: Any) -> list[Path]:
-        """Files that ``toolchain`` reads its facts from (a compiler's executable), so a no-op
-        check by ``stat`` (the run journal) notices when they change. Python distributions need
-        no listing: the journal watches the ``sys.path`` directories they are installed in."""
+    def watch_paths(self, params: Any) -> list[Path]:
+        """Paths outside ``source_paths`` whose change can change this node's params or toolchain
+        facts: a directory the params were chosen by listing, a compiler's executable. The run
+        journal watches their stat so a no-op rerun answered by ``stat`` alone notices. (Python
+        distributions need no listing: the journal watches the ``sys.path`` directories.)"""
         return []
 
     @abstractmethod

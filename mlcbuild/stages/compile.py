@@ -63,7 +63,7 @@ class Compile(Stage):
             facts["cpu_schedule"] = SCHEDULE_VERSION  # our hand-written schedules shape the library
         return facts
 
-    def toolchain_files(self, params: CompileParams) -> list[Path]:
+    def watch_paths(self, params: CompileParams) -> list[Path]:
         return nvcc_files(params.device)
 
     def run(self, ctx: StageContext) -> None:

@@ -82,6 +82,10 @@ class Download(Stage):
             return [path]
         return [path / name for name in params.names]
 
+    def watch_paths(self, params: "Download.Params") -> list[Path]:
+        # params_for picks a local checkout's files by listing its directory
+        return [_local_path(params)] if params.kind == "directory" else []
+
     def key_params(self, params: "Download.Params") -> dict:
         # A local source's content enters the key through source_paths; where the checkout
         # lies does not, so two clones of a repository build the same keys.

@@ -72,7 +72,7 @@ class Package(Stage):
             tools["nvcc"] = nvcc_version()
         return tools
 
-    def toolchain_files(self, params: PackageParams) -> list[Path]:
+    def watch_paths(self, params: PackageParams) -> list[Path]:
         return nvcc_files(params.device)
 
     def run(self, ctx: StageContext) -> None:

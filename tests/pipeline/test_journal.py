@@ -34,15 +34,15 @@ def done(proc) -> dict:
 
 
 def journaled(ws) -> dict:
-    """Build, let time pass, and run again so the all-cached run writes its journal; returns the
-    node_cached events of that run."""
-    ws.launch("run", "toy.yaml", "--json")
-    ws.ran()
+    """Build with inputs older than the racy window (a recipe and sources edited minutes ago):
+    the building run writes the journal. Returns the node_cached events a full rerun reports."""
     age(ws.root)
-    full = ws.launch("run", "toy.yaml", "--json")
-    assert "journal" not in done(full) and done(full)["cached"] == 13
-    assert list((ws.cache / "journal").glob("*.json")), f"an all-cached run writes a journal\n{full.stderr}"
-    return {e["node"]: e for e in events(full) if e["event"] == "node_cached"}
+    built = ws.launch("run", "toy.yaml", "--json")
+    assert done(built)["built"] == 13 and ws.ran()
+    assert list((ws.cache / "journal").glob("*.json")), f"a successful run writes a journal\n{built.stderr}"
+    full = ws.run_json()  # the full CLI, which never reads a journal
+    assert "journal" not in full[-1] and full[-1]["cached"] == 13
+    return {e["node"]: e for e in full if e["event"] == "node_cached"}
 
 
 def test_noop_rerun_is_replayed_from_the_journal(ws):
@@ -57,10 +57,19 @@ def test_noop_rerun_is_replayed_from_the_journal(ws):
     assert human.stderr.count("cached ") == len(full)
 
 
-def test_run_right_after_a_build_writes_no_journal(ws):
-    # Files younger than the racy window could change again without their stat changing.
+def test_young_inputs_write_no_journal(ws):
+    # The fixture wrote the recipe and sources just now: they could change again within the same
+    # mtime tick without their stat changing, so no journal may vouch for them yet.
     ws.launch("run", "toy.yaml", "--json")
     ws.launch("run", "toy.yaml", "--json")
+    assert not list((ws.cache / "journal").glob("*.json"))
+
+
+def test_a_failed_run_drops_the_journal(ws):
+    ws.env["FAKE_COMPILE_FAIL"] = "cuda:sm_90"  # a device the recipe does not have yet
+    journaled(ws)
+    ws.recipe.write_text(ws.recipe.read_text().replace("[cpu, cuda:sm_80]", "[cpu, cuda:sm_80, cuda:sm_90]"))
+    assert ws.launch("run", "toy.yaml", "--json", check=False).returncode == 1
     assert not list((ws.cache / "journal").glob("*.json"))
 
 
