@@ -31,13 +31,13 @@ def _noop_request(argv: list[str]) -> tuple[str, str | None, bool] | None:
     for arg in args:
         name, eq, inline = arg.partition("=")
         if arg.startswith("-") and name in _NEUTRAL_OPTIONS:
+            if eq and (not _NEUTRAL_OPTIONS[name] or not name.startswith("--")):
+                return None  # as click: only a long option with a value takes "="
             if not _NEUTRAL_OPTIONS[name]:
-                if eq:
-                    return None
                 flags.add(name)
                 continue
             value = inline if eq else next(args, None)
-            if value is None or (value.startswith("-") and name != "--cache-dir"):
+            if not value or (value.startswith("-") and name != "--cache-dir"):
                 return None
             values[name] = value
         elif arg.startswith("-") or recipe is not None:

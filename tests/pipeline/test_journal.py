@@ -142,6 +142,9 @@ def test_editing_a_stage_module_is_a_miss(ws):
     (["run", "r.yaml", "--device", "cpu"], None),  # a selection: another outcome
     (["run", "r.yaml", "-j", "0"], None),  # the full CLI refuses it
     (["run", "r.yaml", "-j"], None),
+    (["run", "r.yaml", "-j=2"], None),
+    (["run", "r.yaml", "--json=1"], None),
+    (["run", "r.yaml", "--cache-dir="], None),  # the full CLI reads "" as the current directory
     (["run", "a.yaml", "b.yaml"], None),
     (["run"], None),
     (["plan", "r.yaml"], None),
