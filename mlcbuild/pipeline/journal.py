@@ -32,6 +32,9 @@ from typing import Any, Iterable
 from mlcbuild.pipeline.hashing import RACY_SECONDS, canonical_digest
 
 FORMAT = 1
+# A journal unused this long is deleted when another is written: one is filed per environment a
+# recipe ran in (every CI job has its own), and `cache gc` may run rarely.
+UNUSED_DAYS = 14
 
 # Watch kinds: what of a path's stat is compared.
 FILE = "file"  # size, mtime, inode, mode: a file edited in place or replaced
@@ -146,6 +149,12 @@ def write(path: Path, ident: dict[str, Any], read: Iterable[Watch], produced: It
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    for other in path.parent.glob("*.json"):
+        try:
+            if now - other.stat().st_mtime > UNUSED_DAYS * 86400:
+                other.unlink()
+        except FileNotFoundError:
+            pass
     return True
 
 
@@ -167,6 +176,7 @@ def check(path: Path, ident: dict[str, Any]) -> tuple[dict[str, Any], int] | Non
         for file, kind, _ in watched:
             if kind == ENTRY:
                 os.utime(file)
+        os.utime(path)  # used now (journals unused for UNUSED_DAYS are pruned)
         return data["replay"], len(watched)
     except (OSError, ValueError, KeyError, TypeError):
         return None

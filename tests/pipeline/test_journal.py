@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlcbuild.launcher import _noop_request
+from mlcbuild.pipeline import journal
 
 HERE = Path(__file__).parent
 
@@ -20,6 +21,8 @@ def age(root: Path, seconds: float = 60.0) -> None:
     they would be on a rerun minutes after the build."""
     past = time.time() - seconds
     for dirpath, dirnames, filenames in os.walk(root):
+        if Path(dirpath) == root and "cache" in dirnames:
+            dirnames.remove("cache")  # the cache is written by runs, not read for keys
         for name in filenames:
             os.utime(Path(dirpath) / name, (past, past), follow_symlinks=False)
         os.utime(dirpath, (past, past))
@@ -55,6 +58,21 @@ def test_noop_rerun_is_replayed_from_the_journal(ws):
     assert "no input changed since the last run" in human.stderr
     assert f"outputs in {ws.root / 'dist' / 'toy'}" in human.stderr
     assert human.stderr.count("cached ") == len(full)
+
+
+def test_writing_a_journal_prunes_those_unused_for_weeks(ws):
+    stale, recent = ws.cache / "journal" / "stale.json", ws.cache / "journal" / "recent.json"
+    stale.parent.mkdir(parents=True)
+    for path, days in ((stale, journal.UNUSED_DAYS + 1), (recent, journal.UNUSED_DAYS - 1)):
+        path.write_text("{}")
+        os.utime(path, (time.time() - days * 86400,) * 2)
+    journaled(ws)
+    assert not stale.exists() and recent.exists()
+    # a replay marks its journal used
+    (written,) = [p for p in (ws.cache / "journal").glob("*.json") if p not in (stale, recent)]
+    os.utime(written, (time.time() - 86400,) * 2)
+    assert done(ws.launch("run", "toy.yaml", "--json"))["journal"] is True
+    assert time.time() - written.stat().st_mtime < 60
 
 
 def test_young_inputs_write_no_journal(ws):
