@@ -40,8 +40,9 @@ class CompileParams(StageParams):
 @register_stage
 class Compile(Stage):
     name = "compile"
-    version = 4  # 2: CUDA kernels prebuilt with nvcc (fatbin), no tensor-core tensorization; 3: CPU schedules;
-    # 4: casts fused into the norms on every target; CUDA graphs for decode
+    version = 5  # 2: CUDA kernels prebuilt with nvcc (fatbin), no tensor-core tensorization; 3: CPU schedules;
+    # 4: casts fused into the norms on every target; CUDA graphs for decode; 5: reshape chains
+    # folded into views (no copy kernels around attention)
     Params = CompileParams
     thread_safe = False  # TVM keeps process-global builder state
 
@@ -306,6 +307,10 @@ def fusion_passes(transpose_fusion: bool = True) -> list[Any]:
     from mlcbuild.quantization.fusion import FuseDequantizeMatmul
 
     return [
+        # A reshape of a reshape (the model's head split, then the KV cache's flattening of batch
+        # and sequence, and back after attention) would be fused into one TIR copy kernel that
+        # RewriteDataflowReshape cannot see as a view: 2 copy kernels per layer and step.
+        relax.transform.RemoveRedundantReshape(),
         *([relax.transform.FuseTransposeMatmul()] if transpose_fusion else []),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
