@@ -1,6 +1,6 @@
 """The ``mlcbuild`` console script.
 
-``mlcbuild run RECIPE`` whose inputs did not change since its last all-cached run is answered
+``mlcbuild run RECIPE`` whose inputs did not change since its last successful run is answered
 from the run journal (``mlcbuild.pipeline.journal``) without loading the CLI framework, pydantic
 or the stages: a no-op rerun is the most frequent command and should cost milliseconds. Every
 other command, and every run the journal cannot vouch for, goes to ``mlcbuild.cli``, which
