@@ -25,7 +25,7 @@ from filelock import FileLock
 from mlcbuild.cache.store import ArtifactStore, CorruptBlob, NodeRecord
 from mlcbuild.pipeline.graph import Graph, Node
 from mlcbuild.pipeline import journal
-from mlcbuild.pipeline.hashing import canonical_digest, iter_files, tree_digest
+from mlcbuild.pipeline.hashing import canonical_digest, tree_digest
 from mlcbuild.pipeline.journal import Watch
 from mlcbuild.pipeline.stage import Stage, StageContext, StageError
 
@@ -125,10 +125,7 @@ class Executor:
 
     def _note_read(self, roots: list[Path], watched: list[Path]) -> None:
         for root in roots:
-            root = root.absolute()
-            if root.is_dir():
-                self._read_files.update((str(p), journal.DIR) for p in _dirs(root))
-            self._read_files.update((str(p.absolute()), journal.FILE) for p in iter_files(root))
+            self._read_files.update(_tree_watches(root))
         for path in watched:
             path = Path(path).absolute()
             self._read_files.add((str(path), journal.DIR if path.is_dir() else journal.FILE))
@@ -145,9 +142,7 @@ class Executor:
                 found.append((str(self.store.record_path(state.key).absolute()), journal.ENTRY))
             if state.node.materialize and self.options.output_dir is not None:
                 for sub in state.node.materialize:
-                    dest = (self.options.output_dir / sub).absolute()
-                    found += [(str(p), journal.DIR) for p in _dirs(dest)]
-                    found += [(str(p), journal.FILE) for p in iter_files(dest)]
+                    found += _tree_watches(self.options.output_dir / sub)
         return found
 
     @staticmethod
@@ -391,9 +386,17 @@ class Executor:
                 self._on_event(event)
 
 
-def _dirs(root: Path) -> list[Path]:
-    """``root`` and every directory below it."""
-    return [root, *(Path(d) / n for d, names, _ in os.walk(root) for n in names)]
+def _tree_watches(root: Path) -> list[Watch]:
+    """The run journal's watches of a file, or of a directory tree in one walk: every directory
+    (an entry added or removed) and every file."""
+    root = Path(root).absolute()
+    if not root.is_dir():
+        return [(str(root), journal.FILE)]
+    found: list[Watch] = [(str(root), journal.DIR)]
+    for dirpath, dirnames, filenames in os.walk(root):
+        found += [(os.path.join(dirpath, name), journal.DIR) for name in dirnames]
+        found += [(os.path.join(dirpath, name), journal.FILE) for name in filenames]
+    return found
 
 
 def _describe_failure(exc: BaseException) -> str:
