@@ -120,9 +120,10 @@ def build_gemv(info: MatmulInfo, lanes: int, rows: int = 4) -> Any:
     func = _finish(info, tes, out)
     weights = [load for load in loads_in(info.w_expr) if [as_int(d) for d in load.source.shape] == [N, K]]
     row_bytes = K * max((tvm.DataType(str(load.source.dtype)).bits // 8 for load in loads_in(info.w_expr)), default=4)
+    rows = _divisor(N, [rows, 4, 2, 1])
     scheduled = schedule_gemv(func, N, rows, sequential_rows=row_bytes < SEQUENTIAL_ROW_BYTES)
     if len(weights) == 1:  # a plain [N, K] weight (16/32-bit, read as stored)
-        scheduled = prefetch_rows_ahead(scheduled, _divisor(N, [rows, 4, 2, 1]), weights[0].source.name)
+        scheduled = prefetch_rows_ahead(scheduled, rows, weights[0].source.name)
     return scheduled
 
 
@@ -150,7 +151,7 @@ def prefetch_rows_ahead(func: Any, rows: int, weight: str, *row_aligned: str) ->
                 found.setdefault(ld.source.name, ld.source)
         return store
 
-    map_body(func, store=find)
+    map_body(func, store=find)  # (TVM 0.27's PrimFunc has no buffer_map to look them up in)
     if weight not in found:
         return func
     buffers = [found[name] for name in names if name in found]
@@ -196,8 +197,8 @@ SEQUENTIAL_ROW_BYTES = 3072
 
 
 def schedule_gemv(func: Any, n: int, rows: int, sequential_rows: bool = False) -> Any:
+    """``rows``: rows per parallel chunk, a divisor of ``n`` (the prefetch pass walks the same chunks)."""
     sch = s_tir.Schedule(func)
-    rows = _divisor(n, [rows, 4, 2, 1])
     rf, y, out = sch.get_sblock("rf"), sch.get_sblock("y"), sch.get_sblock("out")
     m, nn, l, ko = sch.get_loops(rf)
     no, ni = sch.split(nn, [None, rows])
@@ -385,8 +386,8 @@ def build_gemv_q(info: MatmulInfo, gq: GroupQuant, lanes: int, rows: int = 4) ->
 
 
 def schedule_gemv_q(func: Any, n: int, rows: int) -> Any:
+    """``rows``: rows per parallel chunk, a divisor of ``n`` (the prefetch pass walks the same chunks)."""
     sch = s_tir.Schedule(func)
-    rows = _divisor(n, [rows, 4, 2, 1])
     xz, xp, t, rf, y, out = (sch.get_sblock(x) for x in ("xz", "xp", "t", "rf", "y", "out"))
     m, nn, l, wo = sch.get_loops(rf)
     no, ni = sch.split(nn, [None, rows])
