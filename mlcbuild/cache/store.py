@@ -317,7 +317,7 @@ class ArtifactStore:
                 blob.unlink(missing_ok=True)
                 freed += st.st_size
         # Run journals (pipeline.journal) only speed up no-op reruns, and one is written per
-        # environment a recipe ran in: drop them all; the next all-cached run writes its own.
+        # environment a recipe ran in: drop them all; the next successful run writes its own.
         for stale in (self.root / "journal").glob("*.json"):
             stale.unlink(missing_ok=True)
         for work in (self.root / "tmp").iterdir():

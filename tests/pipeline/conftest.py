@@ -49,15 +49,16 @@ class Workspace:
         self.log.unlink()
         return sorted(lines)
 
-    def command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "mlcbuild.cli", *args]
+    def command(self, *args: str, entry: str = "mlcbuild.cli") -> list[str]:
+        return [sys.executable, "-m", entry, *args]
 
     def popen(self, *args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
         return subprocess.Popen(self.command(*args), env={**self.env, **(env or {})}, cwd=self.root,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
-    def mlcbuild(self, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(self.command(*args), env={**self.env, **(env or {})}, cwd=self.root,
+    def mlcbuild(self, *args: str, env: dict | None = None, check: bool = True,
+                 entry: str = "mlcbuild.cli") -> subprocess.CompletedProcess:
+        proc = subprocess.run(self.command(*args, entry=entry), env={**self.env, **(env or {})}, cwd=self.root,
                               capture_output=True, text=True, timeout=120)
         if check and proc.returncode != 0:
             raise AssertionError(f"mlcbuild {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -66,11 +67,7 @@ class Workspace:
     def launch(self, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
         """Like ``mlcbuild`` but through the console script's entry (``python -m mlcbuild``),
         which answers a no-op ``run`` from the run journal."""
-        proc = subprocess.run([sys.executable, "-m", "mlcbuild", *args], env={**self.env, **(env or {})},
-                              cwd=self.root, capture_output=True, text=True, timeout=120)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"mlcbuild {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-        return proc
+        return self.mlcbuild(*args, env=env, check=check, entry="mlcbuild")
 
     def run_json(self, *args: str, env: dict | None = None, check: bool = True) -> list[dict]:
         proc = self.mlcbuild("run", "toy.yaml", "--json", *args, env=env, check=check)
