@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))
 
 from mlcbuild.cache.store import ArtifactStore  # noqa: E402
 from mlcbuild.pipeline.executor import Executor, RunOptions  # noqa: E402
-from mlcbuild.pipeline.hashing import file_digest  # noqa: E402
+from mlcbuild.cache.digests import file_digest  # noqa: E402
 from mlcbuild.recipe import load_recipe  # noqa: E402
 from mlcbuild.stages import build_graph, get_stage  # noqa: E402
 
@@ -39,7 +39,7 @@ def make_source(directory: Path, total_bytes: int, shard: int = 256 << 20) -> No
                 handle.write(block)
         written += size
         index += 1
-    # Old enough that the stat cache trusts its digests (see hashing.RACY_SECONDS).
+    # Old enough that the stat cache trusts its digests (see cache.digests.RACY_SECONDS).
     past = time.time() - 60
     for file in directory.iterdir():
         os.utime(file, (past, past))

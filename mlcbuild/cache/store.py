@@ -33,7 +33,7 @@ from filelock import FileLock
 from pydantic import BaseModel, ConfigDict
 
 from mlcbuild.cache.location import default_cache_dir
-from mlcbuild.pipeline.hashing import StatCache, file_digest, iter_files, tree_digest
+from mlcbuild.cache.digests import StatCache, file_digest, file_digests, iter_files, tree_digest
 
 
 class CorruptBlob(Exception):
@@ -46,9 +46,10 @@ class OutputFile(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     path: str
-    digest: str
+    digest: str  # xxh3-128: how the local store names the blob
     size: int
     mode: int
+    sha256: str | None = None  # what a remote cache addresses and checks it by (None: recorded before it was kept)
 
 
 class NodeRecord(BaseModel):
@@ -148,7 +149,7 @@ class ArtifactStore:
         for file in iter_files(out_dir):
             if file.is_symlink():
                 raise ValueError(f"stage output {file.relative_to(out_dir)} is a symlink; outputs must be files")
-            digest = file_digest(file)
+            digest, sha256 = file_digests(file)
             size = file.stat().st_size
             mode = 0o755 if os.access(file, os.X_OK) and file.stat().st_mode & 0o111 else 0o644
             blob = self.blob_path(digest)
@@ -158,7 +159,8 @@ class ArtifactStore:
                 os.replace(file, blob)  # same filesystem: atomic, never a partial blob
             else:
                 os.utime(blob)  # recently used: gc's grace period covers blobs being published
-            outputs.append(OutputFile(path=file.relative_to(out_dir).as_posix(), digest=digest, size=size, mode=mode))
+            outputs.append(OutputFile(path=file.relative_to(out_dir).as_posix(), digest=digest, size=size, mode=mode,
+                                      sha256=sha256))
         record = NodeRecord(
             key=key,
             outputs=outputs,

@@ -25,7 +25,7 @@ from filelock import FileLock
 from mlcbuild.cache.store import ArtifactStore, CorruptBlob, NodeRecord
 from mlcbuild.pipeline.graph import Graph, Node
 from mlcbuild.pipeline import journal
-from mlcbuild.pipeline.hashing import canonical_digest, tree_digest
+from mlcbuild.cache.digests import canonical_digest, tree_digest
 from mlcbuild.pipeline.journal import Watch
 from mlcbuild.pipeline.stage import Stage, StageContext, StageError
 

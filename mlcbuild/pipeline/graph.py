@@ -11,7 +11,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-from mlcbuild.pipeline.hashing import canonical_digest
+from mlcbuild.cache.digests import canonical_digest
 
 
 @dataclass(frozen=True)

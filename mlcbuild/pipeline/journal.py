@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from mlcbuild.pipeline.hashing import RACY_SECONDS, canonical_digest
+from mlcbuild.cache.digests import RACY_SECONDS, canonical_digest
 
 FORMAT = 1
 # A journal unused this long is deleted when another is written: one is filed per environment a

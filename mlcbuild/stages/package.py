@@ -20,7 +20,7 @@ from pathlib import Path
 from mlcbuild import __version__
 from mlcbuild.bundle_format import MANIFEST_FILE, SOURCE_INFO_FILE, Manifest, ManifestFile
 from mlcbuild.devices import parse_device
-from mlcbuild.pipeline.hashing import file_digest, iter_files
+from mlcbuild.cache.digests import file_digest, iter_files
 from mlcbuild.pipeline.stage import Stage, StageContext, StageError, StageParams
 from mlcbuild.recipe import LoadedRecipe
 from mlcbuild.stages import register_stage

@@ -1,4 +1,5 @@
-"""Canonical encoding, xxh3-128 keys, file and tree digests, and the stat cache.
+"""Digests shared by the artifact store and the build engine (which sits above it): canonical
+encoding, xxh3-128 keys, file and tree digests, sha256 for what crosses machines, and the stat cache.
 
 Keys and digests are xxh3-128 hex strings. A value is encoded canonically (JSON with sorted
 keys, no whitespace, UTF-8) so that equal values always give equal keys, whatever the order
@@ -41,6 +42,19 @@ def file_digest(path: str | Path) -> str:
         while chunk := handle.read(CHUNK):
             hasher.update(chunk)
     return hasher.hexdigest()
+
+
+def file_digests(path: str | Path) -> tuple[str, str]:
+    """(xxh3-128, sha256) of a file in one read: the fast local digest and the cryptographic one
+    that anything crossing a machine boundary is checked with."""
+    import hashlib
+
+    fast, strong = xxhash.xxh3_128(), hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            fast.update(chunk)
+            strong.update(chunk)
+    return fast.hexdigest(), strong.hexdigest()
 
 
 def tree_digest(entries: Iterable[tuple[str, str, int, int]]) -> str:
