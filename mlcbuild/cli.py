@@ -73,11 +73,34 @@ def _graph(loaded: LoadedRecipe, devices: list[str] | None = None, quantizations
     return graph.select(keep)
 
 
-def _executor(loaded: LoadedRecipe, graph: Graph, cache_dir: Path | None, options: RunOptions,
-              on_event: Any = None) -> Executor:
+def _executor(graph: Graph, cache_dir: Path | None, options: RunOptions, on_event: Any = None,
+              remote: Any = None, backend: Any = None) -> Executor:
     from mlcbuild.stages import get_stage
 
-    return Executor(ArtifactStore(cache_dir), graph, get_stage, options, on_event)
+    store = ArtifactStore(cache_dir)
+    if callable(backend):
+        backend = backend(store)
+    return Executor(store, graph, get_stage, options, on_event, backend=backend, remote=remote)
+
+
+RemoteCacheOption = typer.Option(
+    None, "--remote-cache", envvar="MLCBUILD_REMOTE_CACHE",
+    help="Shared cache beneath the local one: file:///path, s3://bucket/prefix, gs://bucket/prefix, "
+         "or http(s)://host/prefix (Bazel HTTP cache protocol).")
+RemoteModeOption = typer.Option(
+    "read-write", "--remote-cache-mode", envvar="MLCBUILD_REMOTE_CACHE_MODE",
+    help="read-write | read (e.g. CI for pull requests from forks) | write.")
+
+
+def _remote(url: str | None, mode: str) -> Any:
+    if not url:
+        return None
+    from mlcbuild.cache.remote import RemoteCache
+
+    try:
+        return RemoteCache.from_url(url, mode)
+    except ValueError as exc:
+        _fail(f"--remote-cache: {exc}")
 
 
 class _HumanProgress:
@@ -119,10 +142,23 @@ class _HumanProgress:
             self.progress.console.print(f"[dim]{escape(node)}: {escape(str(event['message']))}[/dim]")
         elif kind == "node_done":
             self._finish(node)
+            where = f", on {event['worker']}" if event.get("worker") else ""
             console.print(f"[green]done  [/green] {escape(node)}  [dim]{event['duration_s']:.2f}s, "
-                          f"{_size(event.get('bytes', 0))}[/dim]")
+                          f"{_size(event.get('bytes', 0))}{escape(where)}[/dim]")
         elif kind == "node_cached":
             console.print(f"[dim]cached {escape(node)}[/dim]")
+        elif kind == "node_pulling":
+            self.tasks[node] = self.progress.add_task(escape(f"pull {node}"), total=None)
+        elif kind == "node_pull_miss":
+            self._finish(node)
+        elif kind == "node_pulled":
+            self._finish(node)
+            console.print(f"[blue]pulled[/blue] {escape(node)}  [dim]{event['duration_s']:.2f}s, "
+                          f"{_size(event.get('bytes', 0))}[/dim]")
+        elif kind == "node_pushed":
+            console.print(f"[dim]pushed {escape(node)} ({_size(event.get('bytes', 0))} uploaded)[/dim]")
+        elif kind in ("remote_unavailable", "remote_corrupt"):
+            console.print(f"[yellow]warning[/yellow] {escape(node + ': ' if node else '')}{escape(event['message'])}")
         elif kind == "node_failed":
             self._finish(node)
             console.print(f"[red]FAILED[/red] {escape(node)}\n{escape(event['error'])}")
@@ -170,8 +206,9 @@ def _size(n: float) -> str:
 
 @app.command()
 def run(
-    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
-    jobs: int = typer.Option(os.cpu_count() or 1, "-j", "--jobs", min=1, help="Nodes to run at once."),
+    recipes: list[Path] = typer.Argument(..., help="Recipe YAML file(s): several make one DAG, shared nodes built once."),
+    jobs: Optional[int] = typer.Option(None, "-j", "--jobs", min=1,
+                                       help="Nodes to run at once (default: the CPU count; 64 with --executor ray)."),
     keep_going: bool = typer.Option(False, "--keep-going", "-k", help="After a failure, finish the independent nodes."),
     device: Optional[list[str]] = typer.Option(None, "--device", help="Only this device (repeatable)."),
     quantization: Optional[list[str]] = typer.Option(None, "--quantization", "-q", help="Only this quantization (repeatable)."),
@@ -180,30 +217,65 @@ def run(
     force_stage: Optional[list[str]] = typer.Option(None, "--force-stage", help="Rebuild the nodes of this stage (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout (for CI)."),
     cache_dir: Optional[Path] = CacheDir,
+    remote_cache: Optional[str] = RemoteCacheOption,
+    remote_mode: str = RemoteModeOption,
+    executor_name: str = typer.Option("local", "--executor", help="local (threads of this process) | ray (a Ray cluster)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to use (default: start one here)."),
 ) -> None:
-    """Build a recipe: reuse every cached node, build the rest, lay bundles out in its output dir."""
-    loaded = _load(recipe)
-    graph = _graph(loaded, device, quantization, until)
-    options = RunOptions(jobs=jobs, keep_going=keep_going, force=force,
-                         force_stages=frozenset(force_stage or []), output_dir=loaded.output_dir)
-    if as_json:
-        executor = _executor(loaded, graph, cache_dir, options, _json_event)
-        result = executor.run()
-    else:
-        with _HumanProgress() as human:
-            executor = _executor(loaded, graph, cache_dir, options, human)
+    """Build recipes: reuse every cached node, pull what the remote cache has, build the rest, lay bundles out."""
+    loaded_all = [_load(recipe) for recipe in recipes]
+    graph = Graph()
+    for loaded in loaded_all:
+        graph.merge(_graph(loaded, device, quantization, until))
+    if executor_name not in ("local", "ray"):
+        _fail(f"--executor: {executor_name!r} is not an executor; expected local or ray")
+    remote = _remote(remote_cache, remote_mode)
+    backend = _LazyRayBackend(ray_address, remote_cache, remote_mode) if executor_name == "ray" else None
+    options = RunOptions(jobs=jobs or (64 if backend else os.cpu_count() or 1), keep_going=keep_going, force=force,
+                         force_stages=frozenset(force_stage or []),
+                         output_dir=Path.cwd())  # each node's materialize paths are absolute: its recipe's output dir
+    try:
+        if as_json:
+            executor = _executor(graph, cache_dir, options, _json_event, remote, backend)
             result = executor.run()
-    if not (device or quantization or until or force or force_stage):
-        _update_journal(recipe, loaded, executor, result)
+        else:
+            with _HumanProgress() as human:
+                executor = _executor(graph, cache_dir, options, human, remote, backend)
+                result = executor.run()
+    finally:
+        if backend is not None and backend.instance is not None:
+            backend.instance.close()
+    if len(recipes) == 1 and not (device or quantization or until or force or force_stage or remote_cache
+                                  or executor_name != "local"):
+        _update_journal(recipes[0], loaded_all[0], executor, result)
     if not as_json:
-        summary = (f"{result.count('built')} built, {result.count('cached')} cached, "
+        pulled = f"{result.count('pulled')} pulled, " if result.count("pulled") else ""
+        summary = (f"{result.count('built')} built, {pulled}{result.count('cached')} cached, "
                    f"{result.count('failed')} failed, {result.count('skipped')} skipped "
                    f"in {result.duration_s:.2f}s")
         console.print(("[green]ok[/green] " if result.ok else "[red]failed[/red] ") + summary)
         if result.ok and any(n.materialize for n in graph.nodes):
-            console.print(f"outputs in {loaded.output_dir}")
+            for loaded in loaded_all:
+                console.print(f"outputs in {loaded.output_dir}")
     if not result.ok:
         raise typer.Exit(EXIT_BUILD_FAILED)
+
+
+class _LazyRayBackend:
+    """Makes the Ray backend once the store is open (it needs the store's directory)."""
+
+    def __init__(self, address: str | None, remote_url: str | None, remote_mode: str) -> None:
+        self.address, self.remote_url, self.remote_mode = address, remote_url, remote_mode
+        self.instance: Any = None
+
+    def __call__(self, store: ArtifactStore) -> Any:
+        try:
+            from mlcbuild.pipeline.ray_backend import RayBackend
+        except ImportError as exc:
+            _fail(f"--executor ray needs Ray: pip install 'mlcbuild[distributed]' ({exc})")
+        self.instance = RayBackend(self.address, store, self.remote_url, self.remote_mode,
+                                   os.environ.get("MLCBUILD_STAGE_PLUGINS"))
+        return self.instance
 
 
 @app.command()
@@ -221,7 +293,7 @@ def plan(
     loaded = _load(recipe)
     graph = _graph(loaded, device, quantization, until)
     options = RunOptions(force=force, force_stages=frozenset(force_stage or []))
-    entries = _executor(loaded, graph, cache_dir, options).plan()
+    entries = _executor(graph, cache_dir, options).plan()
     if as_json:
         for e in entries:
             _json_event({"node": e.node.label, "stage": e.node.stage, "action": e.action,
@@ -297,10 +369,21 @@ def parse_age(text: str) -> float:
 
 
 @cache_app.command("ls")
-def cache_ls(cache_dir: Optional[Path] = CacheDir, as_json: bool = typer.Option(False, "--json")) -> None:
+def cache_ls(cache_dir: Optional[Path] = CacheDir, as_json: bool = typer.Option(False, "--json"),
+             remote: bool = typer.Option(False, "--remote", help="List the remote cache's records instead."),
+             remote_cache: Optional[str] = RemoteCacheOption) -> None:
     """List cached nodes, most recently built last."""
-    store = ArtifactStore(cache_dir)
-    records = sorted(store.records(), key=lambda r: r.created)
+    if remote:
+        if not remote_cache:
+            _fail("--remote: give --remote-cache URL or set MLCBUILD_REMOTE_CACHE")
+        from mlcbuild.cache.remote import RemoteUnavailable
+
+        try:
+            records = sorted(_remote(remote_cache, "read").records(), key=lambda r: r.created)
+        except (NotImplementedError, RemoteUnavailable) as exc:
+            _fail(f"--remote: {exc}", EXIT_BUILD_FAILED)
+    else:
+        records = sorted(ArtifactStore(cache_dir).records(), key=lambda r: r.created)
     if as_json:
         for r in records:
             _json_event({"key": r.key, "label": r.label, "stage": r.stage, "bytes": r.size,
@@ -313,6 +396,43 @@ def cache_ls(cache_dir: Optional[Path] = CacheDir, as_json: bool = typer.Option(
         table.add_row(r.key[:16], r.label, str(len(r.outputs)), _size(r.size),
                       time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)), f"{r.duration_s:.2f}s")
     out.print(table)
+
+
+@cache_app.command("push")
+def cache_push(recipes: list[Path] = typer.Argument(..., help="Recipe YAML file(s)."),
+               remote_cache: Optional[str] = RemoteCacheOption, cache_dir: Optional[Path] = CacheDir,
+               as_json: bool = typer.Option(False, "--json")) -> None:
+    """Upload every node of the recipes that the local cache holds to the remote cache."""
+    _sync("push", recipes, remote_cache, cache_dir, as_json)
+
+
+@cache_app.command("pull")
+def cache_pull(recipes: list[Path] = typer.Argument(..., help="Recipe YAML file(s)."),
+               remote_cache: Optional[str] = RemoteCacheOption, cache_dir: Optional[Path] = CacheDir,
+               as_json: bool = typer.Option(False, "--json")) -> None:
+    """Download every node of the recipes that the remote cache holds into the local cache."""
+    _sync("pull", recipes, remote_cache, cache_dir, as_json)
+
+
+def _sync(direction: str, recipes: list[Path], remote_cache: str | None, cache_dir: Path | None, as_json: bool) -> None:
+    if not remote_cache:
+        _fail("give --remote-cache URL or set MLCBUILD_REMOTE_CACHE")
+    remote = _remote(remote_cache, "write" if direction == "push" else "read")
+    graph = Graph()
+    for recipe in recipes:
+        graph.merge(_graph(_load(recipe)))
+    with _HumanProgress() as human:
+        executor = _executor(graph, cache_dir, RunOptions(), _json_event if as_json else human, remote)
+        try:
+            counts = executor.sync(direction)
+        except (ValueError, ConnectionError) as exc:
+            _fail(str(exc), EXIT_BUILD_FAILED)
+    if as_json:
+        _json_event({"event": f"{direction}_done", **counts})
+        return
+    done = counts["pushed"] if direction == "push" else counts["pulled"]
+    console.print(f"[green]ok[/green] {done} node(s) {direction}ed, {counts['present']} already here, "
+                  f"{counts['missing']} in neither cache")
 
 
 @cache_app.command("info")
@@ -369,37 +489,66 @@ def cache_rm(keys: list[str] = typer.Argument(..., help="Node keys (or prefixes)
 
 
 @app.command()
-def verify(bundle: Path = typer.Argument(..., help="A bundle directory (dist/<name>/<quantization>-<device>).")) -> None:
-    """Check every file of a bundle against its manifest."""
-    from mlcbuild.bundle_format import read_manifest, verify_bundle
+def verify(
+    target: Path = typer.Argument(..., help="A bundle directory (dist/<name>/<quantization>-<device>) or its tarball."),
+    pubkey: Optional[Path] = typer.Option(None, "--pubkey", help="Check the provenance statement's signature with this Ed25519 public key (PEM)."),
+    provenance: Optional[Path] = typer.Option(None, "--provenance", help="The statement (default: TARBALL.intoto.jsonl, or BUNDLE.tar.gz.intoto.jsonl beside a bundle)."),
+) -> None:
+    """Check a bundle or tarball: every file against its manifest (sha256), and against the signed provenance."""
+    from mlcbuild.provenance import ProvenanceError, verify as verify_target
 
     try:
-        manifest = read_manifest(bundle)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc), EXIT_BUILD_FAILED)
-    problems = verify_bundle(bundle, manifest)
-    for problem in problems:
-        out.print(f"{bundle}/{problem}", markup=False)
-    if problems:
+        result = verify_target(_named(target), pubkey, provenance)
+    except ProvenanceError as exc:
+        _fail(str(exc))
+    for problem in result.problems:
+        out.print(problem, markup=False)
+    if result.problems:
         raise typer.Exit(EXIT_BUILD_FAILED)
-    out.print(f"{bundle}: OK ({len(manifest.files)} files match manifest.json)", markup=False)
+    out.print(f"{target}: OK ({'; '.join(result.checked)})", markup=False)
 
 
 @app.command()
 def pack(
     bundle: Path = typer.Argument(..., help="A bundle directory."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Archive path (default: BUNDLE.tar.gz)."),
+    sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="Sign the provenance with this Ed25519 private key (PEM PKCS8: `mlcbuild keygen`, `openssl genpkey -algorithm ed25519`)."),
 ) -> None:
-    """Write a reproducible .tar.gz of a bundle (sorted entries, fixed times and owners)."""
-    from mlcbuild.bundle_format import read_manifest, verify_bundle
-    from mlcbuild.stages.package import write_bundle_tar
+    """Write a reproducible .tar.gz of a bundle and its provenance statement (in-toto, SLSA) beside it."""
+    from mlcbuild.provenance import ProvenanceError, key_id, load_private_key, pack_bundle
 
-    problems = verify_bundle(bundle, read_manifest(bundle))
-    if problems:
-        _fail(f"{bundle} does not match its manifest ({problems[0]}); rebuild it first", EXIT_BUILD_FAILED)
-    dest = output or bundle.with_name(bundle.name + ".tar.gz")
-    write_bundle_tar(bundle, dest)
-    out.print(str(dest), markup=False)
+    bundle = _named(bundle)
+    if not bundle.is_dir():
+        _fail(f"{bundle}: not a bundle directory")
+    try:
+        key = load_private_key(sign_key) if sign_key is not None else None
+    except ProvenanceError as exc:
+        _fail(str(exc))
+    try:
+        tarball, statement = pack_bundle(bundle, output or bundle.with_name(bundle.name + ".tar.gz"), key)
+    except FileNotFoundError as exc:
+        _fail(str(exc), EXIT_BUILD_FAILED)
+    except ProvenanceError as exc:
+        _fail(str(exc), EXIT_BUILD_FAILED)
+    out.print(str(tarball), markup=False)
+    out.print(f"{statement} ({f'signed, keyid {key_id(key.public_key())}' if key else 'unsigned'})", markup=False)
+
+
+def _named(path: Path) -> Path:
+    """``.`` or ``..`` as the directory's own name: a bundle's name is its tarball's top directory."""
+    return path.resolve() if path.name in ("", "..") else path
+
+
+@app.command()
+def keygen(path: Path = typer.Argument(..., help="Private key file to write (PATH.pub gets the public key).")) -> None:
+    """Make an Ed25519 key pair for `pack --sign-key`: PATH (private, mode 0600) and PATH.pub."""
+    from mlcbuild.provenance import ProvenanceError, generate_key_pair
+
+    try:
+        keyid = generate_key_pair(path)
+    except ProvenanceError as exc:
+        _fail(str(exc))
+    out.print(f"{path} (private: keep it secret), {path}.pub (public); keyid {keyid}", markup=False)
 
 
 @app.command()

@@ -87,6 +87,7 @@ class StatCache:
                 "CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, "
                 "mtime_ns INTEGER, inode INTEGER, digest TEXT)"
             )
+            db.execute("CREATE TABLE IF NOT EXISTS derived (kind TEXT, digest TEXT, value TEXT, PRIMARY KEY (kind, digest))")
         self.hashed_bytes = 0  # bytes actually read since creation (for tests and benchmarks)
 
     def _connect(self) -> sqlite3.Connection:
@@ -95,7 +96,16 @@ class StatCache:
             import sqlite3  # here, not at the top: the no-op fast path imports this module
 
             db = sqlite3.connect(self._db_path, timeout=60, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
+            # Switching a new database to WAL takes an exclusive lock that SQLite's busy timeout
+            # does not wait for: two processes opening a fresh cache at once must retry.
+            for attempt in range(200):
+                try:
+                    db.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError:
+                    if attempt == 199:
+                        raise
+                    time.sleep(0.05)
             db.execute("PRAGMA synchronous=NORMAL")
             self._local.db = db
         return db
@@ -120,6 +130,16 @@ class StatCache:
                 (key, st.st_size, st.st_mtime_ns, st.st_ino, digest),
             )
         return digest, st.st_size, mode
+
+    def derived(self, kind: str, digest: str) -> str | None:
+        """A fact of kind ``kind`` computed from the content whose digest is ``digest`` (e.g. a
+        Python file's import list), as remembered by ``remember``; None when it is not."""
+        row = self._connect().execute("SELECT value FROM derived WHERE kind=? AND digest=?", (kind, digest)).fetchone()
+        return row[0] if row else None
+
+    def remember(self, kind: str, digest: str, value: str) -> None:
+        """Remember a fact computed from content (by its digest, so it holds wherever the content is)."""
+        self._connect().execute("INSERT OR REPLACE INTO derived VALUES (?, ?, ?)", (kind, digest, value))
 
     def tree(self, root: Path) -> list[tuple[str, str, int, int]]:
         """(relative path, digest, size, mode) for every file under ``root``."""

@@ -23,11 +23,13 @@ from typing import Any, Callable
 from filelock import FileLock
 
 from mlcbuild.cache.store import ArtifactStore, CorruptBlob, NodeRecord
+from mlcbuild.pipeline.backend import Backend, BuildJob, CorruptInput, LocalBackend
+from mlcbuild.pipeline.code_digest import code_closure, code_digest
 from mlcbuild.pipeline.graph import Graph, Node
 from mlcbuild.pipeline import journal
 from mlcbuild.cache.digests import canonical_digest, tree_digest
 from mlcbuild.pipeline.journal import Watch
-from mlcbuild.pipeline.stage import Stage, StageContext, StageError
+from mlcbuild.pipeline.stage import Stage, StageError
 
 Event = dict[str, Any]
 
@@ -44,13 +46,14 @@ class RunOptions:
 @dataclass
 class NodeState:
     node: Node
-    status: str = "pending"  # pending | running | cached | built | failed | skipped
+    status: str = "pending"  # pending | running | cached | pulled | built | failed | skipped
     key: str | None = None
     record: NodeRecord | None = None
     reason: str = ""
     error: str | None = None
     duration_s: float = 0.0
     retries: int = 0
+    worker: str = ""
 
 
 @dataclass
@@ -68,7 +71,7 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return all(s.status in ("cached", "built") for s in self.states)
+        return all(s.status in ("cached", "pulled", "built") for s in self.states)
 
     def count(self, status: str) -> int:
         return sum(1 for s in self.states if s.status == status)
@@ -88,6 +91,8 @@ class Executor:
         get_stage: Callable[[str], Stage],
         options: RunOptions = RunOptions(),
         on_event: Callable[[Event], None] | None = None,
+        backend: Backend | None = None,
+        remote: Any = None,
     ) -> None:
         self.store = store
         self.graph = graph
@@ -96,7 +101,8 @@ class Executor:
         self._on_event = on_event
         self._event_lock = threading.Lock()
         self._stages: dict[str, Stage] = {}
-        self._exclusive = threading.Lock()  # held while a non-thread-safe stage runs
+        self.backend = backend or LocalBackend(store, self._stage)
+        self.remote = remote  # a RemoteCache beneath the local store, or None
         self._read_files: set[Watch] = set()  # what keys were computed from (for the run journal)
 
     # -- keys --------------------------------------------------------------------------------
@@ -110,7 +116,8 @@ class Executor:
         stage = self._stage(node.stage)
         roots = [Path(path) for path in stage.source_paths(node.params)]
         source_files = [entry for root in roots for entry in self.store.stat_cache.tree(root)]
-        self._note_read(roots, stage.watch_paths(node.params))
+        code = code_closure(self.store.stat_cache, stage.code_modules(node.params))
+        self._note_read(roots, stage.watch_paths(node.params), [file.path for file in code])
         comps = {
             "stage": node.stage,
             "version": stage.version,
@@ -118,20 +125,26 @@ class Executor:
             "inputs": {name: record.tree_digest for name, record in sorted(inputs.items())},
             "toolchain": stage.toolchain(node.params),
             "sources": tree_digest(source_files) if source_files else None,
+            "code": code_digest(code),
         }
         if stage.records_lineage:
             comps["lineage"] = lineage
-        return {"components": comps, "source_files": [e[:2] for e in source_files]}
+        return {"components": comps, "source_files": [e[:2] for e in source_files],
+                "code_files": [[file.relpath, file.digest] for file in code]}
 
-    def _note_read(self, roots: list[Path], watched: list[Path]) -> None:
+    def _note_read(self, roots: list[Path], watched: list[Path], code: list[Path]) -> None:
         for root in roots:
             self._read_files.update(_tree_watches(root))
+        # The stage's code, lazily imported modules included: a cached run never imports them,
+        # so the journal's watches of loaded modules would not notice their edit.
+        self._read_files.update((str(Path(path).absolute()), journal.FILE) for path in code)
         for path in watched:
             path = Path(path).absolute()
             self._read_files.add((str(path), journal.DIR if path.is_dir() else journal.FILE))
 
     def read_watches(self) -> list[Watch]:
-        """For the run journal: the files the keys were computed from (sources, toolchain files)."""
+        """For the run journal: the files the keys were computed from (sources, toolchain files,
+        the stages' code)."""
         return sorted(self._read_files)
 
     def produced_watches(self, result: "RunResult") -> list[Watch]:
@@ -191,6 +204,47 @@ class Executor:
     def _labels(node: Node) -> dict[str, str]:
         return {name: up.label for name, up in node.inputs.items()}
 
+    # -- explicit sync with the remote cache (`cache push` / `cache pull`) ----------------------
+    def sync(self, direction: str) -> dict[str, int]:
+        """Push every node of the graph that the local cache holds to the remote cache, or pull
+        every node the remote holds that the local cache lacks ("push" | "pull"); nothing is built.
+        A node's key needs its inputs' records, so a node whose input is in neither cache is
+        skipped with its dependents. Returns counts by outcome."""
+        if self.remote is None:
+            raise ValueError("no remote cache: give --remote-cache URL or set MLCBUILD_REMOTE_CACHE")
+        counts = {"pushed": 0, "pulled": 0, "present": 0, "missing": 0}
+        known: dict[int, NodeRecord | None] = {}
+        states: dict[int, NodeState] = {id(n): NodeState(n) for n in self.graph.nodes}
+        for node in self.graph.nodes:
+            state = states[id(node)]
+            if any(known.get(id(up)) is None for up in node.inputs.values()):
+                known[id(node)] = None
+                counts["missing"] += 1
+                state.reason = "an input is in neither cache"
+                self._emit("node_skipped", state)
+                continue
+            inputs = {name: known[id(up)] for name, up in node.inputs.items()}
+            described = self.components(node, inputs, self._lineage(node, states))  # type: ignore[arg-type]
+            state.key = self.key_of(described)
+            record = self.store.get_record(state.key)
+            if direction == "push":
+                if record is not None:
+                    self._push(state, record)
+                    counts["pushed"] += 1
+                else:
+                    state.reason = "not in the local cache"
+                    self._emit("node_skipped", state)
+                    counts["missing"] += 1
+            elif record is None:
+                record = self._pull(state, state.key)
+                counts["pulled" if record is not None else "missing"] += 1
+            else:
+                counts["present"] += 1
+            if self.remote is None:
+                raise ConnectionError("the remote cache became unavailable; nothing more was transferred")
+            known[id(node)] = record
+        return counts
+
     # -- run -----------------------------------------------------------------------------------
     def run(self) -> RunResult:
         started = time.perf_counter()
@@ -209,7 +263,7 @@ class Executor:
                             bad = next(u for u in ups if u.status in ("failed", "skipped"))
                             state.reason = f"upstream {bad.node.label} {bad.status}"
                             self._emit("node_skipped", state)
-                        elif all(u.status in ("cached", "built") for u in ups):
+                        elif all(u.status in ("cached", "pulled", "built") for u in ups):
                             state.status = "running"
                             futures[pool.submit(self._process, state, states, session)] = state
                 if not futures:
@@ -243,12 +297,13 @@ class Executor:
                         self._emit("node_skipped", state)
         result = RunResult(list(states.values()), time.perf_counter() - started)
         self._emit_raw({"event": "run_done", "ok": result.ok, "duration_s": round(result.duration_s, 4),
-                        **{s: result.count(s) for s in ("built", "cached", "failed", "skipped")}})
+                        **{s: result.count(s) for s in ("built", "pulled", "cached", "failed", "skipped")}})
         return result
 
     def _process(self, state: NodeState, states: dict[int, NodeState], session: Any) -> str:
-        """Find or build one node; returns its outcome ("cached" or "built"). Only the main loop
-        changes ``state.status``, so dependents are scheduled only once this returns."""
+        """Find, pull or build one node; returns its outcome ("cached", "pulled" or "built").
+        Only the main loop changes ``state.status``, so dependents are scheduled only once this
+        returns."""
         node = state.node
         inputs = {name: states[id(up)].record for name, up in node.inputs.items()}
         described = self.components(node, inputs, self._lineage(node, states))  # type: ignore[arg-type]
@@ -257,6 +312,7 @@ class Executor:
         forced = self._forced(node)
         outcome = "cached"
         record = None if forced else self.store.get_record(key)
+        local = True
         if record is None:
             previous = self.store.read_index(node.slot)
             state.reason = "forced" if forced else explain(previous, described, self._labels(node))
@@ -265,8 +321,11 @@ class Executor:
                 if record is not None:
                     state.reason = "built meanwhile by another build sharing this cache"
                 else:
-                    record = self._build(state, inputs, described, states)  # type: ignore[arg-type]
-                    outcome = "built"
+                    record = None if forced else self._pull(state, key)
+                    outcome = "pulled"
+                    if record is None:
+                        record, local = self._build(state, inputs, described)  # type: ignore[arg-type]
+                        outcome = "built"
         if outcome == "cached":
             state.reason = state.reason or "up to date"
             self.store.touch(key)
@@ -275,65 +334,88 @@ class Executor:
         previous = self.store.read_index(node.slot)
         if previous is None or previous.get("key") != key:
             self.store.write_index(node.slot, {"key": key, **described})
+        if node.materialize and self.options.output_dir is not None and not local:
+            # Built on another machine: its outputs reach this one through the remote cache.
+            if self.store.get_record(key) is None and self._pull(state, key) is None:
+                raise StageError(f"{node.label} was built on {state.worker or 'a worker'} but its outputs could "
+                                 f"not be fetched here: give every worker the same --cache-dir or a --remote-cache")
         self._materialize_outputs(state)
         return outcome
 
-    def _build(self, state: NodeState, inputs: dict[str, NodeRecord], described: dict,
-               states: dict[int, NodeState]) -> NodeRecord:
-        node = state.node
-        stage = self._stage(node.stage)
-        self._emit("node_start", state, reason=state.reason)
-        work = self.store.new_workdir(node.label)
+    # -- the remote cache ------------------------------------------------------------------
+    def _pull(self, state: NodeState, key: str) -> NodeRecord | None:
+        """The node's record and blobs from the remote cache, published into the local store;
+        None on a miss, when there is no readable remote, or when it failed (then rebuilt)."""
+        remote = self.remote
+        if remote is None or not remote.can_read:
+            return None
+        from mlcbuild.cache.remote import RemoteCorrupt, RemoteUnavailable
+
+        started = time.perf_counter()
+        self._emit("node_pulling", state)
+        try:
+            record = remote.pull(key, self.store, progress=lambda done, total: self._emit(
+                "progress", state, done=done, total=total))
+        except RemoteUnavailable as exc:
+            self._remote_failed(exc)
+            record = None
+        except RemoteCorrupt as exc:
+            self._emit("remote_corrupt", state, message=f"{exc}; building it here instead")
+            record = None
+        if record is None:
+            self._emit("node_pull_miss", state)
+            return None
+        state.duration_s = time.perf_counter() - started
+        self._emit("node_pulled", state, bytes=record.size, duration_s=round(state.duration_s, 3))
+        return record
+
+    def _push(self, state: NodeState, record: NodeRecord) -> None:
+        remote = self.remote
+        if remote is None or not remote.can_write:
+            return
+        from mlcbuild.cache.remote import RemoteUnavailable
+
         started = time.perf_counter()
         try:
-            input_dirs = {}
-            for name, record in inputs.items():
-                target = work / "in" / name
-                target.mkdir(parents=True)
-                try:
-                    self.store.materialize(record, target)
-                except CorruptBlob as exc:
-                    self.store.drop_record(record.key)
-                    raise _CorruptInput(node.inputs[name], exc) from None
-                input_dirs[name] = target
-            out = work / "out"
-            out.mkdir()
-            (work / "scratch").mkdir()
-            ctx = StageContext(
-                params=node.params,
-                inputs=input_dirs,
-                out=out,
-                work=work / "scratch",
-                toolchain=described["components"]["toolchain"],
-                key=state.key or "",
-                lineage=described["components"].get("lineage", {}),
-                log=lambda message: self._emit("log", state, message=message),
-                progress=lambda done, total: self._emit("progress", state, done=done, total=total),
-            )
-            if stage.thread_safe:
-                stage.run(ctx)
-            else:
-                with self._exclusive:
-                    started = time.perf_counter()  # time the work, not the wait
-                    stage.run(ctx)
-            state.duration_s = time.perf_counter() - started
-            record = self.store.publish(
-                state.key or "",
-                out,
-                {
-                    "label": node.label,
-                    "stage": node.stage,
-                    "version": stage.version,
-                    "params": node.params.model_dump(mode="json"),
-                    "inputs": described["components"]["inputs"],
-                    "toolchain": described["components"]["toolchain"],
-                    "duration_s": round(state.duration_s, 3),
-                },
-            )
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        self._emit("node_done", state, bytes=record.size, duration_s=round(state.duration_s, 3))
-        return record
+            sent = remote.push(record, self.store)
+        except RemoteUnavailable as exc:
+            self._remote_failed(exc)
+            return
+        self._emit("node_pushed", state, bytes=sent, duration_s=round(time.perf_counter() - started, 3))
+
+    def _remote_failed(self, exc: Exception) -> None:
+        """The remote went away: say so once, and build locally for the rest of the run."""
+        with self._event_lock:
+            if self.remote is None:
+                return
+            url, self.remote = self.remote.url, None
+        self._emit_raw({"event": "remote_unavailable", "url": url,
+                        "message": f"remote cache {url} is unavailable ({exc}); building locally for the rest of this run"})
+
+    # -- building --------------------------------------------------------------------------
+    def _build(self, state: NodeState, inputs: dict[str, NodeRecord], described: dict) -> tuple[NodeRecord, bool]:
+        """Build one node through the backend; returns its record and whether it is in the local store."""
+        node = state.node
+        stage = self._stage(node.stage)
+        components = described["components"]
+        job = BuildJob(key=state.key or "", label=node.label, stage=node.stage,
+                       params=node.params.model_dump(mode="json"), inputs=inputs,
+                       toolchain=components["toolchain"], lineage=components.get("lineage", {}),
+                       resources=stage.resources(node.params))
+        self._emit("node_start", state, reason=state.reason)
+        started = time.perf_counter()
+        try:
+            outcome = self.backend.build(job, lambda kind, extra: self._emit(kind, state, **extra))
+        except CorruptInput as exc:
+            raise _CorruptInput(node.inputs[exc.input_name], exc.cause) from None
+        state.worker = outcome.worker
+        record = outcome.record
+        state.duration_s = record.duration_s if outcome.local else time.perf_counter() - started
+        extra = {"worker": outcome.worker} if outcome.worker else {}
+        self._emit("node_done", state, bytes=record.size, duration_s=round(state.duration_s, 3), **extra)
+        if outcome.local:
+            self._push(state, record)
+        return record, outcome.local
 
     def _materialize_outputs(self, state: NodeState) -> None:
         if not state.node.materialize or self.options.output_dir is None or state.record is None:
@@ -424,12 +506,19 @@ def explain(previous: dict | None, described: dict, input_labels: dict[str, str]
     for name, digest in new["inputs"].items():
         if old.get("inputs", {}).get(name) != digest:
             reasons.append(f"input '{name}' changed (output of {input_labels.get(name, name)})")
-    if old.get("sources") != new["sources"]:
-        before = {p: d for p, d in previous.get("source_files", [])}
-        after = {p: d for p, d in described.get("source_files", [])}
+
+    def changed_files(listed: str) -> str:
+        before = {p: d for p, d in previous.get(listed, [])}
+        after = {p: d for p, d in described.get(listed, [])}
         files = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
-        shown = ", ".join(files[:5]) + (f" (+{len(files) - 5} more)" if len(files) > 5 else "")
-        reasons.append(f"source files changed: {shown}")
+        return ", ".join(files[:5]) + (f" (+{len(files) - 5} more)" if len(files) > 5 else "")
+
+    if old.get("sources") != new["sources"]:
+        reasons.append(f"source files changed: {changed_files('source_files')}")
+    if "code" not in old:
+        reasons.append("its key now covers the stage's code (last built before it did)")
+    elif old["code"] != new.get("code"):
+        reasons.append(f"code changed: {changed_files('code_files')}")
     if old.get("lineage") != new.get("lineage") and not reasons:
         reasons.append("an upstream node was rebuilt")
     return "; ".join(reasons) or "not in the cache (evicted or never published)"

@@ -76,6 +76,14 @@ class Graph:
         self.nodes.append(node)
         return node
 
+    def merge(self, other: "Graph") -> None:
+        """Add every node of ``other`` (another pipeline's DAG): nodes identical to ones already
+        here become one node, so what several pipelines share is built once."""
+        merged: dict[int, Node] = {}
+        for node in other.nodes:
+            node.inputs = {name: merged[id(up)] for name, up in node.inputs.items()}
+            merged[id(node)] = self.add(node)
+
     def ancestors(self, node: Node) -> list[Node]:
         seen: dict[int, Node] = {}
         stack = list(node.inputs.values())

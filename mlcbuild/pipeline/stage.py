@@ -3,8 +3,10 @@
 A stage is a small class: a name, a version, a pydantic schema for its params, and ``run()``.
 The engine knows nothing else about what a stage does; everything that can change a stage's
 output must reach it through its params, its inputs (upstream outputs, by content), the
-external source files it declares, or the toolchain facts it declares. Changing the code of a
-stage in a way that can change its output means bumping ``version``.
+external source files it declares, or the toolchain facts it declares. Its own code is in the key
+too: the modules it names (``code_modules``) and every module of their package they import, lazily
+imported ones included (``pipeline.code_digest``), so an edit of a kernel schedule rebuilds what it
+compiled without anyone bumping ``version`` (which stays, as a note of what changed when).
 """
 
 from __future__ import annotations
@@ -22,6 +24,17 @@ class StageParams(BaseModel):
     """Base class of every stage's params: frozen and strict about unknown fields."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What building one node needs, for backends that place nodes on machines (a cluster):
+    CPUs, a memory estimate, and custom resources naming a toolchain a machine must have
+    (e.g. ``{"nvcc": 1}``): a heterogeneous cluster routes the node to a worker that has it."""
+
+    cpus: float = 1.0
+    memory_bytes: int = 0
+    custom: dict[str, float] = field(default_factory=dict)
 
 
 class StageError(Exception):
@@ -69,6 +82,17 @@ class Stage(ABC):
         read content that enters the key anyway (an absolute source path, whose files are in
         ``source_paths``), so that two checkouts of one recipe share keys and bundles."""
         return params.model_dump(mode="json")
+
+    def resources(self, params: Any) -> Resources:
+        """What building a node of this stage needs (see ``Resources``)."""
+        return Resources()
+
+    def code_modules(self, params: Any) -> list[str]:
+        """The modules whose code makes this stage's output. The key covers their source and
+        that of every module of their top-level package they import, found statically (see
+        ``pipeline.code_digest``). Default: the modules defining this class and its base classes."""
+        return list(dict.fromkeys(cls.__module__ for cls in type(self).__mro__
+                                  if issubclass(cls, Stage) and cls is not Stage))
 
     def source_paths(self, params: Any) -> list[Path]:
         """Files or directories outside the cache whose content enters the key (digested through

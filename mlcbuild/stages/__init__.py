@@ -92,4 +92,8 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
     def make_params(stage: str, values: dict[str, str]) -> Any:
         return stage_class(stage).params_for(loaded, dict(values))  # type: ignore[attr-defined]
 
-    return expand(LLM_TEMPLATE, axes, make_params, namespace=str(loaded.path))
+    graph = expand(LLM_TEMPLATE, axes, make_params, namespace=str(loaded.path))
+    # Outputs land in this recipe's output dir whatever the run's other recipes are.
+    for node in graph.nodes:
+        node.materialize = [str(loaded.output_dir / sub) for sub in node.materialize]
+    return graph

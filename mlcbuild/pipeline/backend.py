@@ -1,0 +1,141 @@
+"""Where a node is built: the executor decides *what* runs, a backend decides *where*.
+
+A ``BuildJob`` carries everything needed to build one node anywhere (the stage's name, its
+params as JSON, the records of its inputs, its key and toolchain facts, the resources its stage
+declares); ``build_node`` builds it into an artifact store. Backends never know what a stage
+does: the local backend calls ``build_node`` on a thread of this process, the Ray backend
+(``mlcbuild.pipeline.ray_backend``) in a task on a cluster worker.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mlcbuild.cache.store import ArtifactStore, CorruptBlob, NodeRecord
+from mlcbuild.pipeline.stage import Resources, Stage, StageContext
+
+# (event kind, extra fields) -> None: a backend's way to report a node's log lines, progress and
+# warnings; the executor adds the node's label, stage and key.
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+class CorruptInput(Exception):
+    """An input's blob went bad after it was recorded: the executor rebuilds that input."""
+
+    def __init__(self, input_name: str, cause: CorruptBlob) -> None:
+        super().__init__(str(cause))
+        self.input_name = input_name
+        self.cause = cause
+
+
+@dataclass
+class BuildJob:
+    """One node to build, in plain data (picklable: it travels to cluster workers)."""
+
+    key: str
+    label: str
+    stage: str
+    params: dict[str, Any]  # the stage's params as JSON; validated again where the job runs
+    inputs: dict[str, NodeRecord]
+    toolchain: dict[str, str]
+    lineage: dict[str, str] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass
+class BuildOutcome:
+    record: NodeRecord
+    worker: str = ""  # where it ran, for the events ("" for this process)
+    # True when the record is in the executor's own store (the backend built into it); False when
+    # it lives elsewhere (a worker's store and the remote cache) and must be pulled to be laid out.
+    local: bool = True
+
+
+def build_node(job: BuildJob, store: ArtifactStore, stage: Stage, emit: Emit,
+               exclusive: threading.Lock | None = None) -> NodeRecord:
+    """Build ``job`` in a private work dir of ``store`` and publish it there.
+
+    ``exclusive``: held while a stage that is not thread-safe runs."""
+    params = stage.Params.model_validate(job.params)
+    work = store.new_workdir(job.label)
+    try:
+        input_dirs: dict[str, Path] = {}
+        for name, record in job.inputs.items():
+            target = work / "in" / name
+            target.mkdir(parents=True)
+            try:
+                store.materialize(record, target)
+            except CorruptBlob as exc:
+                store.drop_record(record.key)
+                raise CorruptInput(name, exc) from None
+            input_dirs[name] = target
+        out = work / "out"
+        out.mkdir()
+        (work / "scratch").mkdir()
+        ctx = StageContext(
+            params=params,
+            inputs=input_dirs,
+            out=out,
+            work=work / "scratch",
+            toolchain=job.toolchain,
+            key=job.key,
+            lineage=job.lineage,
+            log=lambda message: emit("log", {"message": message}),
+            progress=lambda done, total: emit("progress", {"done": done, "total": total}),
+        )
+        started = time.perf_counter()
+        if stage.thread_safe or exclusive is None:
+            stage.run(ctx)
+        else:
+            with exclusive:
+                started = time.perf_counter()  # time the work, not the wait
+                stage.run(ctx)
+        duration = time.perf_counter() - started
+        return store.publish(
+            job.key,
+            out,
+            {
+                "label": job.label,
+                "stage": job.stage,
+                "version": stage.version,
+                "params": job.params,
+                "inputs": {name: record.tree_digest for name, record in sorted(job.inputs.items())},
+                "toolchain": job.toolchain,
+                "duration_s": round(duration, 3),
+            },
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class Backend(ABC):
+    """Runs build jobs somewhere. ``build`` blocks until the node is built (the executor calls it
+    from one of its threads per running node) and raises the stage's exception on failure."""
+
+    name: str = ""
+
+    @abstractmethod
+    def build(self, job: BuildJob, emit: Emit) -> BuildOutcome: ...
+
+    def close(self) -> None:
+        """Release what the backend holds (cluster connections)."""
+
+
+class LocalBackend(Backend):
+    """Builds on a thread of this process, into the executor's own store."""
+
+    name = "local"
+
+    def __init__(self, store: ArtifactStore, get_stage: Callable[[str], Stage]) -> None:
+        self.store = store
+        self.get_stage = get_stage
+        self._exclusive = threading.Lock()  # held while a non-thread-safe stage runs
+
+    def build(self, job: BuildJob, emit: Emit) -> BuildOutcome:
+        return BuildOutcome(build_node(job, self.store, self.get_stage(job.stage), emit, self._exclusive))
