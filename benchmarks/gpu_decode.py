@@ -117,10 +117,11 @@ def fill_bundle(bundle: Path, device: str) -> int:
     tokenizer.save(str(bundle / "tokenizer.json"))
     files = []
     for path in sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != bf.MANIFEST_FILE):
-        import xxhash
+        from mlcbuild.cache.digests import file_digests
 
+        digest, sha256 = file_digests(path)
         files.append(bf.ManifestFile(path=path.relative_to(bundle).as_posix(), size=path.stat().st_size,
-                                     digest=xxhash.xxh3_128_hexdigest(path.read_bytes())))
+                                     digest=digest, sha256=sha256))
     manifest = bf.Manifest(name=bundle.name, quantization=chat.quantization, device=_bundle_device(bundle, device),
                            recipe={}, node_keys={}, tools={}, source={"format": "random"}, files=files)
     (bundle / bf.MANIFEST_FILE).write_text(manifest.model_dump_json(indent=1))

@@ -8,7 +8,7 @@ Bundle layout (one directory per (quantization, device)):
     params/tensor-cache.json    TensorCacheIndex
     params/params_shard_<N>.bin raw little-endian tensor bytes
     lib/model.so                the compiled model library for the bundle's device
-    manifest.json               Manifest (recipe, node keys, every file's digest and size, tools)
+    manifest.json               Manifest (recipe, node keys, every file's size, xxh3 and sha256, tools)
 
 Functions the compiled library exports (driven through tvm's relax VM; ``params`` is the list
 of weight tensors in the order of ``_metadata()["params"]``; ``kv_cache`` is the object that
@@ -59,8 +59,21 @@ class ManifestFile(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     path: str
-    digest: str  # xxh3-128 hex of the file's bytes
+    digest: str  # xxh3-128 hex of the file's bytes (the fast local check)
     size: int
+    # sha256 hex of the file's bytes: what a bundle that crossed machines is checked with. None
+    # only in manifests written before it was recorded (verify reports those: rebuild them).
+    sha256: str | None = None
+
+
+class RecipeFile(BaseModel):
+    """A file the build read that the bundle does not hold (the recipe, its lock): a
+    provenance material. By name, not path, so two checkouts of one recipe give one manifest."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    sha256: str
 
 
 class Manifest(BaseModel):
@@ -76,6 +89,7 @@ class Manifest(BaseModel):
     node_keys: dict[str, str]  # node label -> key, for every node that built the bundle
     tools: dict[str, str]  # tvm, python, nvcc, mlcbuild versions; target
     source: dict = {}  # where the weights came from (e.g. {"format": "gguf", "quantized": "Q4_1"})
+    recipe_files: list[RecipeFile] = []  # the recipe file and its lock file, with their sha256
     files: list[ManifestFile]
 
 
@@ -169,8 +183,10 @@ def read_manifest(bundle: Path | str) -> Manifest:
 
 
 def verify_bundle(bundle: Path | str, manifest: Manifest | None = None) -> list[str]:
-    """Check every file of a bundle against its manifest: missing, extra, wrong size or digest.
-    Returns the problems found (empty when the bundle is intact)."""
+    """Check every file of a bundle against its manifest: missing, extra, wrong size or digest
+    (xxh3-128 and sha256, both from one read of each file). Returns the problems found, each
+    starting with the file's path (empty when the bundle is intact)."""
+    import hashlib
     import os
 
     import xxhash
@@ -189,12 +205,19 @@ def verify_bundle(bundle: Path | str, manifest: Manifest | None = None) -> list[
         if size != entry.size:
             problems.append(f"{entry.path}: size {size}, manifest says {entry.size}")
             continue
-        hasher = xxhash.xxh3_128()
+        if entry.sha256 is None:
+            problems.append(f"{entry.path}: the manifest records no sha256 (an older mlcbuild made it); rebuild the bundle")
+            continue
+        fast, strong = xxhash.xxh3_128(), hashlib.sha256()
         with open(path, "rb") as handle:
             while chunk := handle.read(8 << 20):
-                hasher.update(chunk)
-        if hasher.hexdigest() != entry.digest:
+                fast.update(chunk)
+                strong.update(chunk)
+        if fast.hexdigest() != entry.digest:
             problems.append(f"{entry.path}: content differs from the manifest's digest")
+        elif strong.hexdigest() != entry.sha256:
+            problems.append(f"{entry.path}: content differs from the manifest's digest "
+                            f"(sha256 {strong.hexdigest()}, manifest says {entry.sha256})")
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             rel = (Path(dirpath) / name).relative_to(root).as_posix()

@@ -1,8 +1,9 @@
 """package: assemble one bundle per (quantization, device) with its manifest.
 
 The bundle holds the chat config and tokenizer files, the weight shards and their index, the
-compiled library, and ``manifest.json`` naming the recipe, the key of every node that made the
-bundle, every file's digest and size, and the tool versions. Nothing in it depends on the time
+compiled library, and ``manifest.json`` naming the recipe (its fields, and the sha256 of the recipe
+and lock files), the key of every node that made the bundle, every file's size, xxh3 and sha256
+(one read gives both), and the tool versions. Nothing in it depends on the time
 or the machine beyond what the node key already covers, so two clean builds of one recipe with
 one toolchain give byte-identical bundles.
 """
@@ -18,13 +19,15 @@ from importlib import metadata
 from pathlib import Path
 
 from mlcbuild import __version__
-from mlcbuild.bundle_format import MANIFEST_FILE, SOURCE_INFO_FILE, Manifest, ManifestFile
+from mlcbuild.bundle_format import MANIFEST_FILE, SOURCE_INFO_FILE, Manifest, ManifestFile, RecipeFile
 from mlcbuild.devices import parse_device
-from mlcbuild.cache.digests import file_digest, iter_files
+from mlcbuild.cache.digests import file_digests, iter_files
 from mlcbuild.pipeline.stage import Stage, StageContext, StageError, StageParams
 from mlcbuild.recipe import LoadedRecipe
 from mlcbuild.stages import register_stage
-from mlcbuild.stages.compile import nvcc_files, nvcc_version
+from mlcbuild.sources import HF_SCHEME
+from mlcbuild.sources.lock import lock_path
+from mlcbuild.stages.compile import host_cpu, nvcc_files, nvcc_version
 
 # Files of the inputs that are bookkeeping of the build, not part of a bundle.
 _NOT_BUNDLED = {SOURCE_INFO_FILE}
@@ -35,6 +38,8 @@ class PackageParams(StageParams):
     quantization: str
     device: str
     recipe: dict  # the recipe fields that shaped this bundle (recorded in the manifest)
+    # The recipe file and (Hub sources) its lock, by name and sha256: provenance materials.
+    recipe_files: tuple[RecipeFile, ...] = ()
 
 
 @register_stage
@@ -60,6 +65,7 @@ class Package(Stage):
                 "device": axes["device"],
                 "overrides": r.overrides.model_dump(exclude_none=True),
             },
+            recipe_files=_recipe_files(loaded),
         )
 
     def toolchain(self, params: PackageParams) -> dict[str, str]:
@@ -68,8 +74,11 @@ class Package(Stage):
             "python": platform.python_version(),
             "tvm": metadata.version("apache-tvm"),
         }
-        if parse_device(params.device).kind == "cuda":
+        device = parse_device(params.device)
+        if device.kind == "cuda":
             tools["nvcc"] = nvcc_version()
+        elif device.arch is None:
+            tools["host_cpu"] = host_cpu()  # "cpu" compiles for this host's CPU: the provenance names it
         return tools
 
     def watch_paths(self, params: PackageParams) -> list[Path]:
@@ -91,10 +100,10 @@ class Package(Stage):
                 os.link(file, target)  # inputs are immutable blobs: linking costs nothing
         source_info = ctx.inputs["source"] / SOURCE_INFO_FILE
         source = json.loads(source_info.read_text()) if source_info.exists() else {}
-        files = [
-            ManifestFile(path=rel, digest=file_digest(ctx.out / rel), size=(ctx.out / rel).stat().st_size)
-            for rel in sorted(placed)
-        ]
+        files = []
+        for rel in sorted(placed):
+            digest, sha256 = file_digests(ctx.out / rel)
+            files.append(ManifestFile(path=rel, digest=digest, size=(ctx.out / rel).stat().st_size, sha256=sha256))
         manifest = Manifest(
             name=ctx.params.name,
             quantization=ctx.params.quantization,
@@ -103,10 +112,23 @@ class Package(Stage):
             node_keys=dict(sorted(ctx.lineage.items())),
             tools=dict(sorted(ctx.toolchain.items())),
             source=source,
+            recipe_files=list(ctx.params.recipe_files),
             files=files,
         )
         (ctx.out / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
         ctx.log(f"bundle of {len(files)} files, {sum(f.size for f in files) / 1e6:.1f} MB")
+
+
+def _recipe_files(loaded: LoadedRecipe) -> tuple[RecipeFile, ...]:
+    """The recipe file and, for a Hub source, its lock (written by the download stage's params,
+    which the graph makes first), each with its sha256."""
+    import hashlib
+
+    paths = [loaded.path]
+    lock = lock_path(loaded.path)
+    if loaded.recipe.source[: len(HF_SCHEME)].upper() == HF_SCHEME and lock.exists():
+        paths.append(lock)
+    return tuple(RecipeFile(name=p.name, sha256=hashlib.sha256(p.read_bytes()).hexdigest()) for p in paths)
 
 
 def write_bundle_tar(bundle: Path, dest: Path) -> Path:
