@@ -152,13 +152,7 @@ class ArtifactStore:
             digest, sha256 = file_digests(file)
             size = file.stat().st_size
             mode = 0o755 if os.access(file, os.X_OK) and file.stat().st_mode & 0o111 else 0o644
-            blob = self.blob_path(digest)
-            if not blob.exists():
-                blob.parent.mkdir(parents=True, exist_ok=True)
-                os.chmod(file, 0o555 if mode == 0o755 else 0o444)
-                os.replace(file, blob)  # same filesystem: atomic, never a partial blob
-            else:
-                os.utime(blob)  # recently used: gc's grace period covers blobs being published
+            self.import_blob(file, digest, mode)
             outputs.append(OutputFile(path=file.relative_to(out_dir).as_posix(), digest=digest, size=size, mode=mode,
                                       sha256=sha256))
         record = NodeRecord(
@@ -168,8 +162,28 @@ class ArtifactStore:
             created=time.time(),
             **meta,
         )
-        _write_atomic(self.record_path(key), record.model_dump_json(indent=1).encode())
+        self.write_record(record)
         return record
+
+    def import_blob(self, file: Path, digest: str, mode: int) -> Path:
+        """Move ``file`` (on this store's filesystem, e.g. under ``tmp/``) into ``blobs/`` as the
+        blob ``digest``, which the caller has computed from its content: publish and a verified
+        remote pull both come here. A blob already present is kept (same content) and ``file``
+        dropped."""
+        blob = self.blob_path(digest)
+        if not blob.exists():
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(file, 0o555 if mode == 0o755 else 0o444)
+            os.replace(file, blob)  # same filesystem: atomic, never a partial blob
+        else:
+            os.utime(blob)  # recently used: gc's grace period covers blobs being published
+            if file != blob:
+                file.unlink(missing_ok=True)
+        return blob
+
+    def write_record(self, record: NodeRecord) -> None:
+        """Write ``record``, which makes its entry visible: after all its blobs are in place."""
+        _write_atomic(self.record_path(record.key), record.model_dump_json(indent=1).encode())
 
     # -- reading back ----------------------------------------------------------------------
     def check_blob(self, output: OutputFile) -> Path:
@@ -189,6 +203,23 @@ class ArtifactStore:
             blob.unlink(missing_ok=True)
             raise CorruptBlob(output.digest, reason)
         return blob
+
+    def blob_sha256(self, output: OutputFile) -> str:
+        """The sha256 of ``output``'s blob, from the same read that checks its size and xxh3
+        digest (a bad blob is dropped and reported with CorruptBlob, as check_blob does)."""
+        blob = self.blob_path(output.digest)
+        try:
+            size = blob.stat().st_size
+        except FileNotFoundError:
+            raise CorruptBlob(output.digest, "missing") from None
+        digest, sha256 = file_digests(blob) if size == output.size else ("", "")
+        if digest != output.digest:
+            blob.unlink(missing_ok=True)
+            reason = f"size {size}, expected {output.size}" if size != output.size else "content does not match its digest"
+            raise CorruptBlob(output.digest, reason)
+        if output.sha256 is not None and sha256 != output.sha256:
+            raise CorruptBlob(output.digest, f"sha256 {sha256} differs from its record's {output.sha256}")
+        return sha256
 
     def materialize(self, record: NodeRecord, dest: Path, verify: bool = True) -> None:
         """Lay ``record``'s outputs out under ``dest`` (hard links where possible)."""
