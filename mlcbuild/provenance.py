@@ -542,7 +542,7 @@ def _member_path(info: tarfile.TarInfo, top: str | None) -> tuple[str, str | Non
         kind = "a link" if info.issym() or info.islnk() else "a directory" if info.isdir() else "a special file"
         return "", f"{kind}; a bundle tarball holds regular files only"
     path = PurePosixPath(info.name)
-    if path.is_absolute() or ".." in path.parts or "\\" in info.name:
+    if path.is_absolute() or ".." in path.parts:
         return "", "an absolute path or '..': refused"
     if len(path.parts) < 2:
         return "", "not under the bundle's directory"
