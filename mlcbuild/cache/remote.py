@@ -333,9 +333,10 @@ class RemoteCache:
         """Stream one blob to ``temp``, checking size and sha256; returns its xxh3 digest."""
         sha256, fast = hashlib.sha256(), xxhash.xxh3_128()
         size = 0
+        chunks = self.transport.read_chunks(f"cas/{output.sha256}", self.chunk_size)
         try:
             with open(temp, "wb") as handle:
-                for chunk in self.transport.read_chunks(f"cas/{output.sha256}", self.chunk_size):
+                for chunk in chunks:
                     size += len(chunk)
                     if size > output.size:
                         break  # a remote sending more than the record says is not read to its end
@@ -351,6 +352,8 @@ class RemoteCache:
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
+        finally:
+            chunks.close()  # ends the transfer now (connection, file handle), not when collected
         problem = None
         if size != output.size:
             problem = f"{'more than' if size > output.size else 'only'} {size} bytes, its record says {output.size}"

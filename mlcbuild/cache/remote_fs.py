@@ -144,7 +144,8 @@ class FsspecTransport:
                 with open(local, "rb") as source:
                     self._write_local(target, iter(lambda: source.read(1 << 20), b""), sent)
             else:
-                self.fs.put_file(str(local), target, callback=_Sent(sent))
+                # Parts in flight per file: RemoteCache already moves several files at once.
+                self.fs.put_file(str(local), target, callback=_Sent(sent), max_concurrency=2)
         except self._errors as exc:  # FileNotFoundError here: a missing bucket
             raise self._unavailable(f"writing {path}", exc) from exc
 
