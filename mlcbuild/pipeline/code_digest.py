@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -108,15 +109,18 @@ class _Closure:
 
     def file_of(self, module: str) -> Path | None:
         """The source file of a module of this package (its ``__init__.py`` for a package)."""
-        if module not in self._files:
-            stem = self.base.joinpath(*module.split("."))  # type: ignore[union-attr]
-            found = None
-            for candidate in (stem.with_name(stem.name + ".py"), stem / "__init__.py"):
-                if candidate.is_file():
-                    found = candidate
-                    break
-            self._files[module] = found
-        return self._files[module]
+        try:
+            return self._files[module]
+        except KeyError:
+            pass
+        stem = os.path.join(str(self.base), *module.split("."))
+        found = None
+        for candidate in (stem + ".py", os.path.join(stem, "__init__.py")):
+            if os.path.isfile(candidate):
+                found = Path(candidate)
+                break
+        self._files[module] = found
+        return found
 
     def imports_of(self, path: Path, digest: str) -> list:
         imports = _IMPORTS.get(digest)
