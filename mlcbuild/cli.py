@@ -149,7 +149,7 @@ class _HumanProgress:
             console.print(f"[dim]cached {escape(node)}[/dim]")
         elif kind == "node_pulling":
             self.tasks[node] = self.progress.add_task(escape(f"pull {node}"), total=None)
-        elif kind == "node_pull_miss":
+        elif kind == "node_pull_failed":
             self._finish(node)
         elif kind == "node_pulled":
             self._finish(node)

@@ -49,3 +49,36 @@ def built_model(compiler_root: Path, tiny_checkpoint: Callable[..., Path]) -> Ca
         return built[key]
 
     return get
+
+
+DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m-instruct.yaml"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without mlcbuild's own variables (a developer's cache or remote
+    must not leak into a test), plus ``extra``."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLCBUILD_")}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The offline demo recipe, copied into a temp dir (its bundles land beside it) and built there
+    with its own cache, pushing every node it builds to a file:// remote cache at
+    ``<dir>/remote`` (the remote cache tests pull from it into other working copies)."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("demo")
+    recipe = root / DEMO_RECIPE.name
+    shutil.copy(DEMO_RECIPE, recipe)
+    env = clean_env(MLCBUILD_CACHE_DIR=str(root / "cache"))
+    done = subprocess.run([sys.executable, "-m", "mlcbuild.cli", "run", str(recipe),
+                           "--remote-cache", (root / "remote").as_uri()], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return recipe

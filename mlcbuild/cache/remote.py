@@ -125,6 +125,10 @@ class RemoteRecord(BaseModel):
     created: float
     warnings: list[Any] | None = None  # carried over when NodeRecord has them
 
+    @property
+    def size(self) -> int:
+        return sum(o.size for o in self.outputs)
+
     @model_validator(mode="after")
     def _one_file_per_path(self) -> "RemoteRecord":
         paths = [o.path for o in self.outputs]

@@ -352,18 +352,20 @@ class Executor:
         from mlcbuild.cache.remote import RemoteCorrupt, RemoteUnavailable
 
         started = time.perf_counter()
-        self._emit("node_pulling", state)
+        record, pulling = None, False
         try:
-            record = remote.pull(key, self.store, progress=lambda done, total: self._emit(
-                "progress", state, done=done, total=total))
+            if remote.has(key):  # a cheap existence check first: a miss draws no progress bar
+                pulling = True
+                self._emit("node_pulling", state)
+                record = remote.pull(key, self.store, progress=lambda done, total: self._emit(
+                    "progress", state, done=done, total=total))
         except RemoteUnavailable as exc:
             self._remote_failed(exc)
-            record = None
         except RemoteCorrupt as exc:
             self._emit("remote_corrupt", state, message=f"{exc}; building it here instead")
-            record = None
         if record is None:
-            self._emit("node_pull_miss", state)
+            if pulling:
+                self._emit("node_pull_failed", state)
             return None
         state.duration_s = time.perf_counter() - started
         self._emit("node_pulled", state, bytes=record.size, duration_s=round(state.duration_s, 3))
@@ -380,6 +382,10 @@ class Executor:
             sent = remote.push(record, self.store)
         except RemoteUnavailable as exc:
             self._remote_failed(exc)
+            return
+        except CorruptBlob as exc:  # never spread a bad local blob: the next run rebuilds the node
+            self.store.drop_record(record.key)
+            self._emit("blob_corrupt", state, message=f"{exc}; not pushed")
             return
         self._emit("node_pushed", state, bytes=sent, duration_s=round(time.perf_counter() - started, 3))
 
