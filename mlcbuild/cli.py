@@ -140,6 +140,8 @@ class _HumanProgress:
             self.progress.update(self.tasks[node], completed=event["done"], total=event.get("total"))
         elif kind == "log":
             self.progress.console.print(f"[dim]{escape(node)}: {escape(str(event['message']))}[/dim]")
+        elif kind == "warning":
+            self.progress.console.print(f"[yellow]warning[/yellow] {escape(node)}: {escape(str(event['message']))}")
         elif kind == "node_done":
             self._finish(node)
             where = f", on {event['worker']}" if event.get("worker") else ""
@@ -149,13 +151,16 @@ class _HumanProgress:
             console.print(f"[dim]cached {escape(node)}[/dim]")
         elif kind == "node_pulling":
             self.tasks[node] = self.progress.add_task(escape(f"pull {node}"), total=None)
-        elif kind == "node_pull_failed":
+        elif kind in ("node_pull_failed", "node_push_failed"):
             self._finish(node)
         elif kind == "node_pulled":
             self._finish(node)
             console.print(f"[blue]pulled[/blue] {escape(node)}  [dim]{event['duration_s']:.2f}s, "
                           f"{_size(event.get('bytes', 0))}[/dim]")
+        elif kind == "node_pushing":
+            self.tasks[node] = self.progress.add_task(escape(f"push {node}"), total=None)
         elif kind == "node_pushed":
+            self._finish(node)
             console.print(f"[dim]pushed {escape(node)} ({_size(event.get('bytes', 0))} uploaded)[/dim]")
         elif kind in ("remote_unavailable", "remote_corrupt"):
             console.print(f"[yellow]warning[/yellow] {escape(node + ': ' if node else '')}{escape(event['message'])}")

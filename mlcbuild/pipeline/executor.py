@@ -378,13 +378,17 @@ class Executor:
         from mlcbuild.cache.remote import RemoteUnavailable
 
         started = time.perf_counter()
+        self._emit("node_pushing", state)
         try:
-            sent = remote.push(record, self.store)
+            sent = remote.push(record, self.store, progress=lambda done, total: self._emit(
+                "progress", state, done=done, total=total))
         except RemoteUnavailable as exc:
+            self._emit("node_push_failed", state)
             self._remote_failed(exc)
             return
         except CorruptBlob as exc:  # never spread a bad local blob: the next run rebuilds the node
             self.store.drop_record(record.key)
+            self._emit("node_push_failed", state)
             self._emit("blob_corrupt", state, message=f"{exc}; not pushed")
             return
         self._emit("node_pushed", state, bytes=sent, duration_s=round(time.perf_counter() - started, 3))

@@ -50,6 +50,11 @@ class FakeDownload(Stage):
     def source_paths(self, params: DownloadParams) -> list[Path]:
         return [Path(params.source)]
 
+    def key_params(self, params: DownloadParams) -> dict:
+        # As the real download stage: the source's content enters the key, not where the
+        # checkout lies, so two working copies share keys (and a remote cache).
+        return {"source": Path(params.source).name}
+
     def run(self, ctx: StageContext) -> None:
         _log(ctx, "download")
         for file in sorted(Path(ctx.params.source).iterdir()):
