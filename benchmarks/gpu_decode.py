@@ -5,10 +5,10 @@ Two steps, because the GPU machine has no compiler toolchain for us and takes on
     python benchmarks/gpu_decode.py prepare DIR [--device cuda:sm_90] [--integer-dot]
         here: gen_config + compile (nvcc) of a SmolLM2-135M-shaped and a Llama-3-8B-shaped model
         at q4f16_1 for cuda:sm_XX; DIR/<shape>/ holds mlc-chat-config.json and lib/.
-        --integer-dot: batch-1 GEMVs on dp4a (cuda_schedule.INTEGER_DOT_BATCH1; prepare a second
-        DIR with it and run both in one GPU session to compare).
+        --integer-dot: batch-1 GEMVs on dp4a (the compile param kernels.cuda_integer_dot_batch1;
+        prepare a second DIR with it and run both in one GPU session to compare).
         --decode-attention: the KV cache's decode attention kernel from cuda_attention
-        (cuda_schedule.DECODE_ATTENTION_KERNEL), likewise.
+        (kernels.cuda_decode_attention), likewise.
     python benchmarks/gpu_decode.py run DIR [--batches 1 16]
         on the GPU: fills each bundle with random weights of the library's parameter shapes
         (speed does not depend on the values), a word-level tokenizer of the model's vocabulary
@@ -46,13 +46,12 @@ QUANTIZATION = "q4f16_1"
 
 def prepare(root: Path, device: str, shapes: list[str], integer_dot: bool = False,
             decode_attention: bool = False) -> None:
-    from mlcbuild.compiler_passes import cuda_schedule
     from mlcbuild.pipeline.stage import StageContext
+    from mlcbuild.recipe import Kernels
     from mlcbuild.stages.compile import Compile, CompileParams
     from mlcbuild.stages.gen_config import GenConfig, GenConfigParams
 
-    cuda_schedule.INTEGER_DOT_BATCH1 = integer_dot
-    cuda_schedule.DECODE_ATTENTION_KERNEL = decode_attention
+    kernels = Kernels(cuda_integer_dot_batch1=integer_dot, cuda_decode_attention=decode_attention)
     for shape in shapes:
         config = SHAPES[shape]
         bundle = root / shape
@@ -64,7 +63,7 @@ def prepare(root: Path, device: str, shapes: list[str], integer_dot: bool = Fals
             for stage, params, inputs in (
                 (GenConfig(), GenConfigParams(quantization=QUANTIZATION, context_window_size=2048,
                                               prefill_chunk_size=512, max_batch_size=16), {"source": source}),
-                (Compile(), CompileParams(quantization=QUANTIZATION, device=device), {"config": bundle}),
+                (Compile(), CompileParams(quantization=QUANTIZATION, device=device, kernels=kernels), {"config": bundle}),
             ):
                 work = Path(tmp) / stage.name
                 work.mkdir()

@@ -51,7 +51,6 @@ def build(root, sweep):
     spec = get_quantization("q4f16_1")
     orig_split = cs._reduction_split
     for name, v in variants(sweep):
-        cs.INTEGER_DOT_BATCH1 = "dp4a" in v
         if "dp4a" in v:
             dp4a.WARPS, dp4a.ROWS, dp4a.STEPS = v["dp4a"]
         else:
@@ -71,7 +70,7 @@ def build(root, sweep):
             model = P(); family(spec).quantize_model(model, spec)
             mod, params = model.export_tvm(spec={"forward": {"x": nn.spec.Tensor([1, 1, k], "float16"), "$": {"param_mode": "plain", "effect_mode": "none"}}})
             with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
-                mod = tvm.transform.Sequential([*C.fusion_passes(), cs.CUDASchedule(target), *C.lowering_passes()])(mod)
+                mod = tvm.transform.Sequential([*C.fusion_passes(), cs.CUDASchedule(target, integer_dot_batch1="dp4a" in v), *C.lowering_passes()])(mod)
                 ex = tvm.compile(mod, target=target, relax_pipeline=None)
             (out / LIBRARY_FILE).parent.mkdir(parents=True, exist_ok=True)
             ex.export_library(str(out / LIBRARY_FILE))

@@ -40,6 +40,9 @@ MANIFEST_FILE = "manifest.json"
 # time instead; this file (a CudaKernels) names the fatbin and the SHA-256 of the source it was
 # built from, so a runtime can hand the fatbin to that hook and load without nvcc or NVRTC.
 CUDA_KERNELS_FILE = "lib/cuda-kernels.json"
+# Written by compile, read by package (not bundled: its content goes into the manifest): the
+# kernel schedules that fell back (a JSON list of ScheduleFallback).
+SCHEDULE_REPORT_FILE = "lib/schedule-report.json"
 
 # Named conversation templates a recipe may ask for; "auto" uses the tokenizer's chat template.
 KNOWN_CONV_TEMPLATES = ("auto", "llama-3", "llama-2", "phi-2", "chatml", "mistral")
@@ -76,6 +79,26 @@ class RecipeFile(BaseModel):
     sha256: str
 
 
+class ScheduleFallback(BaseModel):
+    """A kernel schedule that applied to a function and failed, so that function got a slower
+    kernel (a less specific rule's, TVM's default, or none). The compile stage lists them in
+    ``SCHEDULE_REPORT_FILE`` and its node record, the package stage in the manifest."""
+
+    model_config = ConfigDict(frozen=True)
+
+    function: str  # the PrimFunc (kernel) name
+    rule: str  # the schedule rule that failed
+    error: str  # the exception, one line
+
+    @classmethod
+    def from_error(cls, function: str, rule: str, error: BaseException) -> "ScheduleFallback":
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return cls(function=function, rule=rule, error=f"{type(error).__name__}: {lines[-1] if lines else ''}"[:300])
+
+    def describe(self) -> str:
+        return f"{self.function}: the {self.rule} schedule failed, fell back ({self.error})"
+
+
 class Manifest(BaseModel):
     """manifest.json: how a bundle was made and what it must contain."""
 
@@ -90,6 +113,7 @@ class Manifest(BaseModel):
     tools: dict[str, str]  # tvm, python, nvcc, mlcbuild versions; target
     source: dict = {}  # where the weights came from (e.g. {"format": "gguf", "quantized": "Q4_1"})
     recipe_files: list[RecipeFile] = []  # the recipe file and its lock file, with their sha256
+    schedule_fallbacks: list[ScheduleFallback] = []  # kernels that fell back to a slower schedule
     files: list[ManifestFile]
 
 

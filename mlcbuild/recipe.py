@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, StrictBool, ValidationError, field_validator
 
 from mlcbuild.devices import parse_device
 from mlcbuild.quantization import get_quantization
@@ -37,6 +37,16 @@ class Overrides(BaseModel):
         return value
 
 
+class Kernels(BaseModel):
+    """Which of our kernels a compile uses where there is a choice (they enter the compile nodes'
+    keys, for the devices they concern). Off by default until timed on the GPUs they target."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cuda_integer_dot_batch1: StrictBool = False  # batch-1 4-bit GEMVs on dp4a (cuda_qgemv_dp4a)
+    cuda_decode_attention: StrictBool = False  # the KV cache's decode attention from cuda_attention
+
+
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 
 
@@ -50,6 +60,7 @@ class Recipe(BaseModel):
     quantization: Annotated[list[str], Field(min_length=1)]
     devices: Annotated[list[str], Field(min_length=1)] = ["cpu"]
     overrides: Overrides = Overrides()
+    kernels: Kernels = Kernels()
     output: str | None = None  # default: dist/<name>, relative to the recipe file
 
     @field_validator("quantization", mode="before")

@@ -19,11 +19,13 @@ def test_cuda_library_builds_without_gpu(built_model):
     import json
     import re
 
-    from mlcbuild.bundle_format import CUDA_KERNELS_FILE
+    from mlcbuild.bundle_format import CUDA_KERNELS_FILE, SCHEDULE_REPORT_FILE
 
     parts = built_model("llama", "q4f16_1", "cuda:sm_80")
     lib_dir = (parts["library"] / LIBRARY_FILE).parent
-    assert sorted(p.name for p in lib_dir.iterdir()) == sorted(["model.so", Path(CUDA_KERNELS_FILE).name, "model.sm_80.fatbin"])
+    assert sorted(p.name for p in lib_dir.iterdir()) == sorted(["model.so", Path(CUDA_KERNELS_FILE).name, "model.sm_80.fatbin",
+                                                                Path(SCHEDULE_REPORT_FILE).name])
+    assert json.loads((parts["library"] / SCHEDULE_REPORT_FILE).read_text()) == []  # no kernel fell back
     info = json.loads((lib_dir.parent / CUDA_KERNELS_FILE).read_text())
     assert info["arch"] == "sm_80"
     # model.so carries the CUDA source TVM generated (it cannot be loaded without a CUDA
@@ -65,17 +67,19 @@ def test_toolchain_names_target_without_importing_tvm():
     import json
 
     cuda, cpu = json.loads(result.stdout)
-    assert json.loads(cuda["target"])["arch"] == "sm_90" and "nvcc" in cuda and "cuda_schedule" in cuda
+    assert json.loads(cuda["target"])["arch"] == "sm_90" and "nvcc" in cuda
     assert json.loads(cpu["target"])["mcpu"]  # the host CPU's name enters the key
 
 
 # ---- the CUDA decode schedule (mlcbuild.compiler_passes.cuda_schedule); no GPU, no nvcc ------------
 
 
-def _cuda_scheduled_module(quantization: str):
+def _cuda_scheduled_module(quantization: str, fallbacks: list | None = None, **kernels: bool):
     """The PrimFuncs of a tiny llama after the compile stage's CUDA pipeline (Relax passes and
-    schedules; no code generation)."""
+    schedules; no code generation), with the kernel switches ``kernels`` (recipe.Kernels)."""
     import tvm
+
+    from mlcbuild.recipe import Kernels
 
     from mlcbuild.devices import parse_device
     from mlcbuild.models import config_from_hf
@@ -89,7 +93,7 @@ def _cuda_scheduled_module(quantization: str):
     model, _ = build_quantized_model(config, quantization, target)
     mod, _ = model.export_tvm(spec=model.get_default_spec())
     with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
-        return _pipeline(target, {}, {"seq_len": 64, "batch_size": 16})(mod)
+        return _pipeline(target, {}, {"seq_len": 64, "batch_size": 16}, Kernels(**kernels), fallbacks)(mod)
 
 
 def _stand_in_tensor_intrinsics(monkeypatch) -> None:
@@ -115,7 +119,9 @@ def test_decode_gemv_is_scheduled_as_a_gemv(monkeypatch):
     from tvm import tirx
 
     _stand_in_tensor_intrinsics(monkeypatch)
-    mod = _cuda_scheduled_module("q4f16_1")
+    fallbacks: list = []
+    mod = _cuda_scheduled_module("q4f16_1", fallbacks)
+    assert fallbacks == []
     gemvs = {gv.name_hint: f.script() for gv, f in mod.functions_items()
              if isinstance(f, tirx.PrimFunc) and "dequantize" in gv.name_hint and "matmul" in gv.name_hint}
     assert len(gemvs) >= 8  # qkv, o, gate_up, down, lm_head for decode / batch_decode / prefill
@@ -136,6 +142,29 @@ def test_decode_gemv_is_scheduled_as_a_gemv(monkeypatch):
     kernels = re.findall(r"^\s+(?:\w+ = )?(\w+)\(", mod["batch_decode"].script(), re.M)
     assert "fused_cast_cast1_fused_rms_norm_cast2" in kernels
     assert not [k for k in kernels if re.fullmatch(r"cast\d*", k)]
+
+
+def test_a_gemv_schedule_that_fails_is_recorded_and_left_to_dlight(monkeypatch):
+    """A GEMV the rule matched but failed to schedule is never silent: it is collected (function,
+    rule, the error in one line) and dlight schedules it instead, so the build still succeeds."""
+    from tvm import tirx
+
+    from mlcbuild.compiler_passes import cuda_schedule
+
+    def broken(*args, **kwargs):
+        raise ValueError("injected failure\nof the GEMV schedule")
+
+    monkeypatch.setattr(cuda_schedule, "_schedule", broken)
+    _stand_in_tensor_intrinsics(monkeypatch)
+    fallbacks: list = []
+    mod = _cuda_scheduled_module("q4f16_1", fallbacks)
+    gemvs = {gv.name_hint: f.script() for gv, f in mod.functions_items()
+             if isinstance(f, tirx.PrimFunc) and "dequantize" in gv.name_hint and "matmul" in gv.name_hint}
+    assert sorted(f.function for f in fallbacks) == sorted(gemvs) and len(gemvs) >= 8
+    assert {(f.rule, f.error) for f in fallbacks} == {("dequant-gemv", "ValueError: of the GEMV schedule")}
+    for name, text in gemvs.items():  # dlight's schedule: bound to threads, not our bit-trick dequantization
+        assert '"tirx.is_scheduled": True' in text and 'thread="threadIdx.x"' in text, name
+        assert 'T.reinterpret("float16"' not in text, name
 
 
 def test_exact_int_to_float_is_bit_identical():
@@ -173,7 +202,7 @@ def test_exact_int_to_float_is_bit_identical():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_integer_dot_gemv_compiles_for_cuda(monkeypatch, tmp_path):
-    """With ``INTEGER_DOT_BATCH1`` the batch-1 4-bit GEMVs are ``cuda_qgemv_dp4a``'s kernel (the
+    """With ``kernels.cuda_integer_dot_batch1`` the batch-1 4-bit GEMVs are ``cuda_qgemv_dp4a``'s kernel (the
     static-batch ``decode`` ones whole, ``batch_decode``'s in its batch <= 1 branch, the float
     kernel still serving batches 2-16), and TVM's CUDA codegen and nvcc take them. Its numerics:
     tests/test_cpu_schedule.py (the same kernel emulated on the CPU)."""
@@ -181,12 +210,10 @@ def test_integer_dot_gemv_compiles_for_cuda(monkeypatch, tmp_path):
     import tvm
     from tvm import tirx
 
-    from mlcbuild.compiler_passes import cuda_schedule
     from mlcbuild.stages.compile import precompile_cuda
 
-    monkeypatch.setattr(cuda_schedule, "INTEGER_DOT_BATCH1", True)
     _stand_in_tensor_intrinsics(monkeypatch)
-    mod = _cuda_scheduled_module("q4f16_1")
+    mod = _cuda_scheduled_module("q4f16_1", cuda_integer_dot_batch1=True)
     gemvs = {gv.name_hint: f for gv, f in mod.functions_items()
              if isinstance(f, tirx.PrimFunc) and "dequantize" in gv.name_hint and "matmul" in gv.name_hint}
     texts = {name: f.script() for name, f in gemvs.items()}
@@ -207,7 +234,7 @@ def test_integer_dot_gemv_compiles_for_cuda(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_decode_attention_kernel_compiles_for_cuda(monkeypatch, tmp_path):
-    """With ``DECODE_ATTENTION_KERNEL`` the KV cache's decode attention PrimFunc is
+    """With ``kernels.cuda_decode_attention`` the KV cache's decode attention PrimFunc is
     ``cuda_attention``'s (the prefill and sliding-window kernels stay TVM's), and TVM's CUDA
     codegen and nvcc take it: 16-byte row loads, xor shuffles, one barrier before the merge.
     Its numerics: tests/test_cuda_attention.py (the same kernel emulated on the CPU)."""
@@ -215,12 +242,11 @@ def test_decode_attention_kernel_compiles_for_cuda(monkeypatch, tmp_path):
     import tvm
     from tvm import tirx
 
-    from mlcbuild.compiler_passes import cuda_attention, cuda_schedule
+    from mlcbuild.compiler_passes import cuda_attention
     from mlcbuild.stages.compile import precompile_cuda
 
-    monkeypatch.setattr(cuda_schedule, "DECODE_ATTENTION_KERNEL", True)
     _stand_in_tensor_intrinsics(monkeypatch)
-    mod = _cuda_scheduled_module("q4f16_1")
+    mod = _cuda_scheduled_module("q4f16_1", cuda_decode_attention=True)
     decode = {gv.name_hint: f for gv, f in mod.functions_items()
               if isinstance(f, tirx.PrimFunc) and f.attrs and str(f.attrs.get("global_symbol", "")) == cuda_attention.NAME}
     assert len(decode) == 1, sorted(gv.name_hint for gv in mod.get_global_vars())

@@ -149,6 +149,41 @@ def test_quantized_gemv_matches_numpy(quant: str, k: int, batch: int, target: An
     _check_gemv_numerics(scheduled[name], quant, k, batch)
 
 
+def test_a_rule_that_fails_falls_back_and_is_recorded(monkeypatch) -> None:
+    """A rule that applies and fails is never silent: the function falls back to the next rule (or
+    stays unscheduled) and the fallback is collected with the function, the rule and the error in
+    one line. A rule that does not apply (``NotMatched``) is no fallback; without a collector, a
+    failing rule raises."""
+    from mlcbuild.compiler_passes import cpu_generic, cpu_matmul, matmul_analysis
+    from mlcbuild.compiler_passes.cpu_schedule import schedule_func
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected failure\nin a kernel schedule")
+
+    def not_matched(*args: Any, **kwargs: Any) -> Any:
+        raise matmul_analysis.NotMatched("does not apply")
+
+    def reduction_that_fails(func: Any, lanes: int, keep: Any = cpu_generic.schedule_row_reduction) -> Any:
+        return None if keep(func, lanes) is None else broken()  # fails where it applies
+
+    monkeypatch.setattr(cpu_matmul, "build_gemv_q", broken)
+    monkeypatch.setattr(cpu_generic, "schedule_row_reduction", reduction_that_fails)
+    monkeypatch.setattr(cpu_generic, "schedule_head_invariant", not_matched)
+    mod, _ = _fused_module("q4f16_1", [1, 1])
+    fallbacks: list = []
+    apply_cpu_schedules(mod, NO_VNNI, fallbacks=fallbacks)
+    report = last_report()
+    gemvs = [n for n in report if "matmul" in n]
+    (norm,) = [n for n in report if "rms_norm" in n]
+    assert len(gemvs) == 2 and all(report[n] == "gemv" for n in gemvs), report  # the next kernel took them
+    assert report[norm] == "failed: reduction", report  # no other rule applies: left unscheduled
+    assert sorted((f.function, f.rule, f.error) for f in fallbacks) == sorted(
+        [(n, "gemv-q", "RuntimeError: in a kernel schedule") for n in gemvs]
+        + [(norm, "reduction", "RuntimeError: in a kernel schedule")])
+    with pytest.raises(RuntimeError, match="injected failure"):
+        schedule_func(_primfuncs(mod)[norm], 16)
+
+
 def _check_gemv_numerics(func: Any, quant: str, k: int, batch: int, tolerance: float | None = None) -> None:
     """Run ``func`` (a fused 4-bit ``linear + residual`` of ``_Block``) on random quantized
     weights and compare with numpy on the scheme's own dequantization (``tolerance``: of max|y|)."""

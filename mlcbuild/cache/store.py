@@ -66,6 +66,7 @@ class NodeRecord(BaseModel):
     tree_digest: str
     duration_s: float
     created: float
+    warnings: list[str] = []  # what the stage warned about while building (StageContext.warn)
 
     @property
     def size(self) -> int:

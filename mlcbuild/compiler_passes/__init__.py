@@ -2,14 +2,15 @@
 
 ``apply_cpu_schedules(mod, target)`` / ``CPUSchedule(target)``: schedule the PrimFuncs of a
 fused Relax module for an llvm target (see ``cpu_schedule``). Those import tvm (build side
-only) and are loaded on first use; ``SCHEDULE_VERSION`` is plain data for node keys.
+only) and are loaded on first use.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-# Bump when the generated kernels change: the compile stage can put it in its node key.
+# A note of which generation of CPU kernels this is. The compile node's key covers the code of
+# these passes itself (pipeline.code_digest): forgetting to bump it rebuilds nothing stale.
 SCHEDULE_VERSION = "10"
 
 _LAZY = {"CPUSchedule", "apply_cpu_schedules", "last_report", "vector_lanes"}

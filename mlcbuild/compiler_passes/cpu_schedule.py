@@ -15,19 +15,23 @@ and before ``CallTIRRewrite``:
   with ``exp``/``sigmoid`` as vectorizable arithmetic (``_tir_math``) instead of a libm call per element;
 * other functions that already carry ``tirx.is_scheduled`` are left alone.
 
-A rule that does not apply, or fails, leaves the function as it was: the pass never breaks a
-build. ``last_report()`` says which rule scheduled which function.
+A rule that does not apply (it returns None or raises ``NotMatched``) passes the function on to the
+next rule, silently. A rule that applies and fails (any other exception) is not silent: the
+function falls back to the next rule, or stays unscheduled (a slower kernel), and the fallback is
+logged and collected (``ScheduleFallback``: the compile stage lists them in the node record and
+the bundle manifest). ``last_report()`` says which rule scheduled which function.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import tvm
 from tvm import tirx
 
+from mlcbuild.bundle_format import ScheduleFallback
 from mlcbuild.compiler_passes import cpu_attention, cpu_generic, cpu_matmul, cpu_qgemv_vnni, matmul_analysis
 from mlcbuild.compiler_passes._tir_math import vectorizable_transcendentals
 from mlcbuild.compiler_passes._tir_expr import as_int, is_scheduled
@@ -39,6 +43,9 @@ log = logging.getLogger(__name__)
 GEMV_MAX_ROWS = 8
 
 _REPORT: dict[str, str] = {}
+
+# (rule name, the exception) -> None: where a rule that applied and failed is reported
+OnFailure = Callable[[str, BaseException], None]
 
 
 def vector_lanes(target: Any) -> int:
@@ -54,7 +61,7 @@ def vector_lanes(target: Any) -> int:
     return 4
 
 
-def _schedule_matmul(func: Any, lanes: int, vnni: bool = False) -> tuple[Any, str] | None:
+def _schedule_matmul(func: Any, lanes: int, vnni: bool = False, on_failure: OnFailure | None = None) -> tuple[Any, str] | None:
     try:
         info, _ = matmul_analysis.analyze(func)
     except matmul_analysis.NotMatched:
@@ -69,20 +76,21 @@ def _schedule_matmul(func: Any, lanes: int, vnni: bool = False) -> tuple[Any, st
             candidates.append(("gemv-q-vnni", lambda: cpu_qgemv_vnni.build(info, gq)))
         candidates.append(("gemv-q", lambda: cpu_matmul.build_gemv_q(info, gq, lanes)))
     candidates.append(("gemv", lambda: cpu_matmul.build_gemv(info, lanes)))
-    # most specific first; a kernel that cannot be built falls back to the next one
-    for i, (name, build) in enumerate(candidates):
+    # most specific first; a kernel that does not apply, or fails, falls back to the next one
+    for name, build in candidates:
         try:
             return build(), name
-        except Exception as err:  # noqa: BLE001
-            if i == len(candidates) - 1:
-                raise
-            log.debug("%s kernel not built (%s), trying %s", name, err, candidates[i + 1][0])
+        except matmul_analysis.NotMatched:
+            continue
+        except Exception as err:  # noqa: BLE001  (reported below; the next kernel is tried)
+            _failed(on_failure, name, err)
     return None
 
 
-def schedule_func(func: Any, lanes: int, vnni: bool = False) -> tuple[Any, str] | None:
-    """The scheduled function and the rule's name, or None (no rule applies)."""
-    result = _schedule_matmul(func, lanes, vnni)
+def schedule_func(func: Any, lanes: int, vnni: bool = False, on_failure: OnFailure | None = None) -> tuple[Any, str] | None:
+    """The scheduled function and the rule's name, or None (no rule applies, or every one that
+    did failed). A rule that applies and fails is passed to ``on_failure``; without one, it raises."""
+    result = _schedule_matmul(func, lanes, vnni, on_failure)
     if result is not None:
         return result
     for rule, name in (
@@ -92,12 +100,20 @@ def schedule_func(func: Any, lanes: int, vnni: bool = False) -> tuple[Any, str] 
     ):
         try:
             new = rule(func, lanes)
-        except Exception as err:  # noqa: BLE001
-            log.debug("%s rule failed: %s", name, str(err).strip().splitlines()[-1:])
+        except matmul_analysis.NotMatched:
+            continue
+        except Exception as err:  # noqa: BLE001  (reported below; the next rule is tried)
+            _failed(on_failure, name, err)
             continue
         if new is not None:
             return new, name
     return None
+
+
+def _failed(on_failure: OnFailure | None, rule: str, err: BaseException) -> None:
+    if on_failure is None:
+        raise err
+    on_failure(rule, err)
 
 
 def _touches_bfloat16(func: Any) -> bool:
@@ -114,11 +130,13 @@ def _carry_attrs(new: Any, old: Any) -> Any:
     return new.with_attrs(attrs)
 
 
-def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target, replace_attention: bool = True) -> tvm.IRModule:
+def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target, replace_attention: bool = True,
+                        fallbacks: list[ScheduleFallback] | None = None) -> tvm.IRModule:
     """Schedule every unscheduled PrimFunc of ``mod`` for the llvm ``target`` and return the new
     module (``mod`` itself is not modified). Non-llvm targets and already scheduled functions
     pass through unchanged. ``replace_attention=False`` keeps TVM's attention kernels: a
-    sliding-window KV cache applies RoPE inline, which our attention kernels do not support."""
+    sliding-window KV cache applies RoPE inline, which our attention kernels do not support.
+    Every rule that applied and failed is logged and added to ``fallbacks``."""
     _REPORT.clear()
     if target.kind.name != "llvm":
         return mod
@@ -127,10 +145,17 @@ def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target, replace_at
     vnni = cpu_qgemv_vnni.supported(target)
     updates = {}
     start = time.perf_counter()
+
+    def fell_back(function: str, rule: str, err: BaseException) -> None:
+        fallback = ScheduleFallback.from_error(function, rule, err)
+        log.warning("cpu schedule fell back: %s", fallback.describe())
+        if fallbacks is not None:
+            fallbacks.append(fallback)
+
     try:
         attention = cpu_attention.replacements(mod) if replace_attention else {}
-    except Exception as err:  # noqa: BLE001
-        log.warning("cpu attention kernels not replaced: %s", err)
+    except Exception as err:  # noqa: BLE001  (TVM's attention kernels stay: recorded)
+        fell_back("attention kernels", "attention", err)
         attention = {}
     for gvar, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc):
@@ -147,15 +172,19 @@ def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target, replace_at
             continue
         if is_scheduled(func):
             continue
+        failed: list[str] = []
+
+        def on_failure(rule: str, err: BaseException, name: str = name) -> None:
+            failed.append(rule)
+            fell_back(name, rule, err)
+
         try:
-            result = schedule_func(vectorizable_transcendentals(func), lanes, vnni)
-        except Exception as err:  # noqa: BLE001  (a rule bug must not break the build)
-            first = str(err).strip().splitlines()
-            log.warning("cpu schedule of %s failed, left unscheduled: %s: %s", name, type(err).__name__, first[-1] if first else "")
-            _REPORT[name] = f"failed: {type(err).__name__}"
-            continue
+            result = schedule_func(vectorizable_transcendentals(func), lanes, vnni, on_failure)
+        except Exception as err:  # noqa: BLE001  (a rule bug must not break the build: recorded)
+            on_failure("schedule", err)
+            result = None
         if result is None:
-            _REPORT[name] = "none"
+            _REPORT[name] = f"failed: {', '.join(failed)}" if failed else "none"
             continue
         new, rule = result
         updates[gvar] = _carry_attrs(new, func)
@@ -175,10 +204,12 @@ def last_report() -> dict[str, str]:
 class CPUSchedule:
     """``apply_cpu_schedules`` as a module pass (target: the argument, else Target.current())."""
 
-    def __init__(self, target: Any = None, replace_attention: bool = True):
+    def __init__(self, target: Any = None, replace_attention: bool = True,
+                 fallbacks: list[ScheduleFallback] | None = None):
         self.target = target
         self.replace_attention = replace_attention
+        self.fallbacks = fallbacks
 
     def transform_module(self, mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
         target = self.target or tvm.target.Target.current(allow_none=False)
-        return apply_cpu_schedules(mod, target, replace_attention=self.replace_attention)
+        return apply_cpu_schedules(mod, target, replace_attention=self.replace_attention, fallbacks=self.fallbacks)

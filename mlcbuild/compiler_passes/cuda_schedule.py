@@ -23,22 +23,31 @@ the packed words uncoalesced.
   ``LowBatchGemvSpecialize``): batch 1 -> bucket 1, <= 4 -> 4, <= 16 -> 8 (two row blocks), larger
   -> dlight's ``Matmul`` (prefill).
 
-With ``INTEGER_DOT_BATCH1`` the batch-1 branch of 4-bit GEMVs is ``cuda_qgemv_dp4a``'s kernel
-instead (integer dot products; off until timed on a GPU, see there); with
-``DECODE_ATTENTION_KERNEL`` the KV cache's decode attention is ``cuda_attention``'s.
+With ``integer_dot_batch1`` the batch-1 branch of 4-bit GEMVs is ``cuda_qgemv_dp4a``'s kernel
+instead (integer dot products; off until timed on a GPU, see there); with ``decode_attention``
+the KV cache's decode attention is ``cuda_attention``'s. Both are compile params (a recipe's
+``kernels``), passed down explicitly.
 
 (The float16 -> float32 casts in front of every norm are fused into it before this runs:
 ``compiler_passes.relax_fusion.FuseCastsIntoNorm``.)
-``CUDASchedule(target)`` is the schedule stage of the CUDA pipeline: both, then dlight's rules
-for everything else.
+``CUDASchedule(target, ...)`` is the schedule stage of the CUDA pipeline: both, then dlight's
+rules for everything else. A GEMV schedule that fails on a function it matched is recorded (a
+``ScheduleFallback``: logged, and listed by the compile stage in the node record and the bundle
+manifest) and dlight schedules that function instead.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
-# Bump when the generated kernels change (it is in the compile stage's node key for CUDA).
+from mlcbuild.bundle_format import ScheduleFallback
+
+log = logging.getLogger(__name__)
+
+# A note of which generation of kernels this is; the compile node's key covers this module's
+# code itself (pipeline.code_digest), so forgetting to bump it rebuilds nothing stale.
 CUDA_SCHEDULE_VERSION = "2"
 
 # (largest batch, bucket) of the run-time dispatch of a symbolic batch; above the last one the
@@ -48,22 +57,6 @@ WARP = 32  # lanes of a warp split the reduction axis
 ROWS_Y = 4  # warps per block (threadIdx.y), one group of output rows each
 ROWS_PER_WARP = 2  # output rows per warp: two independent weight streams per lane
 UNROLL_STEPS = 4  # reduction steps unrolled at batch 1 (their loads in flight together)
-# Batch-1 4-bit GEMVs on integer dot products (``cuda_qgemv_dp4a``) instead of the float kernel.
-# Off until timed on a GPU: its numerics are tested here (CPU emulation of the same kernel text)
-# and its sm_90 SASS has 1.6-2.0 instructions per weight against 7.0 for the float kernel (which
-# is issue-bound), but no H100 has run it yet (``benchmarks/gpu_gemv_sweep.py --sweep dp4a``
-# times it and compares its outputs with the float kernel's, in one device call). It is part of
-# the compile node's key (``Compile.toolchain``).
-INTEGER_DOT_BATCH1 = False
-# The KV cache's decode attention kernel replaced by ``cuda_attention``'s (all rows' loads in
-# flight instead of 16 rows per dependent step). Off until timed on a GPU, like the above: its
-# numerics are tested here on a CPU emulation of the same kernel text, nvcc compiles it.
-DECODE_ATTENTION_KERNEL = False
-
-
-def schedule_key() -> str:
-    """What of this module shapes the CUDA kernels, for the compile node's key."""
-    return CUDA_SCHEDULE_VERSION + ("+dp4a" if INTEGER_DOT_BATCH1 else "") + ("+attn" if DECODE_ATTENTION_KERNEL else "")
 
 
 @dataclass
@@ -79,13 +72,24 @@ class GemvMatch:
     batch_static: int  # product of the static m extents
 
 
-def CUDASchedule(target: Any) -> Any:  # noqa: N802  (a pass, named like TVM's)
+def CUDASchedule(target: Any, integer_dot_batch1: bool = False, decode_attention: bool = False,  # noqa: N802
+                 fallbacks: list[ScheduleFallback] | None = None) -> Any:
     """Schedules every PrimFunc for a CUDA target: decode GEMVs with ``DequantGemv``, the rest with
-    dlight (Matmul, GEMV, Reduction, GeneralReduction, Fallback)."""
+    dlight (Matmul, GEMV, Reduction, GeneralReduction, Fallback).
+
+    ``integer_dot_batch1``: batch-1 4-bit GEMVs on integer dot products (``cuda_qgemv_dp4a``)
+    instead of the float kernel. Off until timed on a GPU: its numerics are tested here (CPU
+    emulation of the same kernel text) and its sm_90 SASS has 1.6-2.0 instructions per weight
+    against 7.0 for the float kernel (which is issue-bound), but no H100 has run it yet
+    (``benchmarks/gpu_gemv_sweep.py --sweep dp4a`` times it and compares its outputs with the float
+    kernel's, in one device call). ``decode_attention``: the KV cache's decode attention kernel
+    replaced by ``cuda_attention``'s (all rows' loads in flight instead of 16 rows per dependent
+    step); off until timed on a GPU, like the above. ``fallbacks`` collects the GEMV schedules
+    that failed (see the module doc)."""
     import tvm
 
-    passes = [DequantGemv(target), _default_rules()]
-    if DECODE_ATTENTION_KERNEL:
+    passes = [DequantGemv(target, integer_dot_batch1, fallbacks), _default_rules()]
+    if decode_attention:
         from mlcbuild.compiler_passes.cuda_attention import ReplaceDecodeAttention
 
         passes.insert(0, ReplaceDecodeAttention())
@@ -100,8 +104,11 @@ def _default_rules() -> Any:
     )
 
 
-def DequantGemv(target: Any) -> Any:  # noqa: N802
-    """Schedule the matmul-like PrimFuncs ``match_gemv`` recognizes (see the module doc)."""
+def DequantGemv(target: Any, integer_dot_batch1: bool = False,  # noqa: N802
+                fallbacks: list[ScheduleFallback] | None = None) -> Any:
+    """Schedule the matmul-like PrimFuncs ``match_gemv`` recognizes (see the module doc). A
+    function it matched but failed to schedule is logged, added to ``fallbacks`` and left to
+    dlight."""
     import tvm
     from tvm import tirx
 
@@ -112,7 +119,14 @@ def DequantGemv(target: Any) -> Any:  # noqa: N802
         for gvar, func in list(mod.functions_items()):
             if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
                 continue
-            scheduled = schedule_decode_function(func, target)
+            try:
+                scheduled = schedule_decode_function(func, target, integer_dot_batch1)
+            except Exception as err:  # noqa: BLE001  (recorded; dlight schedules it instead)
+                fallback = ScheduleFallback.from_error(gvar.name_hint, "dequant-gemv", err)
+                log.warning("cuda schedule fell back: %s", fallback.describe())
+                if fallbacks is not None:
+                    fallbacks.append(fallback)
+                continue
             if scheduled is not None:
                 mod[gvar] = scheduled
         return mod
@@ -120,15 +134,16 @@ def DequantGemv(target: Any) -> Any:  # noqa: N802
     return apply
 
 
-def schedule_decode_function(func: Any, target: Any) -> Any | None:
+def schedule_decode_function(func: Any, target: Any, integer_dot_batch1: bool = False) -> Any | None:
     """The function scheduled as a GEMV (dispatching on a symbolic batch), or None when it is
-    not a matmul this rule handles (or its batch is too large: left to dlight)."""
+    not a matmul this rule handles (or its batch is too large: left to dlight). Raises when the
+    rule applies and fails. ``integer_dot_batch1``: see ``CUDASchedule``."""
     from tvm import s_tir, tirx
 
     match = match_gemv(func)
     if match is None:
         return None
-    single_row = integer_dot_kernel(func) if INTEGER_DOT_BATCH1 else None
+    single_row = integer_dot_kernel(func) if integer_dot_batch1 else None
     func = exact_int_to_float(func)
     if match.batch_var is None:
         if match.batch_static > BATCH_BUCKETS[-1][0]:
@@ -299,17 +314,16 @@ def _unroll_steps(bucket: int) -> int:
 
 
 def schedule_gemv(func: Any, target: Any, match: GemvMatch, bucket: int) -> Any | None:
-    """Schedule ``func`` (matched by ``match_gemv``) for a batch padded to ``bucket`` rows."""
+    """Schedule ``func`` (matched by ``match_gemv``) for a batch padded to ``bucket`` rows; None
+    when its reduction does not split over a warp. A failure of the schedule itself raises (the
+    caller records it: a matched function that falls back to dlight is a slower kernel)."""
     from tvm import s_tir
 
     split = _reduction_split(match.k_extent, bucket)
     if split is None:
         return None
-    try:
-        sch = s_tir.Schedule(func)
-        _schedule(sch, match, bucket, *split)
-    except Exception:  # noqa: BLE001  (a function this rule does not fit: dlight takes it)
-        return None
+    sch = s_tir.Schedule(func)
+    _schedule(sch, match, bucket, *split)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 

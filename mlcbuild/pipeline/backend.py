@@ -88,6 +88,7 @@ def build_node(job: BuildJob, store: ArtifactStore, stage: Stage, emit: Emit,
             lineage=job.lineage,
             log=lambda message: emit("log", {"message": message}),
             progress=lambda done, total: emit("progress", {"done": done, "total": total}),
+            on_warning=lambda message: emit("warning", {"message": message}),
         )
         started = time.perf_counter()
         if stage.thread_safe or exclusive is None:
@@ -108,6 +109,7 @@ def build_node(job: BuildJob, store: ArtifactStore, stage: Stage, emit: Emit,
                 "inputs": {name: record.tree_digest for name, record in sorted(job.inputs.items())},
                 "toolchain": job.toolchain,
                 "duration_s": round(duration, 3),
+                "warnings": ctx.warnings,
             },
         )
     finally:

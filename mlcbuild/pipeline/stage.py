@@ -60,6 +60,14 @@ class StageContext:
     lineage: dict[str, str] = field(default_factory=dict)  # label -> key of every ancestor node
     log: Callable[[str], None] = field(default=lambda msg: logging.getLogger("mlcbuild").info(msg))
     progress: Callable[[int, int | None], None] = field(default=lambda done, total: None)
+    on_warning: Callable[[str], None] = field(default=lambda msg: logging.getLogger("mlcbuild").warning(msg))
+    warnings: list[str] = field(default_factory=list)  # what ``warn`` reported (kept in the node record)
+
+    def warn(self, message: str) -> None:
+        """Report something about a node that succeeded which its user must not miss (a kernel
+        that fell back to a slower schedule): shown by the CLI and kept in the node's record."""
+        self.warnings.append(message)
+        self.on_warning(message)
 
 
 class Stage(ABC):

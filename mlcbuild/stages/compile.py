@@ -21,12 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mlcbuild.bundle_format import CHAT_CONFIG_FILE, CUDA_KERNELS_FILE, LIBRARY_FILE, CudaKernels
+from mlcbuild.bundle_format import (CHAT_CONFIG_FILE, CUDA_KERNELS_FILE, LIBRARY_FILE, SCHEDULE_REPORT_FILE,
+                                   CudaKernels, ScheduleFallback)
 from mlcbuild.cache.location import default_cache_dir
 from mlcbuild.devices import DeviceSpec, parse_device
 from mlcbuild.hostinfo import cpu_identity
 from mlcbuild.pipeline.stage import Stage, StageContext, StageError, StageParams
-from mlcbuild.recipe import LoadedRecipe
+from mlcbuild.recipe import Kernels, LoadedRecipe
 from mlcbuild.stages import register_stage
 
 PAGE_SIZE = 16
@@ -35,6 +36,7 @@ PAGE_SIZE = 16
 class CompileParams(StageParams):
     quantization: str
     device: str
+    kernels: Kernels = Kernels()  # the recipe's kernel switches, those of other devices left at default
 
 
 @register_stage
@@ -48,20 +50,17 @@ class Compile(Stage):
 
     @classmethod
     def params_for(cls, loaded: LoadedRecipe, axes: dict[str, str]) -> CompileParams:
-        return CompileParams(quantization=axes["quantization"], device=parse_device(axes["device"]).name)
+        device = parse_device(axes["device"])
+        # A switch enters only the keys of the devices it concerns: flipping a CUDA kernel on
+        # rebuilds no CPU library.
+        kernels = loaded.recipe.kernels if device.kind == "cuda" else Kernels()
+        return CompileParams(quantization=axes["quantization"], device=device.name, kernels=kernels)
 
     def toolchain(self, params: CompileParams) -> dict[str, str]:
-        from mlcbuild.compiler_passes import SCHEDULE_VERSION
-
+        # (our kernel schedules are code of this stage: the key covers them, see Stage.code_modules)
         facts = {"tvm": _tvm_version(), "target": json.dumps(target_dict(parse_device(params.device)), sort_keys=True)}
         if parse_device(params.device).kind == "cuda":
-            from mlcbuild.compiler_passes import cuda_schedule
-
             facts["nvcc"] = nvcc_version()
-            # our decode GEMV schedule shapes the kernels (and which batch-1 / attention kernels it uses)
-            facts["cuda_schedule"] = cuda_schedule.schedule_key()
-        else:
-            facts["cpu_schedule"] = SCHEDULE_VERSION  # our hand-written schedules shape the library
         return facts
 
     def watch_paths(self, params: CompileParams) -> list[Path]:
@@ -75,7 +74,14 @@ class Compile(Stage):
         out = ctx.out / LIBRARY_FILE
         out.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        build_library(chat, device, out)
+        fallbacks: list[ScheduleFallback] = []
+        build_library(chat, device, out, ctx.params.kernels, fallbacks)
+        # Never silent: a kernel that fell back to a slower schedule is a warning of this node
+        # (kept in its record) and listed in the bundle's manifest by the package stage.
+        report = [f.model_dump() for f in fallbacks]
+        (ctx.out / SCHEDULE_REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        for fallback in fallbacks:
+            ctx.warn(f"kernel schedule fell back: {fallback.describe()}")
         ctx.log(f"compile: {chat['model_type']} {chat['quantization']} for {device.name} in {time.perf_counter() - start:.1f} s")
 
 
@@ -164,9 +170,11 @@ def target_dict(device: DeviceSpec) -> dict[str, Any]:
 # ---- the build --------------------------------------------------------------------------------
 
 
-def build_library(chat: dict[str, Any], device: DeviceSpec, out: Path) -> dict[str, Any]:
-    """Compile the model a chat config describes for ``device`` into the shared library ``out``.
-    Returns the metadata embedded in the library."""
+def build_library(chat: dict[str, Any], device: DeviceSpec, out: Path, kernels: Kernels = Kernels(),
+                  fallbacks: list[ScheduleFallback] | None = None) -> dict[str, Any]:
+    """Compile the model a chat config describes for ``device`` into the shared library ``out``,
+    with the kernel switches ``kernels``; every kernel schedule that failed and fell back is added
+    to ``fallbacks``. Returns the metadata embedded in the library."""
     import tvm
 
     from mlcbuild.models import config_from_normalized
@@ -202,7 +210,7 @@ def build_library(chat: dict[str, Any], device: DeviceSpec, out: Path) -> dict[s
     # of the ~10 kernels per layer from the host.
     config = {"tirx.disable_cse_tir": True, "relax.backend.use_cuda_graph": device.kind == "cuda"}
     with target, tvm.transform.PassContext(config=config):
-        executable = tvm.compile(mod, target=target, relax_pipeline=_pipeline(target, metadata, bounds))
+        executable = tvm.compile(mod, target=target, relax_pipeline=_pipeline(target, metadata, bounds, kernels, fallbacks))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.so")
     executable.export_library(str(tmp))
@@ -262,7 +270,8 @@ def _valid_cpu(name: str) -> bool:
         return True
 
 
-def _pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int]) -> Any:
+def _pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int], kernels: Kernels = Kernels(),
+              fallbacks: list[ScheduleFallback] | None = None) -> Any:
     import tvm
     from tvm import relax
 
@@ -272,7 +281,7 @@ def _pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int]) -> 
         # TVM's default llvm lowering applies no schedule (and dlight's cpu rules made codegen
         # ~10x slower without speeding decode up): our rules do GEMV/GEMM/attention by hand.
         sliding = (metadata.get("sliding_window_size") or -1) > 0
-        schedule = CPUSchedule(target, replace_attention=not sliding)
+        schedule = CPUSchedule(target, replace_attention=not sliding, fallbacks=fallbacks)
         after_memory_plan = []
     else:
         from mlcbuild.compiler_passes.cuda_schedule import CUDASchedule
@@ -281,8 +290,11 @@ def _pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int]) -> 
         # TVM 0.27's tensor-core path of dlight's Matmul rule segfaults inside
         # s_tir::Tensorize on our fused f16 matmuls (any hidden size >= 128, sm_80 and sm_90);
         # the attribute keeps the rule's tiled shared-memory schedule without tensorizing.
-        schedule = tvm.transform.Sequential([_annotate("dlight.do_not_tensorize", True, prim_funcs=True),
-                                             CUDASchedule(target)])
+        schedule = tvm.transform.Sequential([
+            _annotate("dlight.do_not_tensorize", True, prim_funcs=True),
+            CUDASchedule(target, integer_dot_batch1=kernels.cuda_integer_dot_batch1,
+                         decode_attention=kernels.cuda_decode_attention, fallbacks=fallbacks),
+        ])
         # A small model's decode step is launch-bound (~10 kernels per layer, ~8 us each from the
         # host; SmolLM2 batch 1 on an H100: 379 -> 638 tok/s): the static stretches between two
         # KV-cache attention calls become CUDA graphs, captured once per batch size (as MLC LLM

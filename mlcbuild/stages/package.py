@@ -19,7 +19,8 @@ from importlib import metadata
 from pathlib import Path
 
 from mlcbuild import __version__
-from mlcbuild.bundle_format import MANIFEST_FILE, SOURCE_INFO_FILE, Manifest, ManifestFile, RecipeFile
+from mlcbuild.bundle_format import (MANIFEST_FILE, SCHEDULE_REPORT_FILE, SOURCE_INFO_FILE, Manifest, ManifestFile,
+                                   RecipeFile, ScheduleFallback)
 from mlcbuild.devices import parse_device
 from mlcbuild.cache.digests import file_digests, iter_files
 from mlcbuild.pipeline.stage import Stage, StageContext, StageError, StageParams
@@ -30,7 +31,7 @@ from mlcbuild.sources.lock import lock_path
 from mlcbuild.stages.compile import host_cpu, nvcc_files, nvcc_version
 
 # Files of the inputs that are bookkeeping of the build, not part of a bundle.
-_NOT_BUNDLED = {SOURCE_INFO_FILE}
+_NOT_BUNDLED = {SOURCE_INFO_FILE, SCHEDULE_REPORT_FILE}
 
 
 class PackageParams(StageParams):
@@ -100,6 +101,8 @@ class Package(Stage):
                 os.link(file, target)  # inputs are immutable blobs: linking costs nothing
         source_info = ctx.inputs["source"] / SOURCE_INFO_FILE
         source = json.loads(source_info.read_text()) if source_info.exists() else {}
+        report = ctx.inputs["library"] / SCHEDULE_REPORT_FILE
+        fallbacks = [ScheduleFallback.model_validate(f) for f in json.loads(report.read_text())] if report.exists() else []
         files = []
         for rel in sorted(placed):
             digest, sha256 = file_digests(ctx.out / rel)
@@ -113,6 +116,7 @@ class Package(Stage):
             tools=dict(sorted(ctx.toolchain.items())),
             source=source,
             recipe_files=list(ctx.params.recipe_files),
+            schedule_fallbacks=fallbacks,
             files=files,
         )
         (ctx.out / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")

@@ -38,6 +38,10 @@ CASES = [
     ("devices: [cpu, cuda:sm_80]", "devices: [cpu, cuda:sm_80", ":7: invalid YAML"),
     ("overrides:\n  context_window_size: 2048\n  prefill_chunk_size: 1024\n", "overrides: 12\n",
      ":7: overrides: Input should be a valid dictionary or instance of Overrides"),
+    ("output: dist/toy\n", "kernels:\n  cuda_decode_attention: maybe\noutput: dist/toy\n",
+     ":11: kernels.cuda_decode_attention: Input should be a valid boolean (got 'maybe')"),
+    ("output: dist/toy\n", "kernels:\n  cuda_dp4a: true\noutput: dist/toy\n",
+     ":11: kernels.cuda_dp4a: unknown field; known fields: cuda_integer_dot_batch1, cuda_decode_attention"),
 ]
 
 
