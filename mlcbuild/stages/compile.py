@@ -26,11 +26,13 @@ from mlcbuild.bundle_format import (CHAT_CONFIG_FILE, CUDA_KERNELS_FILE, LIBRARY
 from mlcbuild.cache.location import default_cache_dir
 from mlcbuild.devices import DeviceSpec, parse_device
 from mlcbuild.hostinfo import cpu_identity
-from mlcbuild.pipeline.stage import Stage, StageContext, StageError, StageParams
+from mlcbuild.pipeline.stage import Resources, Stage, StageContext, StageError, StageParams
 from mlcbuild.recipe import Kernels, LoadedRecipe
 from mlcbuild.stages import register_stage
 
 PAGE_SIZE = 16
+COMPILE_MEMORY = 2 << 30  # what a compile node asks a cluster for (see Compile.resources)
+NVCC_MEMORY = 1 << 30
 
 
 class CompileParams(StageParams):
@@ -65,6 +67,14 @@ class Compile(Stage):
 
     def watch_paths(self, params: CompileParams) -> list[Path]:
         return nvcc_files(params.device)
+
+    def resources(self, params: CompileParams) -> Resources:
+        # One core (TVM lowers on one thread); memory: TVM's module of every kernel, plus nvcc
+        # beside it for CUDA (peaks measured in benchmarks/distributed.py); a CUDA compile needs
+        # a worker with nvcc, declared as the custom resource "nvcc".
+        if parse_device(params.device).kind == "cuda":
+            return Resources(cpus=1, memory_bytes=COMPILE_MEMORY + NVCC_MEMORY, custom={"nvcc": 1})
+        return Resources(cpus=1, memory_bytes=COMPILE_MEMORY)
 
     def run(self, ctx: StageContext) -> None:
         chat = json.loads((ctx.inputs["config"] / CHAT_CONFIG_FILE).read_text(encoding="utf-8"))

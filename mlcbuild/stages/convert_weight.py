@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from mlcbuild.bundle_format import CHAT_CONFIG_FILE, TENSOR_CACHE_FILE, TensorCacheIndex, TensorRecord
-from mlcbuild.pipeline.stage import Stage, StageContext, StageError, StageParams
+from mlcbuild.pipeline.stage import Resources, Stage, StageContext, StageError, StageParams
 from mlcbuild.recipe import LoadedRecipe
 from mlcbuild.stages import register_stage
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # numpy is imported where arrays are made: a no-op `mlcbuild 
     import numpy as np  # stage module to key its nodes, and numpy alone is ~0.1 s of that
 
 SHARD_BYTES = 32 * 1024 * 1024
+CONVERT_BASE_MEMORY = 1 << 30  # see ConvertWeight.resources
 
 
 class ConvertWeightParams(StageParams):
@@ -44,6 +45,12 @@ class ConvertWeight(Stage):
 
         # numpy's rounding and float casts produce the stored bytes.
         return {"numpy": version("numpy"), "ml_dtypes": version("ml_dtypes")}
+
+    def resources(self, params: ConvertWeightParams) -> Resources:
+        # Streams one tensor at a time: the interpreter with numpy, plus a few copies of the
+        # largest tensor (read, widened to float32, quantized). The params do not know the
+        # model's size: the shard size stands for that tensor (one larger gets a shard of its own).
+        return Resources(cpus=1, memory_bytes=CONVERT_BASE_MEMORY + 4 * params.shard_bytes)
 
     def run(self, ctx: StageContext) -> None:
         chat = json.loads((ctx.inputs["config"] / CHAT_CONFIG_FILE).read_text(encoding="utf-8"))
