@@ -27,9 +27,9 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict
 
 from mlcbuild.cache.location import default_cache_dir
@@ -136,9 +136,20 @@ class ArtifactStore:
 
     # -- building --------------------------------------------------------------------------
     @contextmanager
-    def lock(self, key: str) -> Iterator[None]:
-        with FileLock(str(self.root / "locks" / f"{key}.lock")):
+    def lock(self, key: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold the per-key lock. When another build holds it, ``on_wait`` is called once before
+        waiting for it (the caller can say so: that build is making the node right now)."""
+        lock = FileLock(str(self.root / "locks" / f"{key}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if on_wait is not None:
+                on_wait()
+            lock.acquire()
+        try:
             yield
+        finally:
+            lock.release()
 
     def new_workdir(self, label: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)

@@ -316,7 +316,7 @@ class Executor:
         if record is None:
             previous = self.store.read_index(node.slot)
             state.reason = "forced" if forced else explain(previous, described, self._labels(node))
-            with self.store.lock(key):
+            with self.store.lock(key, on_wait=lambda: self._emit("node_waiting", state)):
                 record = None if forced else self.store.get_record(key)
                 if record is not None:
                     state.reason = "built meanwhile by another build sharing this cache"

@@ -2,7 +2,8 @@
 
 Each stage appends its node label to ``$FAKE_STAGE_LOG`` when it runs, so tests can count
 exactly which nodes ran, across processes. ``$FAKE_STAGE_PAUSE`` (a stage name) makes that
-stage write half its output and then wait, so a test can kill it midway.
+stage write half its output and then wait, so a test can kill it midway. ``$FAKE_STAGE_HOLD`` (a
+path) makes compile nodes wait until that file exists, so a test decides when they finish.
 """
 
 from __future__ import annotations
@@ -126,6 +127,10 @@ class FakeCompile(Stage):
         if os.environ.get("FAKE_COMPILE_FAIL") == ctx.params.device:
             raise RuntimeError(f"compiler exploded for {ctx.params.device}")
         _maybe_pause("compile", ctx)
+        hold = os.environ.get("FAKE_STAGE_HOLD")
+        deadline = time.time() + 60
+        while hold and not os.path.exists(hold) and time.time() < deadline:
+            time.sleep(0.02)
         delay = float(os.environ.get("FAKE_STAGE_DELAY", "0"))
         time.sleep(delay)
         config = (ctx.inputs["config"] / "config.txt").read_text()

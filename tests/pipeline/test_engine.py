@@ -127,16 +127,39 @@ def test_failure_stops_dependents_and_keep_going_finishes_the_rest(ws):
 
 
 def test_two_processes_share_one_cache_and_build_each_node_once(ws):
-    env = {"FAKE_STAGE_DELAY": "0.5"}
-    first = ws.popen("run", "toy.yaml", "--json", "-j", "2", env=env)
-    second = ws.popen("run", "toy.yaml", "--json", "-j", "2", env=env)
+    """Two runs of one recipe on one cache at the same time: a node one of them is building, the
+    other waits for (``node_waiting``: it found the node's lock held) and then takes as built
+    meanwhile; every node is built once. The runs are made to overlap: the first one's compiles
+    are held until the second reports that it is waiting for one of them."""
+    release = ws.root / "release"
+    first = ws.popen("run", "toy.yaml", "--json", "-j", "2", env={"FAKE_STAGE_HOLD": str(release)})
+    deadline = time.time() + 60
+    while not (ws.log.exists() and "compile[" in ws.log.read_text()):  # the first is inside a compile
+        assert first.poll() is None and time.time() < deadline, first.communicate()
+        time.sleep(0.02)
+    second = ws.popen("run", "toy.yaml", "--json", "-j", "2")
+    out2 = []
+    for line in second.stdout:  # its events, as they come (one flushed line each)
+        out2.append(line)
+        if json.loads(line)["event"] == "node_waiting":
+            break
+    release.write_text("")
     out1, err1 = first.communicate(timeout=120)
-    out2, err2 = second.communicate(timeout=120)
+    rest, err2 = second.communicate(timeout=120)
     assert first.returncode == 0, err1
     assert second.returncode == 0, err2
     assert ws.ran() == ALL_NODES  # each node exactly once across both processes
-    keys1 = {e["node"]: e["key"] for e in map(json.loads, out1.splitlines()) if e["event"] in ("node_done", "node_cached")}
-    keys2 = {e["node"]: e["key"] for e in map(json.loads, out2.splitlines()) if e["event"] in ("node_done", "node_cached")}
+    events1 = [json.loads(line) for line in out1.splitlines()]
+    events2 = [json.loads(line) for line in out2 + rest.splitlines()]
+    waited = [e["node"] for e in events2 if e["event"] == "node_waiting"]
+    built_by_first = {e["node"] for e in events1 if e["event"] == "node_done"}
+    assert waited and set(waited) <= built_by_first, (waited, built_by_first)
+    for node in waited:  # after waiting: the node as the other process built it, not built again
+        outcome = [e for e in events2 if e.get("node") == node and e["event"] in ("node_cached", "node_done")]
+        assert [(e["event"], e["reason"]) for e in outcome] == [
+            ("node_cached", "built meanwhile by another build sharing this cache")]
+    keys1 = {e["node"]: e["key"] for e in events1 if e["event"] in ("node_done", "node_cached")}
+    keys2 = {e["node"]: e["key"] for e in events2 if e["event"] in ("node_done", "node_cached")}
     assert keys1 == keys2
 
 
