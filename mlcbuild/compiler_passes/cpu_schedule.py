@@ -148,7 +148,8 @@ def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target, replace_at
 
     def fell_back(function: str, rule: str, err: BaseException) -> None:
         fallback = ScheduleFallback.from_error(function, rule, err)
-        log.warning("cpu schedule fell back: %s", fallback.describe())
+        # a warning unless the caller collects them (the compile stage warns about each itself)
+        log.log(logging.WARNING if fallbacks is None else logging.INFO, "cpu schedule: %s", fallback.describe())
         if fallbacks is not None:
             fallbacks.append(fallback)
 

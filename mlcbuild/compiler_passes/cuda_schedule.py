@@ -123,7 +123,8 @@ def DequantGemv(target: Any, integer_dot_batch1: bool = False,  # noqa: N802
                 scheduled = schedule_decode_function(func, target, integer_dot_batch1)
             except Exception as err:  # noqa: BLE001  (recorded; dlight schedules it instead)
                 fallback = ScheduleFallback.from_error(gvar.name_hint, "dequant-gemv", err)
-                log.warning("cuda schedule fell back: %s", fallback.describe())
+                # a warning unless the caller collects them (the compile stage warns about each itself)
+                log.log(logging.WARNING if fallbacks is None else logging.INFO, "cuda schedule: %s", fallback.describe())
                 if fallbacks is not None:
                     fallbacks.append(fallback)
                 continue

@@ -91,7 +91,7 @@ class Compile(Stage):
         report = [f.model_dump() for f in fallbacks]
         (ctx.out / SCHEDULE_REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         for fallback in fallbacks:
-            ctx.warn(f"kernel schedule fell back: {fallback.describe()}")
+            ctx.warn(fallback.describe())
         ctx.log(f"compile: {chat['model_type']} {chat['quantization']} for {device.name} in {time.perf_counter() - start:.1f} s")
 
 
