@@ -71,6 +71,21 @@ def test_toolchain_names_target_without_importing_tvm():
     assert json.loads(cpu["target"])["mcpu"]  # the host CPU's name enters the key
 
 
+def test_kernel_switches_are_compile_params_of_the_devices_they_concern(tmp_path):
+    """A recipe's ``kernels`` reach the CUDA compiles' params (so their keys), and leave the CPU
+    compile's params at their defaults (flipping a CUDA kernel rebuilds no CPU library)."""
+    from mlcbuild.recipe import Kernels, load_recipe
+    from mlcbuild.stages.compile import Compile
+
+    (tmp_path / "r.yaml").write_text("name: r\nsource: src\nquantization: q4f16_1\ndevices: [cpu, cuda:sm_90]\n"
+                                     "kernels: {cuda_integer_dot_batch1: true}\n")
+    loaded = load_recipe(tmp_path / "r.yaml")
+    cuda = Compile.params_for(loaded, {"quantization": "q4f16_1", "device": "cuda:sm_90"})
+    cpu = Compile.params_for(loaded, {"quantization": "q4f16_1", "device": "cpu"})
+    assert cuda.kernels == Kernels(cuda_integer_dot_batch1=True) and cpu.kernels == Kernels()
+    assert Compile().key_params(cuda)["kernels"] == {"cuda_integer_dot_batch1": True, "cuda_decode_attention": False}
+
+
 # ---- the CUDA decode schedule (mlcbuild.compiler_passes.cuda_schedule); no GPU, no nvcc ------------
 
 
