@@ -156,8 +156,13 @@ class _Closure:
                 if not source:
                     continue
                 names.append(source)
+                if source.split(".", 1)[0] != self.top:
+                    continue
+                source_file = self.file_of(source)
+                if source_file is None or source_file.name != "__init__.py":
+                    continue  # a plain module (or none): what it gives are attributes, not submodules
                 for name in imported:
-                    if name != "*" and source.split(".", 1)[0] == self.top and self.file_of(f"{source}.{name}"):
+                    if name != "*" and self.file_of(f"{source}.{name}"):
                         names.append(f"{source}.{name}")
         return [n for n in names if n.split(".", 1)[0] == self.top]
 
