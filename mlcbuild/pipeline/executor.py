@@ -265,7 +265,10 @@ class Executor:
                             self._emit("node_skipped", state)
                         elif all(u.status in ("cached", "pulled", "built") for u in ups):
                             state.status = "running"
-                            futures[pool.submit(self._process, state, states, session)] = state
+                            # The inputs' records as of now: a corrupt-input retry may reset an
+                            # upstream while a sibling dependent is still starting.
+                            inputs = {name: states[id(u)].record for name, u in state.node.inputs.items()}
+                            futures[pool.submit(self._process, state, states, inputs, session)] = state
                 if not futures:
                     break
                 done, _ = wait(futures, return_when=FIRST_COMPLETED)
@@ -282,7 +285,8 @@ class Executor:
                             state.status, state.error = "failed", str(exc)
                             self._emit("node_failed", state, error=state.error)
                         else:
-                            upstream.status, upstream.record = "pending", None
+                            if upstream.status in ("cached", "pulled", "built"):  # not already being redone
+                                upstream.status, upstream.record = "pending", None
                             state.status = "pending"
                     except Exception as exc:  # noqa: BLE001 - any stage failure is reported
                         state.status = "failed"
@@ -300,12 +304,12 @@ class Executor:
                         **{s: result.count(s) for s in ("built", "pulled", "cached", "failed", "skipped")}})
         return result
 
-    def _process(self, state: NodeState, states: dict[int, NodeState], session: Any) -> str:
-        """Find, pull or build one node; returns its outcome ("cached", "pulled" or "built").
-        Only the main loop changes ``state.status``, so dependents are scheduled only once this
-        returns."""
+    def _process(self, state: NodeState, states: dict[int, NodeState], inputs: dict[str, NodeRecord],
+                 session: Any) -> str:
+        """Find, pull or build one node from its ``inputs``' records; returns its outcome ("cached",
+        "pulled" or "built"). Only the main loop changes ``state.status``, so dependents are
+        scheduled only once this returns."""
         node = state.node
-        inputs = {name: states[id(up)].record for name, up in node.inputs.items()}
         described = self.components(node, inputs, self._lineage(node, states))  # type: ignore[arg-type]
         key = state.key = self.key_of(described)
         session.hold(key)
