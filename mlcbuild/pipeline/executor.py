@@ -334,6 +334,9 @@ class Executor:
             state.reason = state.reason or "up to date"
             self.store.touch(key)
             self._emit("node_cached", state)
+        if outcome != "built":  # what its build warned about still holds for what is reused
+            for message in record.warnings:
+                self._emit("warning", state, message=message, recorded=True)
         state.record = record
         previous = self.store.read_index(node.slot)
         if previous is None or previous.get("key") != key:
