@@ -4,8 +4,8 @@ has the custom resource "nvcc" and its own cache directory, so what it builds tr
 file:// remote cache. A tiny model fanned out to 2 quantizations x (cpu, cuda:sm_90): the CUDA
 compiles land on the nvcc node, a worker SIGKILLed mid-compile is retried and the run succeeds,
 and the bundles are byte-identical to a local build. With the engine's fake stages: a stage error
-fails once with its message, and a node no worker can take or exchange artifacts for fails with
-what to do."""
+fails once with its message; a node no worker can take, a worker that cannot exchange artifacts
+with the driver, and a worker whose toolchain differs from the key's each fail with what to do."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ overrides:
   prefill_chunk_size: 32
 """
 TASK_TITLE = "ray::mlcbuild.build:"  # mlcbuild.pipeline.ray_backend.TASK_NAME_PREFIX
+WORKERS_FAKECC = "2.0"
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -67,7 +68,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("cluster")
     # The workers' default cache dir (host facts, a worker that sees no driver's cache) stays in here.
-    ray = LocalRayCluster(clean_env(FAKE_STAGE_LOG=str(root / "ran.log"), XDG_CACHE_HOME=str(root / "xdg")))
+    # FAKE_CC_VERSION: the fake compile's toolchain fact on the workers (a driver must agree).
+    ray = LocalRayCluster(clean_env(FAKE_STAGE_LOG=str(root / "ran.log"), XDG_CACHE_HOME=str(root / "xdg"),
+                                    FAKE_CC_VERSION=WORKERS_FAKECC))
     try:
         address = ray.start_head(num_cpus=2)
         ray.add_worker(num_cpus=1, resources={"nvcc": 1}, env={"MLCBUILD_CACHE_DIR": str(root / "nvcc-cache")})
@@ -210,7 +213,8 @@ devices: {devices}
 """
 
 
-def fake_run(cluster: Cluster, root: Path, devices: str, *extra: str) -> tuple[int, list[dict], str]:
+def fake_run(cluster: Cluster, root: Path, devices: str, *extra: str,
+             fakecc: str = WORKERS_FAKECC) -> tuple[int, list[dict], str]:
     (root / "src").mkdir(parents=True)
     (root / "src" / "a.txt").write_text("alpha\n")
     (root / "toy.yaml").write_text(FAKE_RECIPE.format(devices=devices))
@@ -218,7 +222,7 @@ def fake_run(cluster: Cluster, root: Path, devices: str, *extra: str) -> tuple[i
     path = os.pathsep.join([str(HERE), str(HERE / "pipeline")])
     proc = mlcbuild(["run", "toy.yaml", "--json", "--executor", "ray", "--ray-address", cluster.address, *extra],
                     root, root / "cache", env={"MLCBUILD_STAGE_PLUGINS": "ray_stages", "PYTHONPATH": path,
-                                               **cluster.driver_env})
+                                               "FAKE_CC_VERSION": fakecc, **cluster.driver_env})
     out, err = proc.communicate(timeout=300)
     return proc.returncode, events_of(out), err
 
@@ -246,3 +250,14 @@ def test_a_worker_that_does_not_see_the_drivers_cache_needs_a_remote_cache(clust
     assert "does not see the driver's cache directory" in failed["compile[q0f16,cuda:sm_80]"]
     # Ray may place other nodes on that worker too: they fail the same way, never another.
     assert all("pass --remote-cache URL" in error for error in failed.values()), failed
+
+
+def test_a_worker_with_another_toolchain_than_the_key_says_refuses_the_node(cluster, tmp_path):
+    code, events, err = fake_run(cluster, tmp_path, "[cuda:sm_80]", "--remote-cache", (tmp_path / "remote").as_uri(),
+                                 fakecc="1.0")
+    assert code == 1, err[-3000:]
+    failed = {e["node"]: e["error"] for e in events if e["event"] == "node_failed"}
+    error = failed["compile[q0f16,cuda:sm_80]"]
+    assert "has other toolchain facts than the node's key was computed with" in error
+    assert "fakecc: driver '1.0', worker '2.0'" in error
+    assert "compile[q0f16,cuda:sm_80]" not in cluster.ran_log.read_text().split()

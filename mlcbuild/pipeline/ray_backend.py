@@ -55,6 +55,7 @@ import importlib
 import logging
 import os
 import secrets
+import shutil
 import socket
 import threading
 import time
@@ -74,6 +75,7 @@ MAX_RETRIES = 3  # runs of a task after its worker died (system failures only)
 EVENT_POLL_S = 0.5  # how often the driver collects a running node's events
 EVENT_FLUSH_S = 0.5  # how often a task sends its buffered events
 LOCAL_OBJECT_STORE_BYTES = 256 << 20  # a local instance: only records and events go through it
+TOKEN_FILE = "token"  # in the driver's cache dir: a worker that reads the same token shares that dir
 
 
 class ClusterError(StageError):
@@ -86,7 +88,7 @@ class _Driver:
     """What every task needs to know about the driver (plain data: sent with each task)."""
 
     cache_root: str
-    token_name: str  # the token file, under cache_root/tmp
+    token_dir: str  # the directory under cache_root/tmp holding the token file
     token: str
     remote_url: str | None
     remote_mode: str
@@ -131,11 +133,12 @@ class RayBackend(Backend):
                                                     ("PYTHONPATH", os.environ.get("PYTHONPATH"))) if value}
         self._runtime_env = {"env_vars": env_vars} if env_vars else None
         token = secrets.token_hex(16)
-        # Named like a work dir of this process, so `cache gc` removes it once this process is gone.
-        token_name = f"{os.getpid()}.ray-driver-token.{token[:8]}"
-        self._token_path = store.root / "tmp" / token_name
-        self._token_path.write_text(token)
-        self._driver = _Driver(str(store.root.absolute()), token_name, token, remote_url, remote_mode, get_stage)
+        # A directory named like a work dir of this process: `cache gc` removes it once this
+        # process is gone, should close() never run.
+        self._token_dir = store.new_workdir("ray-driver-token")
+        (self._token_dir / TOKEN_FILE).write_text(token)
+        self._driver = _Driver(str(store.root.absolute()), self._token_dir.name, token, remote_url, remote_mode,
+                               get_stage)
         self._max_retries = max_retries
         self._relay: Any = None
         self._relay_lock = threading.Lock()
@@ -188,7 +191,7 @@ class RayBackend(Backend):
                 ray.kill(relay)
             except ray.exceptions.RayError:
                 pass
-        self._token_path.unlink(missing_ok=True)
+        shutil.rmtree(self._token_dir, ignore_errors=True)
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
 
@@ -341,7 +344,7 @@ def _worker_store(driver: _Driver) -> tuple[ArtifactStore, bool]:
 
     def has_token(root: Path) -> bool:
         try:
-            return (root / "tmp" / driver.token_name).read_text() == driver.token
+            return (root / "tmp" / driver.token_dir / TOKEN_FILE).read_text() == driver.token
         except OSError:
             return False
 
@@ -360,13 +363,15 @@ def _stage_resolver(spec: str) -> Callable[[str], Stage]:
     return getattr(importlib.import_module(module), function)
 
 
-def _ensure_inputs(job: BuildJob, store: ArtifactStore, remote: Any, worker: str) -> None:
+def _ensure_inputs(job: BuildJob, store: ArtifactStore, open_remote: Callable[[], Any], worker: str) -> None:
     """Make every blob of the job's input records present in ``store``, pulling by key (an input
-    built on a worker with its own cache reaches even the driver's cache this way)."""
+    built on a worker with its own cache reaches even the driver's cache this way).
+    ``open_remote``: the remote cache, or None (opened only when an input is missing)."""
     for name, record in sorted(job.inputs.items()):
         if all(store.blob_path(output.digest).exists() for output in record.outputs):
             continue
         where = f"the cache of worker {worker}"
+        remote = open_remote()
         if remote is None:
             raise StageError(
                 f"{job.label}: its input '{name}' ({record.label}, key {record.key}) is not in {where} and there is "
@@ -386,16 +391,18 @@ def _ensure_inputs(job: BuildJob, store: ArtifactStore, remote: Any, worker: str
 @ray.remote
 def _build_task(job: BuildJob, driver: _Driver, build_id: str, relay: Any) -> dict[str, Any]:
     """Build ``job`` on this worker; returns its record (JSON) and where it was built."""
-    from mlcbuild.cache.remote import RemoteCache
-
     worker = _worker_identity()
     events = _TaskEvents(relay, build_id)
     try:
         store, shared = _worker_store(driver)
         remote = None
         if shared:
-            if driver.remote_url and driver.remote_mode != "write":
-                remote = RemoteCache.from_url(driver.remote_url, "read")  # inputs only: the driver pushes
+            def open_remote() -> Any:  # inputs only (the driver pushes what is built into its cache)
+                if not driver.remote_url or driver.remote_mode == "write":
+                    return None
+                from mlcbuild.cache.remote import RemoteCache
+
+                return RemoteCache.from_url(driver.remote_url, "read")
         else:
             if not driver.remote_url:
                 raise StageError(
@@ -407,8 +414,13 @@ def _build_task(job: BuildJob, driver: _Driver, build_id: str, relay: Any) -> di
                     f"{job.label}: worker {worker} does not see the driver's cache directory, so it exchanges "
                     f"artifacts through the remote cache {driver.remote_url}, which needs --remote-cache-mode "
                     f"read-write (it is {driver.remote_mode!r})")
+            from mlcbuild.cache.remote import RemoteCache
+
             remote = RemoteCache.from_url(driver.remote_url, "read-write")
-        _ensure_inputs(job, store, remote, worker)
+
+            def open_remote() -> Any:
+                return remote
+        _ensure_inputs(job, store, open_remote, worker)
         stage = _stage_resolver(driver.get_stage)(job.stage)
         facts = stage.toolchain(stage.Params.model_validate(job.params))
         if facts != job.toolchain:
