@@ -1,5 +1,5 @@
 """End-to-end CPU decode / prefill of a SmolLM2-135M-shaped model with random weights, compiled
-with and without mlcbuild's CPU schedules (``mlcbuild.compiler_passes``).
+with and without mlcbuild's CPU schedules (``mlcbuild.compiler.kernels``).
 
     python benchmarks/cpu_e2e.py --quant q4f16_1 --schedule ours            # one build
     python benchmarks/cpu_e2e.py --quant q4f16_1 --schedule both --layers 30
@@ -9,7 +9,7 @@ Prints compile time, prefill tok/s (``--prompt`` tokens in one chunk) and decode
 empty VM call, and the weight bytes / DRAM bandwidth bound measured in the same run. No
 assertions: numbers to compare within one run (the machine is shared and noisy).
 
-The build mirrors ``mlcbuild.stages.compile.build_library`` (same passes) with the llvm
+The build mirrors ``mlcbuild.compiler.build.build_library`` (same passes) with the llvm
 schedule step swapped: ``none`` = TVM's default (no schedule), ``ours`` = apply_cpu_schedules.
 """
 
@@ -56,32 +56,33 @@ def chat_config(quant: str, layers: int, prefill_chunk: int = 512, context: int 
 
 
 def build(chat: dict[str, Any], out: Path, schedule: str, transpose_fusion: bool = True, kill_after_last_use: bool = True) -> float:
-    """Compile like compile.build_library; return seconds."""
+    """Compile like compiler.build.build_library; return seconds."""
     import tvm
 
-    from mlcbuild.compiler_passes import apply_cpu_schedules
+    from mlcbuild.compiler.kernels import apply_cpu_schedules
     from mlcbuild.devices import parse_device
-    from mlcbuild.stages import compile as C
+    from mlcbuild.compiler import build as B
+    from mlcbuild.compiler import pipeline as P
 
     def pipeline_factory(target: Any, metadata: dict[str, Any], bounds: dict[str, int]) -> Any:
         @tvm.transform.module_pass(opt_level=0, name="BenchPipeline")
         def pipeline(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
-            mod = C._upper_bounds(bounds)(mod)
-            mod = tvm.transform.Sequential(C.fusion_passes(transpose_fusion))(mod)
+            mod = P._upper_bounds(bounds)(mod)
+            mod = tvm.transform.Sequential(P.fusion_passes(transpose_fusion))(mod)
             if schedule == "ours":
                 mod = apply_cpu_schedules(mod, target)
-            return tvm.transform.Sequential(C.lowering_passes(metadata, kill_after_last_use=kill_after_last_use))(mod)
+            return tvm.transform.Sequential(P.lowering_passes(metadata, kill_after_last_use=kill_after_last_use))(mod)
 
         return pipeline
 
-    original = C._pipeline
-    C._pipeline = pipeline_factory
+    original = B.relax_pipeline
+    B.relax_pipeline = pipeline_factory
     try:
         start = time.perf_counter()
-        C.build_library(chat, parse_device("cpu"), out)
+        B.build_library(chat, parse_device("cpu"), out)
         return time.perf_counter() - start
     finally:
-        C._pipeline = original
+        B.relax_pipeline = original
 
 
 def random_params(metadata: dict[str, Any], seed: int = 0) -> list[np.ndarray]:

@@ -1,4 +1,4 @@
-"""CPU kernel micro-benchmarks on SmolLM2-135M shapes: scheduled (mlcbuild.compiler_passes)
+"""CPU kernel micro-benchmarks on SmolLM2-135M shapes: scheduled (mlcbuild.compiler.kernels)
 versus TVM 0.27's unscheduled kernels, in GB/s of weights against the DRAM bandwidth measured in
 the same run.
 
@@ -65,7 +65,7 @@ def fuse(mod: Any, tgt: Any, fusion: bool = True) -> Any:
     import tvm
     from tvm import relax
 
-    from mlcbuild.stages.compile import fusion_passes
+    from mlcbuild.compiler.pipeline import fusion_passes
 
     passes = fusion_passes() if fusion else [relax.transform.FuseTransposeMatmul(), relax.transform.LegalizeOps(),
                                              relax.transform.AnnotateTIROpPattern()]
@@ -77,8 +77,8 @@ def finish(mod: Any, tgt: Any, schedule: bool) -> Any:
     """The compile stage's schedule (ours, or none) and lowering, then build."""
     import tvm
 
-    from mlcbuild.compiler_passes import apply_cpu_schedules
-    from mlcbuild.stages.compile import lowering_passes
+    from mlcbuild.compiler.kernels import apply_cpu_schedules
+    from mlcbuild.compiler.pipeline import lowering_passes
 
     if schedule:
         mod = apply_cpu_schedules(mod, tgt)

@@ -3,7 +3,7 @@
     python benchmarks/gpu_gemv_sweep.py build DIR [--sweep layout|splitk]   # here (nvcc)
     python benchmarks/gpu_gemv_sweep.py run DIR                             # on the GPU
 
-``build`` compiles every variant of ``mlcbuild.compiler_passes.cuda_schedule``'s GEMV parameters
+``build`` compiles every variant of ``mlcbuild.compiler.kernels.cuda_schedule``'s GEMV parameters
 (weights per lane per step, rows per warp, steps unrolled, warps per block, lanes along k) into
 DIR/<variant>/<shape>/lib/ (library + nvcc fatbin, laid out as in a bundle); ``run`` times each kernel with random weights
 (TVM time_evaluator, best of 5 x 50 calls) and prints GB/s of weight bytes per projection and
@@ -42,11 +42,12 @@ def variants(sweep):
 def build(root, sweep):
     import tvm
     from tvm.relax.frontend import nn
-    from mlcbuild.compiler_passes import cuda_qgemv_dp4a as dp4a
-    from mlcbuild.compiler_passes import cuda_schedule as cs
+    from mlcbuild.compiler.kernels import cuda_qgemv_dp4a as dp4a
+    from mlcbuild.compiler.kernels import cuda_schedule as cs
     from mlcbuild.quantization import get_quantization
     from mlcbuild.quantization.scheme import family
-    from mlcbuild.stages import compile as C
+    from mlcbuild.compiler import build as B
+    from mlcbuild.compiler import pipeline as C
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     spec = get_quantization("q4f16_1")
     orig_split = cs._reduction_split
@@ -75,7 +76,7 @@ def build(root, sweep):
             (out / LIBRARY_FILE).parent.mkdir(parents=True, exist_ok=True)
             ex.export_library(str(out / LIBRARY_FILE))
             with target:
-                C.precompile_cuda(ex.mod, "sm_90", (out / LIBRARY_FILE).parent)
+                B.precompile_cuda(ex.mod, "sm_90", (out / LIBRARY_FILE).parent)
             (out / "params.json").write_text(json.dumps([[p_name, [int(s) for s in p.shape], str(p.dtype)] for p_name, p in params]))
             print(name, shape, flush=True)
 

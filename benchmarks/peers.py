@@ -669,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="leave an engine out (repeatable)")
     ap.add_argument("--rebuild", action="store_true",
                     help="force mlcbuild's compile stage (its key has the schedules' declared version, "
-                         "not their code: use this while editing mlcbuild/compiler_passes)")
+                         "not their code: use this while editing mlcbuild/compiler/kernels)")
     ap.add_argument("--llama-extra-bufts", choices=["auto", "on", "off"], default="auto",
                     help="llama.cpp's extra buffer types (AMX, repacked weights); auto: on unless a child "
                          "process running them crashes")

@@ -35,6 +35,9 @@ CHAT_CONFIG_FILE = "mlc-chat-config.json"
 TENSOR_CACHE_FILE = "params/tensor-cache.json"
 LIBRARY_FILE = "lib/model.so"
 MANIFEST_FILE = "manifest.json"
+# Tokens per KV-cache page: the compile stage records it in the library's ``_metadata()`` and the
+# chat config; the runtime passes the bundle's value to ``create_paged_kv_cache``.
+PAGE_SIZE = 16
 # CUDA bundles: TVM 0.27 keeps CUDA *source* in model.so and compiles it when the library loads
 # (its ``tvm_callback_cuda_compile`` hook). The compile stage builds the kernels with nvcc ahead of
 # time instead; this file (a CudaKernels) names the fatbin and the SHA-256 of the source it was
@@ -148,7 +151,7 @@ class ChatConfig(BaseModel):
     attention_sink_size: int = 0  # tokens kept at the start when a sliding window is active
     tensor_parallel_shards: int = 1
     max_batch_size: int = 1  # sequences decoded together by batch_decode
-    page_size: int = 16  # KV cache page size the runtime should pass to create_paged_kv_cache
+    page_size: int = PAGE_SIZE  # KV cache page size the runtime should pass to create_paged_kv_cache
     conv_template: str  # "auto" (use chat_template) or a name in KNOWN_CONV_TEMPLATES
     chat_template: str | None = None  # jinja template from the tokenizer (used when "auto")
     # generation defaults (from generation_config.json where present)

@@ -8,7 +8,7 @@ enters the node key); ``cpu:<mcpu>`` names an x86-64 level or CPU for portable a
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -44,3 +44,21 @@ def parse_device(text: str) -> DeviceSpec:
         f"{text!r} is not a known device; expected 'cpu', 'cpu:<mcpu>' (e.g. cpu:x86-64-v3, "
         "cpu:znver4) or 'cuda:sm_XX' (e.g. cuda:sm_80, cuda:sm_90)"
     )
+
+
+def target_dict(device: DeviceSpec) -> dict[str, Any]:
+    """The TVM 0.27 target (a JSON dict: the string form is refused) for a device."""
+    if device.kind == "cpu":
+        from mlcbuild.toolchain import host_cpu
+
+        return {"kind": "llvm", "mcpu": device.arch or host_cpu()}
+    # Limits every CUDA GPU since sm_50 meets (the 48 KiB static shared memory any kernel may
+    # use); the host side stays generic x86-64 so the library loads on any server CPU.
+    return {
+        "kind": "cuda",
+        "arch": device.arch,
+        "max_shared_memory_per_block": 49152,
+        "max_threads_per_block": 1024,
+        "thread_warp_size": 32,
+        "host": {"kind": "llvm"},
+    }

@@ -89,11 +89,11 @@ def test_the_same_code_elsewhere_has_the_same_keys(checkouts):
 def test_a_kernel_schedule_edit_rebuilds_the_compile_node_and_plan_says_why(checkouts):
     # Elementwise kernels and norms run in parallel from 16 elements on instead of 32768: the tiny
     # model's kernels are all below the old threshold, so each of them changes. No version moves.
-    code = checkouts.copy("edited", ("mlcbuild/compiler_passes/cpu_generic.py",
+    code = checkouts.copy("edited", ("mlcbuild/compiler/kernels/cpu_generic.py",
                                      "PARALLEL_MIN_ELEMENTS = 1 << 15", "PARALLEL_MIN_ELEMENTS = 1 << 4"))
     plan = checkouts.plan(code)
     assert plan[COMPILE]["action"] == "run"
-    assert plan[COMPILE]["reason"] == "code changed: mlcbuild/compiler_passes/cpu_generic.py"
+    assert plan[COMPILE]["reason"] == "code changed: mlcbuild/compiler/kernels/cpu_generic.py"
     # the stages that do not import the kernel schedules are not touched
     assert all(plan[n]["action"] == "cached" for n in ("download", "gen_config[q4f16_1]", "convert_weight[q4f16_1]"))
     events = [json.loads(line) for line in checkouts.mlcbuild(code, "run", "codekeys.yaml", "--json").stdout.splitlines()]
@@ -103,7 +103,7 @@ def test_a_kernel_schedule_edit_rebuilds_the_compile_node_and_plan_says_why(chec
 
 def test_a_failing_schedule_shows_in_the_run_output_the_record_and_the_manifest(checkouts):
     # The row-reduction rule (rms_norm) fails after deciding that it applies.
-    code = checkouts.copy("failing", ("mlcbuild/compiler_passes/cpu_generic.py",
+    code = checkouts.copy("failing", ("mlcbuild/compiler/kernels/cpu_generic.py",
                                       "    last = blocks[-1]\n    loops = sch.get_loops(last)\n",
                                       "    raise RuntimeError('injected: the row reduction schedule is broken')\n"))
     run = checkouts.mlcbuild(code, "run", "codekeys.yaml")

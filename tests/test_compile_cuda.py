@@ -86,7 +86,7 @@ def test_kernel_switches_are_compile_params_of_the_devices_they_concern(tmp_path
     assert Compile().key_params(cuda)["kernels"] == {"cuda_integer_dot_batch1": True, "cuda_decode_attention": False}
 
 
-# ---- the CUDA decode schedule (mlcbuild.compiler_passes.cuda_schedule); no GPU, no nvcc ------------
+# ---- the CUDA decode schedule (mlcbuild.compiler.kernels.cuda_schedule); no GPU, no nvcc ------------
 
 
 def _cuda_scheduled_module(quantization: str, fallbacks: list | None = None, **kernels: bool):
@@ -99,7 +99,8 @@ def _cuda_scheduled_module(quantization: str, fallbacks: list | None = None, **k
     from mlcbuild.devices import parse_device
     from mlcbuild.models import config_from_hf
     from mlcbuild.models.base_nn import build_quantized_model
-    from mlcbuild.stages.compile import _pipeline, target_dict
+    from mlcbuild.compiler.pipeline import relax_pipeline
+    from mlcbuild.devices import target_dict
 
     config = config_from_hf(dict(model_type="llama", hidden_size=1024, intermediate_size=2048, num_hidden_layers=1,
                                  num_attention_heads=8, num_key_value_heads=4, vocab_size=512,
@@ -108,7 +109,7 @@ def _cuda_scheduled_module(quantization: str, fallbacks: list | None = None, **k
     model, _ = build_quantized_model(config, quantization, target)
     mod, _ = model.export_tvm(spec=model.get_default_spec())
     with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
-        return _pipeline(target, {}, {"seq_len": 64, "batch_size": 16}, Kernels(**kernels), fallbacks)(mod)
+        return relax_pipeline(target, {}, {"seq_len": 64, "batch_size": 16}, Kernels(**kernels), fallbacks)(mod)
 
 
 def _stand_in_tensor_intrinsics(monkeypatch) -> None:
@@ -164,7 +165,7 @@ def test_a_gemv_schedule_that_fails_is_recorded_and_left_to_dlight(monkeypatch):
     rule, the error in one line) and dlight schedules it instead, so the build still succeeds."""
     from tvm import tirx
 
-    from mlcbuild.compiler_passes import cuda_schedule
+    from mlcbuild.compiler.kernels import cuda_schedule
 
     def broken(*args, **kwargs):
         raise ValueError("injected failure\nof the GEMV schedule")
@@ -188,7 +189,7 @@ def test_exact_int_to_float_is_bit_identical():
     import tvm
     from tvm import te
 
-    from mlcbuild.compiler_passes.cuda_schedule import exact_int_to_float
+    from mlcbuild.compiler.kernels.cuda_schedule import exact_int_to_float
     from mlcbuild.quantization import get_quantization
     from mlcbuild.quantization.group_quant import _dequantize_te, layout, quantize_tensor
 
@@ -225,7 +226,7 @@ def test_integer_dot_gemv_compiles_for_cuda(monkeypatch, tmp_path):
     import tvm
     from tvm import tirx
 
-    from mlcbuild.stages.compile import precompile_cuda
+    from mlcbuild.compiler.build import precompile_cuda
 
     _stand_in_tensor_intrinsics(monkeypatch)
     mod = _cuda_scheduled_module("q4f16_1", cuda_integer_dot_batch1=True)
@@ -257,8 +258,8 @@ def test_decode_attention_kernel_compiles_for_cuda(monkeypatch, tmp_path):
     import tvm
     from tvm import tirx
 
-    from mlcbuild.compiler_passes import cuda_attention
-    from mlcbuild.stages.compile import precompile_cuda
+    from mlcbuild.compiler.kernels import cuda_attention
+    from mlcbuild.compiler.build import precompile_cuda
 
     _stand_in_tensor_intrinsics(monkeypatch)
     mod = _cuda_scheduled_module("q4f16_1", cuda_decode_attention=True)

@@ -1,4 +1,4 @@
-"""The CPU schedules (mlcbuild.compiler_passes) compute what the unscheduled kernels compute.
+"""The CPU schedules (mlcbuild.compiler.kernels) compute what the unscheduled kernels compute.
 
 Small shapes, each kernel built twice (as legalized, and scheduled) and run on the same random
 inputs; matmuls are also checked against numpy with the quantization's own dequantization.
@@ -16,11 +16,11 @@ tvm = pytest.importorskip("tvm")
 
 from tvm.relax.frontend import nn  # noqa: E402
 
-from mlcbuild.compiler_passes import apply_cpu_schedules, last_report  # noqa: E402
-from mlcbuild.compiler_passes import cpu_attention, cpu_qgemv_vnni  # noqa: E402
+from mlcbuild.compiler.kernels import apply_cpu_schedules, last_report  # noqa: E402
+from mlcbuild.compiler.kernels import cpu_attention, cpu_qgemv_vnni  # noqa: E402
 from mlcbuild.quantization import get_quantization  # noqa: E402
 from mlcbuild.quantization.scheme import family  # noqa: E402
-from mlcbuild.stages.compile import fusion_passes  # noqa: E402
+from mlcbuild.compiler.pipeline import fusion_passes  # noqa: E402
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
 K, N = 96, 40  # 12 packed words per row (not a multiple of 16 lanes), 40 rows (not of 48)
@@ -154,8 +154,8 @@ def test_a_rule_that_fails_falls_back_and_is_recorded(monkeypatch) -> None:
     stays unscheduled) and the fallback is collected with the function, the rule and the error in
     one line. A rule that does not apply (``NotMatched``) is no fallback; without a collector, a
     failing rule raises."""
-    from mlcbuild.compiler_passes import cpu_generic, cpu_matmul, matmul_analysis
-    from mlcbuild.compiler_passes.cpu_schedule import schedule_func
+    from mlcbuild.compiler.kernels import cpu_generic, cpu_matmul, matmul_analysis
+    from mlcbuild.compiler.kernels.cpu_schedule import schedule_func
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("injected failure\nin a kernel schedule")
@@ -225,7 +225,7 @@ def test_cuda_integer_dot_gemv_numerics_emulated(k: int, batch: int) -> None:
     """The CUDA dp4a GEMV (``cuda_qgemv_dp4a``), generated with its threads as serial loops, the
     warp-shuffle tree as the same additions and dp4a as byte products, runs here: its fixed-point
     activations, byte planes, shared-memory layout and recombination against numpy."""
-    from mlcbuild.compiler_passes import cuda_qgemv_dp4a, matmul_analysis
+    from mlcbuild.compiler.kernels import cuda_qgemv_dp4a, matmul_analysis
 
     mod, _ = _fused_module("q4f16_1", [1, 1] if batch == 1 else ["batch_size", 1], k)
     (func,) = [f for n, f in _primfuncs(mod).items() if "matmul" in n and "add" in n]
@@ -299,7 +299,7 @@ def test_vectorizable_exp_and_sigmoid_match_numpy() -> None:
     call per element) against numpy in float64, over expf's whole range and at its edges."""
     from tvm import te
 
-    from mlcbuild.compiler_passes import _tir_math
+    from mlcbuild.compiler.kernels import _tir_math
 
     x = te.placeholder((4096,), "float32", name="x")
     e = te.compute((4096,), lambda i: _tir_math.exp(x[i]), name="e")
@@ -330,7 +330,7 @@ def test_gemv_prefetches_the_rows_ahead(quant: str) -> None:
     numerics are the other tests' (a prefetch changes no value)."""
     import re
 
-    from mlcbuild.compiler_passes import cpu_matmul, matmul_analysis
+    from mlcbuild.compiler.kernels import cpu_matmul, matmul_analysis
 
     mod, _ = _fused_module(quant, [1, 1])
     info, _ = matmul_analysis.analyze(_primfuncs(mod)["NT_matmul"])
@@ -348,7 +348,7 @@ def test_gemv_prefetches_the_rows_ahead(quant: str) -> None:
 
 def test_vnni_gemv_prefetches_the_rows_ahead() -> None:
     """The same for the 4-bit VNNI kernel: packed words and scales of the row ahead."""
-    from mlcbuild.compiler_passes import cpu_matmul, matmul_analysis
+    from mlcbuild.compiler.kernels import cpu_matmul, matmul_analysis
 
     mod, _ = _fused_module("q4f16_1", [1, 1], k=128)
     func = next(f for name, f in _primfuncs(mod).items() if "matmul" in name)
@@ -366,7 +366,7 @@ def test_float_4bit_gemv_prefetches_words_and_scales() -> None:
     scales of the rows ahead, for every row of a chunk."""
     import re
 
-    from mlcbuild.compiler_passes import cpu_matmul, matmul_analysis
+    from mlcbuild.compiler.kernels import cpu_matmul, matmul_analysis
 
     mod, _ = _fused_module("q4f16_1", [1, 1], k=128)
     func = next(f for name, f in _primfuncs(mod).items() if "matmul" in name)

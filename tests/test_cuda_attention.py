@@ -44,7 +44,7 @@ def _reference(q, pages, indptr, values, last_len, sm_scale):
 def test_decode_attention_matches_numpy(h_kv, h_q, d, lengths):
     import tvm
 
-    from mlcbuild.compiler_passes import cuda_attention
+    from mlcbuild.compiler.kernels import cuda_attention
 
     page_size = 16
     rng = np.random.default_rng(0)
@@ -72,7 +72,7 @@ def test_decode_attention_matches_numpy(h_kv, h_q, d, lengths):
 
 
 def test_shapes_it_declines():
-    from mlcbuild.compiler_passes import cuda_attention
+    from mlcbuild.compiler.kernels import cuda_attention
 
     assert cuda_attention.shape_fits(8, 32, 128, "float16")
     assert not cuda_attention.shape_fits(8, 32, 96 + 4, "float16")  # head dims not in 16-byte loads
@@ -117,8 +117,8 @@ def _compare_with_cpu_build(built_model, tmp_path, monkeypatch, patch) -> None:
 def test_decode_attention_in_a_compiled_model(built_model, tmp_path, monkeypatch):
     """The kernel in the KV cache's real calling convention: the tiny llama compiled for the CPU
     with its decode attention swapped for the emulated CUDA kernel."""
-    from mlcbuild.compiler_passes import cpu_attention, cuda_attention
-    from mlcbuild.compiler_passes.kv_cache_calls import shape_ints
+    from mlcbuild.compiler.kernels import cpu_attention, cuda_attention
+    from mlcbuild.compiler.kernels.kv_cache_calls import shape_ints
 
     keep = cpu_attention.replacements
 
@@ -140,7 +140,7 @@ def test_decode_attention_in_a_compiled_model(built_model, tmp_path, monkeypatch
 def test_integer_dot_gemv_in_a_compiled_model(built_model, tmp_path, monkeypatch):
     """The same for the dp4a GEMV (``cuda_qgemv_dp4a``, emulated): every decode GEMV it takes
     (fused epilogues: residual adds, casts) of the tiny llama, at batch 1 and 2."""
-    from mlcbuild.compiler_passes import cpu_matmul, cpu_qgemv_vnni, cuda_qgemv_dp4a, matmul_analysis
+    from mlcbuild.compiler.kernels import cpu_matmul, cpu_qgemv_vnni, cuda_qgemv_dp4a, matmul_analysis
 
     taken = []
     keep_vnni, keep_float = cpu_qgemv_vnni.build, cpu_matmul.build_gemv_q

@@ -85,8 +85,8 @@ def test_import_lists_are_remembered_in_the_stat_cache(tmp_path, monkeypatch):
 def test_the_engine_and_recipe_schema_are_left_out_of_the_compile_stage_code(tmp_path):
     files = {f.relpath for f in code_digest.code_closure(StatCache(tmp_path / "s.sqlite"), ["mlcbuild.stages.compile"])}
     # lazily imported: the kernel schedules, the models (by name from their registry), quantization
-    assert {"mlcbuild/stages/compile.py", "mlcbuild/compiler_passes/cpu_matmul.py",
-            "mlcbuild/compiler_passes/cuda_schedule.py", "mlcbuild/models/llama.py",
+    assert {"mlcbuild/stages/compile.py", "mlcbuild/compiler/kernels/cpu_matmul.py",
+            "mlcbuild/compiler/kernels/cuda_schedule.py", "mlcbuild/models/llama.py",
             "mlcbuild/quantization/group_quant.py"} <= files
     assert not [f for f in files if f.startswith(("mlcbuild/pipeline/", "mlcbuild/cache/", "mlcbuild/runtime/"))]
     assert not {"mlcbuild/recipe.py", "mlcbuild/stages/__init__.py", "mlcbuild/__init__.py", "mlcbuild/cli.py"} & files

@@ -17,8 +17,8 @@ from typing import Any
 
 from tvm import tirx
 
-from mlcbuild.compiler_passes._tir_expr import as_int
-from mlcbuild.compiler_passes.matmul_analysis import GroupQuant, MatmulInfo, NotMatched, _unravel, epilogue_value, x_value
+from mlcbuild.compiler.kernels._tir_expr import as_int
+from mlcbuild.compiler.kernels.matmul_analysis import GroupQuant, MatmulInfo, NotMatched, _unravel, epilogue_value, x_value
 
 
 class KernelExprs:

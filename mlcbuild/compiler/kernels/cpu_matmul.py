@@ -26,8 +26,8 @@ from typing import Any
 import tvm
 from tvm import s_tir, te, tirx
 
-from mlcbuild.compiler_passes._tir_expr import Rewriter, as_int, dtype_of, loads_in, map_body
-from mlcbuild.compiler_passes.matmul_analysis import (
+from mlcbuild.compiler.kernels._tir_expr import Rewriter, as_int, dtype_of, loads_in, map_body
+from mlcbuild.compiler.kernels.matmul_analysis import (
     GroupQuant,
     MatmulInfo,
     NotMatched,

@@ -1,4 +1,5 @@
-"""Compiler passes of our own (TVM's defaults leave CPU kernels unscheduled).
+"""Kernel schedules and kernels of our own, per device family (TVM's defaults leave CPU kernels
+unscheduled): ``cpu_*`` for llvm targets, ``cuda_*`` for CUDA.
 
 ``apply_cpu_schedules(mod, target)`` / ``CPUSchedule(target)``: schedule the PrimFuncs of a
 fused Relax module for an llvm target (see ``cpu_schedule``). Those import tvm (build side
@@ -18,7 +19,7 @@ _LAZY = {"CPUSchedule", "apply_cpu_schedules", "last_report", "vector_lanes"}
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from mlcbuild.compiler_passes import cpu_schedule
+        from mlcbuild.compiler.kernels import cpu_schedule
 
         return getattr(cpu_schedule, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

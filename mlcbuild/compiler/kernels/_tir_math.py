@@ -14,7 +14,7 @@ from typing import Any
 from tvm import tirx
 from tvm.ir import expr as ir_expr
 
-from mlcbuild.compiler_passes._tir_expr import HALF, Rewriter, RewriteError, dtype_of, map_stores, nodes_in
+from mlcbuild.compiler.kernels._tir_expr import HALF, Rewriter, RewriteError, dtype_of, map_stores, nodes_in
 
 LOG2E = math.log2(math.e)
 # ln 2 split so that n * LN2_HI is exact for |n| < 2**10 (Cody-Waite reduction)

@@ -21,7 +21,7 @@ from typing import Any
 from tvm import s_tir, tirx
 from tvm.ir import expr as ir_expr
 
-from mlcbuild.compiler_passes._tir_expr import HALF, Rewriter, as_int, dtype_of, loads_in, uses_var
+from mlcbuild.compiler.kernels._tir_expr import HALF, Rewriter, as_int, dtype_of, loads_in, uses_var
 
 DATA_PAR, COMM_REDUCE = 0, 2
 

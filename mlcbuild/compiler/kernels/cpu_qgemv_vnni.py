@@ -30,10 +30,10 @@ from typing import Any
 
 from tvm import tirx
 
-from mlcbuild.compiler_passes._text_kernel import KernelExprs, parse, signature
-from mlcbuild.compiler_passes._tir_expr import as_int, loads_in, pairwise_sum
-from mlcbuild.compiler_passes.cpu_matmul import _divisor, line_starts, rows_ahead
-from mlcbuild.compiler_passes.matmul_analysis import GroupQuant, MatmulInfo, NotMatched
+from mlcbuild.compiler.kernels._text_kernel import KernelExprs, parse, signature
+from mlcbuild.compiler.kernels._tir_expr import as_int, loads_in, pairwise_sum
+from mlcbuild.compiler.kernels.cpu_matmul import _divisor, line_starts, rows_ahead
+from mlcbuild.compiler.kernels.matmul_analysis import GroupQuant, MatmulInfo, NotMatched
 
 # Byte planes of the fixed-point activations per activation dtype: 16 bits for float16 (11-bit
 # significand), 24 bits for float32 (24-bit significand).

@@ -29,7 +29,7 @@ the KV cache's decode attention is ``cuda_attention``'s. Both are compile params
 ``kernels``), passed down explicitly.
 
 (The float16 -> float32 casts in front of every norm are fused into it before this runs:
-``compiler_passes.relax_fusion.FuseCastsIntoNorm``.)
+``compiler.fusion.FuseCastsIntoNorm``.)
 ``CUDASchedule(target, ...)`` is the schedule stage of the CUDA pipeline: both, then dlight's
 rules for everything else. A GEMV schedule that fails on a function it matched is recorded (a
 ``ScheduleFallback``: logged, and listed by the compile stage in the node record and the bundle
@@ -90,7 +90,7 @@ def CUDASchedule(target: Any, integer_dot_batch1: bool = False, decode_attention
 
     passes = [DequantGemv(target, integer_dot_batch1, fallbacks), _default_rules()]
     if decode_attention:
-        from mlcbuild.compiler_passes.cuda_attention import ReplaceDecodeAttention
+        from mlcbuild.compiler.kernels.cuda_attention import ReplaceDecodeAttention
 
         passes.insert(0, ReplaceDecodeAttention())
     return tvm.transform.Sequential(passes, name="CUDASchedule")
@@ -112,7 +112,7 @@ def DequantGemv(target: Any, integer_dot_batch1: bool = False,  # noqa: N802
     import tvm
     from tvm import tirx
 
-    from mlcbuild.compiler_passes._tir_expr import is_scheduled
+    from mlcbuild.compiler.kernels._tir_expr import is_scheduled
 
     @tvm.transform.module_pass(opt_level=0, name="DequantGemv")
     def apply(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
@@ -179,7 +179,7 @@ def schedule_decode_function(func: Any, target: Any, integer_dot_batch1: bool = 
 def integer_dot_kernel(func: Any) -> Any | None:
     """``func`` (unscheduled, before ``exact_int_to_float``) with ``cuda_qgemv_dp4a``'s kernel as
     its body, or None where that kernel does not apply."""
-    from mlcbuild.compiler_passes import cuda_qgemv_dp4a, matmul_analysis
+    from mlcbuild.compiler.kernels import cuda_qgemv_dp4a, matmul_analysis
 
     try:
         info, _ = matmul_analysis.analyze(func)
@@ -192,7 +192,7 @@ def integer_dot_kernel(func: Any) -> Any | None:
 def _schedule_with_default_rules(func: Any, target: Any) -> Any | None:
     import tvm
 
-    from mlcbuild.compiler_passes._tir_expr import is_scheduled
+    from mlcbuild.compiler.kernels._tir_expr import is_scheduled
 
     # TVM 0.27's tensor-core path of dlight's Matmul segfaults on our fused f16 matmuls (see
     # compile._pipeline): keep its tiled shared-memory schedule without tensor cores.
@@ -212,7 +212,7 @@ def match_gemv(func: Any) -> GemvMatch | None:
     from tvm import s_tir, tirx
     from tvm.ir import expr as ir_expr
 
-    from mlcbuild.compiler_passes._tir_expr import as_int
+    from mlcbuild.compiler.kernels._tir_expr import as_int
 
     try:
         sch = s_tir.Schedule(func)
@@ -329,7 +329,7 @@ def schedule_gemv(func: Any, target: Any, match: GemvMatch, bucket: int) -> Any 
 
 
 def _schedule(sch: Any, match: GemvMatch, bucket: int, lanes: int, vk: int) -> None:
-    from mlcbuild.compiler_passes._tir_expr import as_int
+    from mlcbuild.compiler.kernels._tir_expr import as_int
 
     main = sch.get_sblock(match.main)
     producer = sch.get_sblock(match.weight_producer) if match.weight_producer else None
@@ -475,7 +475,7 @@ def exact_int_to_float(func: Any) -> Any:
     unscheduled PrimFunc) into the bit-trick form above; the values are bit-identical."""
     from tvm import tirx
 
-    from mlcbuild.compiler_passes._tir_expr import map_stores
+    from mlcbuild.compiler.kernels._tir_expr import map_stores
 
     def rewrite(block: str, store: Any) -> Any:
         value = _magic_dequantize(store.value) if block.startswith("dequantize") else None

@@ -8,7 +8,7 @@ from typing import Any
 
 from tvm import s_tir, tirx
 
-from mlcbuild.compiler_passes._tir_expr import as_int, loads_in
+from mlcbuild.compiler.kernels._tir_expr import as_int, loads_in
 
 DATA_PAR, COMM_REDUCE = 0, 2
 # Below this many elements a kernel runs on the calling thread: waking the pool costs more.

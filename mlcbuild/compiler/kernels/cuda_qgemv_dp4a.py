@@ -36,10 +36,10 @@ from typing import Any
 
 from tvm import tirx
 
-from mlcbuild.compiler_passes._text_kernel import KernelExprs, parse, signature
-from mlcbuild.compiler_passes._tir_expr import as_int, loads_in
-from mlcbuild.compiler_passes.matmul_analysis import GroupQuant, MatmulInfo, NotMatched
-from mlcbuild.compiler_passes.cpu_qgemv_vnni import X16_MAX
+from mlcbuild.compiler.kernels._text_kernel import KernelExprs, parse, signature
+from mlcbuild.compiler.kernels._tir_expr import as_int, loads_in
+from mlcbuild.compiler.kernels.matmul_analysis import GroupQuant, MatmulInfo, NotMatched
+from mlcbuild.compiler.kernels.cpu_qgemv_vnni import X16_MAX
 
 WARP = 32
 GROUP = 32  # weights per quantization group = one lane's 16-byte load of packed words

@@ -32,9 +32,9 @@ import tvm
 from tvm import tirx
 
 from mlcbuild.bundle_format import ScheduleFallback
-from mlcbuild.compiler_passes import cpu_attention, cpu_generic, cpu_matmul, cpu_qgemv_vnni, matmul_analysis
-from mlcbuild.compiler_passes._tir_math import vectorizable_transcendentals
-from mlcbuild.compiler_passes._tir_expr import as_int, is_scheduled
+from mlcbuild.compiler.kernels import cpu_attention, cpu_generic, cpu_matmul, cpu_qgemv_vnni, matmul_analysis
+from mlcbuild.compiler.kernels._tir_math import vectorizable_transcendentals
+from mlcbuild.compiler.kernels._tir_expr import as_int, is_scheduled
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from typing import Any
 import tvm
 from tvm import tirx
 
-from mlcbuild.compiler_passes._tir_math import LOG2E
+from mlcbuild.compiler.kernels._tir_math import LOG2E
 
 WARP = 32
 VEC = 8  # head dims per lane: one 16-byte load of float16
@@ -226,7 +226,7 @@ def _dot(emulate: bool) -> str:
 def replacements(mod: tvm.IRModule) -> dict[str, Any]:
     """name -> our kernel, for TVM's CUDA decode kernel in ``mod`` (none where the KV cache applies
     RoPE inline or the shape is not one ``build`` takes)."""
-    from mlcbuild.compiler_passes.kv_cache_calls import ROPE_INLINE, kv_cache_rope_modes, shape_ints
+    from mlcbuild.compiler.kernels.kv_cache_calls import ROPE_INLINE, kv_cache_rope_modes, shape_ints
 
     modes = kv_cache_rope_modes(mod)
     if not modes or any(mode == ROPE_INLINE for mode in modes):

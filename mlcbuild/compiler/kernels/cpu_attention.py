@@ -28,10 +28,10 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from mlcbuild.compiler_passes._tir_expr import pairwise_sum
-from mlcbuild.compiler_passes._tir_math import LOG2E
-from mlcbuild.compiler_passes._tir_math import exp2_nonpositive as _exp2
-from mlcbuild.compiler_passes.kv_cache_calls import ROPE_INLINE, kv_cache_rope_modes, shape_ints
+from mlcbuild.compiler.kernels._tir_expr import pairwise_sum
+from mlcbuild.compiler.kernels._tir_math import LOG2E
+from mlcbuild.compiler.kernels._tir_math import exp2_nonpositive as _exp2
+from mlcbuild.compiler.kernels.kv_cache_calls import ROPE_INLINE, kv_cache_rope_modes, shape_ints
 
 
 

@@ -1,0 +1,94 @@
+"""Facts about this machine's build tools that enter node keys (cheap: no tvm import).
+
+Each probe that costs a subprocess is computed once per tool identity (path, size, mtime) and kept
+in a small file under the cache dir: a no-op rerun must not pay a second per fact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+from mlcbuild.cache.location import default_cache_dir
+from mlcbuild.hostinfo import cpu_identity
+
+
+def tvm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("apache-tvm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _facts_dir() -> Path:
+    path = Path(default_cache_dir()) / "host-facts"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def memo(key: str, compute: Callable[[], str]) -> str:
+    """A host fact computed once per key and kept in a small file under the cache dir (the
+    computation costs a second; the no-op rerun budget does not allow that every time)."""
+    path = _facts_dir() / hashlib.sha256(key.encode()).hexdigest()[:32]
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        pass
+    value = compute()
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(value, encoding="utf-8")
+    os.replace(tmp, path)
+    return value
+
+
+def host_cpu() -> str:
+    """LLVM's name for this host's CPU (e.g. "znver3", "sapphirerapids"), memoized by the
+    /proc/cpuinfo model name and feature flags so a different CPU gets a fresh answer."""
+    key = "host-cpu\n" + cpu_identity()
+
+    def compute() -> str:
+        code = "import tvm.target.codegen as c; print(c.llvm_get_system_cpu())"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        return result.stdout.strip().splitlines()[-1]
+
+    return memo(key, compute)
+
+
+def tool_path(name: str) -> Path | None:
+    """The resolved executable ``name`` on PATH, or None."""
+    found = shutil.which(name)
+    return Path(os.path.realpath(found)) if found else None
+
+
+def tool_version(name: str, args: tuple[str, ...] = ("--version",), line: int = 0) -> str:
+    """Line ``line`` of ``name --version`` (memoized by the executable's identity), or "absent"."""
+    path = tool_path(name)
+    if path is None:
+        return "absent"
+    stat = path.stat()
+
+    def compute() -> str:
+        result = subprocess.run([str(path), *args], capture_output=True, text=True, check=True)
+        lines = [ln.strip() for ln in (result.stdout or result.stderr).strip().splitlines() if ln.strip()]
+        return lines[line] if lines else "unknown"
+
+    return memo(f"{name}\n{' '.join(args)}\n{line}\n{path}\n{stat.st_size}\n{stat.st_mtime_ns}", compute)
+
+
+def nvcc_version() -> str:
+    return tool_version("nvcc", line=-1)
+
+
+def nvcc_files(device: str) -> list[Path]:
+    """The nvcc executable (resolved) whose version a stage building for ``device`` records."""
+    from mlcbuild.devices import parse_device
+
+    nvcc = tool_path("nvcc") if parse_device(device).kind == "cuda" else None
+    return [nvcc] if nvcc else []
