@@ -28,7 +28,7 @@ from mlcbuild.recipe import LoadedRecipe
 from mlcbuild.stages import register_stage
 from mlcbuild.sources import HF_SCHEME
 from mlcbuild.sources.lock import lock_path
-from mlcbuild.stages.compile import host_cpu, nvcc_files, nvcc_version
+from mlcbuild.toolchain import host_cpu, nvcc_files, nvcc_version
 
 # Files of the inputs that are bookkeeping of the build, not part of a bundle.
 _NOT_BUNDLED = {SOURCE_INFO_FILE, SCHEDULE_REPORT_FILE}
