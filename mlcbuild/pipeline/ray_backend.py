@@ -15,7 +15,9 @@ Placement. A task asks for what the node's stage declares (``Stage.resources``):
 estimate and custom resources naming a toolchain, e.g. ``{"nvcc": 1}`` for a CUDA compile, so a
 heterogeneous cluster routes it to a worker started with ``ray start ... --resources='{"nvcc": 1}'``.
 A node that no node of the cluster could ever take fails at once with what to start, instead of
-waiting forever.
+waiting forever (this assumes a cluster of fixed size, not an autoscaling one). A local instance
+(``address`` None) is this machine alone: custom resources are not asked for there, as the local
+backend does not ask either.
 
 Artifacts never travel through Ray's object store (weights are gigabytes): a task gets the node's
 input *records* (small JSON) and returns the output record; the bytes move through caches.
