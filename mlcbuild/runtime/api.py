@@ -25,7 +25,9 @@ from .bundle import Bundle
 from .conversation import ChatTemplate, load_chat_template
 from .engine import Engine, GenerationConfig, RequestOutput, RequestStats, SequenceDelta, TokenLogprob
 from .sampling import SamplingParams
+from .structured import Constraint, ConstraintError, GrammarCompiler, request_constraint
 from .tokenizer import Tokenizer
+from .tools import ToolCallParser, ToolPlan, tool_syntax
 
 
 class EngineError(RuntimeError):
@@ -61,6 +63,10 @@ class Frontend:
         self.template_stop_ids: tuple[int, ...] = tuple(
             t for t in (self.tokenizer.token_id(s) for s in self.template.stop_strings) if t is not None)
         self.template_stop_strings = tuple(s for s in self.template.stop_strings if self.tokenizer.token_id(s) is None)
+        # Structured output: xgrammar is loaded on the first constrained request (or by warm_grammars).
+        self.grammars = GrammarCompiler(self.tokenizer, cc.vocab_size,
+                                        tuple(dict.fromkeys(self.engine.eos_token_ids + self.template_stop_ids)))
+        self.tool_syntax = tool_syntax(self.template.source)
 
     def sampling(self, request: p.ChatCompletionRequest | p.CompletionRequest, logprobs: bool,
                  top_logprobs: int) -> SamplingParams:
@@ -83,7 +89,7 @@ class Frontend:
         )
 
     def generation_config(self, request: p.ChatCompletionRequest | p.CompletionRequest, chat: bool,
-                          logprobs: bool, top_logprobs: int) -> GenerationConfig:
+                          logprobs: bool, top_logprobs: int, grammar: Any = None) -> GenerationConfig:
         template_stops = self.template_stop_ids if chat and not request.ignore_eos else ()
         stop_ids = tuple(request.stop_token_ids or ()) + template_stops
         stops = tuple(request.stop_list) + (self.template_stop_strings if chat else ())
@@ -95,21 +101,35 @@ class Frontend:
             stop_token_ids=stop_ids,
             ignore_eos=request.ignore_eos,
             truncate_prompt_tokens=request.truncate_prompt_tokens,
+            grammar=grammar,
         )
 
-    def chat_prompt(self, request: p.ChatCompletionRequest) -> list[int]:
-        text = self.template.render(request.messages, add_generation_prompt=True)
+    def chat_prompt(self, request: p.ChatCompletionRequest, tools: ToolPlan | None = None) -> list[int]:
+        tools = tools or ToolPlan.of(request, self.tool_syntax)
+        messages, extra = tools.messages(request.messages)
+        text = self.template.render(messages, add_generation_prompt=True, **extra)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def prepare_chat(self, request: p.ChatCompletionRequest) -> tuple[list[int], GenerationConfig]:
-        if request.tools:
-            raise p.UnsupportedError("tools are not supported by this server", param="tools")
-        fmt = (request.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise p.UnsupportedError(f"response_format {fmt!r} is not supported (only 'text')",
-                                     param="response_format")
-        config = self.generation_config(request, True, request.logprobs, request.top_logprobs or 0)
-        return self.chat_prompt(request), config
+    def prepare_chat(self, request: p.ChatCompletionRequest) -> tuple[list[int], GenerationConfig, ToolPlan]:
+        """Prompt ids, generation config (with the compiled grammar of a constrained request) and the
+        request's tool plan (whether and how its answer is parsed for tool calls)."""
+        tools = ToolPlan.of(request, self.tool_syntax)
+        constraint = tools.constraint(request_constraint(request))
+        try:
+            grammar = self.grammars.compile(constraint) if constraint is not None else None
+        except ConstraintError as exc:
+            if exc.param == "tools":  # name the tool whose parameters do not compile
+                for i, tool in enumerate(request.tools or []):
+                    self.grammars.compile(Constraint.json_schema(tool.function.parameters or {},
+                                                                 f"tools[{i}].function.parameters"))
+            raise
+        config = self.generation_config(request, True, request.logprobs, request.top_logprobs or 0, grammar)
+        return self.chat_prompt(request, tools), config, tools
+
+
+    def warm_grammars(self) -> None:
+        """Load xgrammar and the bundle's tokenizer info now, so the first constrained request does not wait."""
+        self.grammars.warm()
 
     def prepare_completion(self, request: p.CompletionRequest) -> tuple[list[int], GenerationConfig]:
         if request.suffix:
@@ -167,7 +187,7 @@ class _Assembler:
         return bool(delta.text or delta.logprobs or delta.finish_reason)
 
     def feed(self, out: RequestOutput) -> list[Any]:
-        chunks = [self._chunk(d) for d in out.deltas if self._record(d)]
+        chunks = [c for c in (self._chunk(d) for d in out.deltas if self._record(d)) if c is not None]
         if out.finished and out.stats is not None:
             self.usage = make_usage(out.stats)
             if self.include_usage:
@@ -185,9 +205,19 @@ class _Assembler:
 
 
 class ChatAssembler(_Assembler):
-    def __init__(self, tokenizer: Tokenizer, model: str, request: p.ChatCompletionRequest):
+    """Chat chunks and the whole answer; with tools, each choice's text goes through a
+    :class:`~.tools.ToolCallParser` (content before the calls, then ``tool_calls``)."""
+
+    def __init__(self, tokenizer: Tokenizer, model: str, request: p.ChatCompletionRequest,
+                 tools: ToolPlan | None = None):
         super().__init__(tokenizer, model, request.n, request.include_usage, "chatcmpl")
         self.role_sent = [False] * request.n
+        self.parsers = [ToolCallParser(tools.syntax) for _ in range(request.n)] if tools and tools.active else None
+
+    def _finish_reason(self, index: int, reason: str | None) -> str | None:
+        if reason == "stop" and self.parsers is not None and self.parsers[index].calls:
+            return "tool_calls"
+        return reason
 
     def _logprobs(self, items: list[TokenLogprob]) -> p.ChoiceLogprobs | None:
         if not items:
@@ -200,13 +230,23 @@ class ChatAssembler(_Assembler):
             content.append(p.ChatCompletionTokenLogprob(token=token, bytes=raw, logprob=lp.logprob, top_logprobs=top))
         return p.ChoiceLogprobs(content=content)
 
-    def _chunk(self, delta: SequenceDelta) -> p.ChatCompletionChunk:
+    def _chunk(self, delta: SequenceDelta) -> p.ChatCompletionChunk | None:
+        text, calls = delta.text, None
+        if self.parsers is not None:
+            parser = self.parsers[delta.index]
+            text, calls = parser.feed(delta.text)
+            if delta.finish_reason is not None:
+                more_text, more_calls = parser.finish()
+                text, calls = text + more_text, calls + more_calls
+            calls = calls or None
+            if not (text or calls or delta.logprobs or delta.finish_reason) and self.role_sent[delta.index]:
+                return None  # held back: it may start a tool call
         role = None if self.role_sent[delta.index] else "assistant"
         self.role_sent[delta.index] = True
         choice = p.ChatCompletionChunkChoice(
             index=delta.index,
-            delta=p.ChoiceDelta(role=role, content=delta.text if delta.text or role else None),
-            finish_reason=delta.finish_reason,
+            delta=p.ChoiceDelta(role=role, content=text if text or (role and not calls) else None, tool_calls=calls),
+            finish_reason=self._finish_reason(delta.index, delta.finish_reason),
             logprobs=self._logprobs(delta.logprobs),
         )
         return p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
@@ -214,12 +254,18 @@ class ChatAssembler(_Assembler):
     def _usage_chunk(self) -> p.ChatCompletionChunk:
         return p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=self.usage)
 
+    def _message(self, index: int) -> p.ChatCompletionMessage:
+        if self.parsers is None:
+            return p.ChatCompletionMessage(content=self.texts[index])
+        content, calls = self.parsers[index].result()
+        return p.ChatCompletionMessage(content=content, tool_calls=calls)
+
     def result(self) -> p.ChatCompletion:
         choices = [
             p.ChatCompletionChoice(
                 index=i,
-                message=p.ChatCompletionMessage(content=self.texts[i]),
-                finish_reason=self.finish[i] or "stop",
+                message=self._message(i),
+                finish_reason=self._finish_reason(i, self.finish[i] or "stop"),
                 logprobs=self._logprobs(self.logprobs[i]) if self.logprobs[i] else None,
             )
             for i in range(self.n)
@@ -330,8 +376,8 @@ def _aiterate(engine: Engine, prompt: list[int], config: GenerationConfig,
 def _chat_job(front: Frontend, kwargs: dict[str, Any]) -> tuple[p.ChatCompletionRequest, list[int], GenerationConfig,
                                                                  _Assembler]:
     request = kwargs.pop("_request", None) or p.ChatCompletionRequest.model_validate(kwargs)
-    prompt, config = front.prepare_chat(request)
-    return request, prompt, config, ChatAssembler(front.tokenizer, front.model_name, request)
+    prompt, config, tools = front.prepare_chat(request)
+    return request, prompt, config, ChatAssembler(front.tokenizer, front.model_name, request, tools)
 
 
 def _completion_job(front: Frontend, kwargs: dict[str, Any]) -> tuple[p.CompletionRequest, list[int],
@@ -362,7 +408,8 @@ class _AsyncCreate:
 
     async def create(self, **kwargs: Any) -> Any:
         """``await`` it; with ``stream=True`` the result is an async iterator of chunks."""
-        request, prompt, config, assembler = self._job(self._front, kwargs)
+        # Off the event loop: compiling a grammar (and loading xgrammar the first time) takes a while.
+        request, prompt, config, assembler = await asyncio.to_thread(self._job, self._front, kwargs)
         chunks = _aiterate(self._front.engine, prompt, config, assembler)
         if request.stream:
             return chunks

@@ -7,13 +7,16 @@ with a backslash continues on the next line.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 from .api import MLCEngine
 from .engine import ContextWindowError
+from .protocol import RequestError
 
 HELP = """You can use the following special commands:
   /help               print the special commands
@@ -24,8 +27,36 @@ HELP = """You can use the following special commands:
   /set [overrides]    override settings in the generation config. For example,
                       `/set temperature=0.5;top_p=0.8;seed=23;max_gen_len=100;stop=str1,str2`
                       Note: Separate stop words in the `stop` option with commas (,).
+                      Structured output: `/set json=1` answers in JSON (`json=0`: text again);
+                      `/set json_schema=FILE` follows the JSON schema in FILE; `/set grammar=FILE`
+                      follows the EBNF grammar in FILE.
   Multi-line input: Use escape+enter to start a new line (or end a line with \\).
 """
+
+def _json_mode(text: str) -> dict[str, Any] | None:
+    if text not in ("0", "1"):
+        raise ValueError(text)
+    return {"type": "json_object"} if text == "1" else None
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).expanduser().read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _json_schema_file(path: str) -> dict[str, Any]:
+    try:
+        schema = json.loads(_read(path))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON: {exc}") from None
+    return {"type": "json_schema", "json_schema": {"name": Path(path).stem or "schema", "schema": schema}}
+
+
+def _grammar_file(path: str) -> dict[str, Any]:
+    return {"type": "grammar", "grammar": _read(path)}
+
 
 # /set keys -> (request field, parser); max_gen_len is MLC LLM's older name for max_tokens
 SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
@@ -39,6 +70,9 @@ SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "max_gen_len": ("max_tokens", int),
     "seed": ("seed", int),
     "stop": ("stop", lambda text: [s for s in text.split(",") if s]),
+    "json": ("response_format", _json_mode),
+    "json_schema": ("response_format", _json_schema_file),
+    "grammar": ("response_format", _grammar_file),
 }
 
 
@@ -53,8 +87,9 @@ def parse_settings(text: str) -> dict[str, Any]:
         field, parse = SETTINGS[key]
         try:
             result[field] = parse(value.strip())
-        except ValueError:
-            raise ValueError(f"{key}: {value.strip()!r} is not a valid value") from None
+        except ValueError as exc:
+            reason = f" ({exc})" if str(exc) != value.strip() and field == "response_format" else ""
+            raise ValueError(f"{key}: {value.strip()!r} is not a valid value{reason}") from None
     return result
 
 
@@ -81,6 +116,10 @@ class ChatSession:
                     messages=self.history, stream=True, stream_options={"include_usage": True}, **self.settings
                 )
                 break
+            except RequestError as exc:  # e.g. a grammar set with /set that does not compile
+                self.history.pop()
+                self.say(f"[error] {exc}")
+                return
             except ContextWindowError as exc:
                 if len(self.history) <= 1:
                     self.history.pop()

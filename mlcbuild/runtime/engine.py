@@ -7,6 +7,11 @@ Read it top-down, like gpt-fast's ``generate.py``:
 * :func:`prefill` runs one chunk of prompt tokens for one or more sequences and returns each one's
   last-position logits; :func:`decode_one_step` feeds one token to each running sequence;
   :func:`sample_next` turns a row of logits into a token (penalties, logprobs, sampling).
+* Constrained requests (JSON schema, grammar, tool calls: :mod:`.structured`) carry a compiled
+  grammar; each of their sequences has its own matcher. While a step's model call runs, a worker
+  thread fills the token bitmask of every constrained sequence in it (the mask needs only the tokens
+  accepted so far); the mask is applied to the logits before sampling, the sampled token advances the
+  matcher, and the matcher's termination ends the sequence (``stop``).
 * :class:`Engine` adds batching on top: a background thread loops *admit -> prefill a chunk ->
   decode one step*. New requests join between decode steps; a long prompt is prefilled in chunks of
   ``prefill_chunk_size`` interleaved with decode steps of the running requests; decode is batched
@@ -35,6 +40,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .sampling import SamplingParams, TokenHistory, apply_penalties, make_rng, sample, token_logprobs
+from .structured import TokenMasker, new_matcher
 from .tokenizer import IncrementalDecoder, StopStringMatcher, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -165,6 +171,7 @@ class GenerationConfig:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     truncate_prompt_tokens: int | None = None  # keep the last k prompt tokens; -1: as many as fit
+    grammar: Any = None  # a compiled grammar (``structured.GrammarCompiler.compile``): output must match it
 
 
 @dataclass
@@ -235,6 +242,7 @@ class _Sequence:
     last_token: int = -1
     finish_reason: str | None = None
     pending: SequenceDelta | None = None
+    matcher: Any = None  # the grammar matcher of a constrained request's sequence
 
 
 @dataclass
@@ -271,9 +279,13 @@ def decode_one_step(model: CompiledModel, seqs: list[_Sequence]) -> np.ndarray:
     return model.forward_decode([s.seq_id for s in seqs], [s.last_token for s in seqs])
 
 
-def sample_next(seq: _Sequence, params: SamplingParams, logits: np.ndarray) -> tuple[int, TokenLogprob | None]:
-    """Penalize, sample, and (if asked) report logprobs for one sequence's next token."""
+def sample_next(seq: _Sequence, params: SamplingParams, logits: np.ndarray,
+                mask: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[int, TokenLogprob | None]:
+    """Penalize, mask (a constrained sequence), sample, and (if asked) report logprobs for one
+    sequence's next token."""
     logits = apply_penalties(logits, params, seq.history)
+    if mask is not None:
+        logits = mask(logits)
     token = sample(logits, params, seq.rng)
     logprob = None
     if params.logprobs:
@@ -320,6 +332,7 @@ class Engine:
         self._counters: Counter = Counter()
         self._batch_sizes: Counter = Counter()
         self._pages_in_use = 0  # read by stats() from other threads; updated by the engine thread
+        self._masker: TokenMasker | None = None  # made on the first constrained request
         self._thread = threading.Thread(target=self._loop, name="mlcbuild-engine", daemon=True)
         self._thread.start()
 
@@ -402,6 +415,8 @@ class Engine:
             self._closed = True
             self._lock.notify()
         self._thread.join(timeout=30)
+        if self._masker is not None:
+            self._masker.close()
 
     # --- engine thread ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -464,8 +479,31 @@ class Engine:
             decoder=IncrementalDecoder(self.tokenizer),
             stopper=StopStringMatcher(list(request.config.stop)),
         )
+        if request.config.grammar is not None:
+            seq.matcher = new_matcher(request.config.grammar, self._stop_ids(request.config))
         request.seqs.append(seq)
         return seq
+
+    def _stop_ids(self, config: GenerationConfig) -> tuple[int, ...]:
+        return config.stop_token_ids + (() if config.ignore_eos else self.eos_token_ids)
+
+    # --- token masks of constrained sequences ------------------------------------------------------
+    def _start_masks(self, rows: list[tuple[int, _Sequence]]) -> Any:
+        """Begin filling the masks of the constrained sequences among ``(row, seq)`` (returns a handle)."""
+        constrained = [(row, seq.matcher) for row, seq in rows if seq.matcher is not None]
+        if not constrained:
+            return None
+        if self._masker is None:
+            self._masker = TokenMasker(self.bundle.chat_config.vocab_size, self.max_batch_size)
+        return self._masker.start(constrained)
+
+    def _mask_for(self, pending: Any, row: int, seq: _Sequence) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The function that applies row ``row``'s mask (after the fill started by ``_start_masks``)."""
+        if seq.matcher is None:
+            return None
+        pending.result()
+        masker = self._masker
+        return lambda logits: masker.apply(logits, row)
 
     def _prefill_step(self) -> None:
         """Prefill up to ``prefill_chunk_size`` prompt tokens, across prefilling requests in order."""
@@ -478,6 +516,9 @@ class Engine:
             budget -= len(chunk)
         if not work:
             return
+        # the first token of a finishing prompt is constrained too (every choice starts where seq 0 is)
+        masks = self._start_masks([(row, r.seqs[0]) for row, (r, chunk) in enumerate(work)
+                                   if r.prefilled + len(chunk) == len(r.prompt)])
         logits = prefill(self.model, work)
         self._counters["prefill_steps"] += 1
         self._counters["prefill_tokens"] += sum(len(c) for _, c in work)
@@ -485,15 +526,18 @@ class Engine:
             request.prefilled += len(chunk)
             if request.prefilled == len(request.prompt):
                 self._prefilling.remove(request)
-                self._start_decoding(request, logits[row])
+                self._start_decoding(request, logits[row], self._mask_for(masks, row, request.seqs[0]))
 
-    def _start_decoding(self, request: _Request, logits: np.ndarray) -> None:
+    def _start_decoding(self, request: _Request, logits: np.ndarray,
+                        mask: Callable[[np.ndarray], np.ndarray] | None) -> None:
         """Prompt done: fork the other n-1 choices off its KV, sample each choice's first token."""
         for index in range(1, request.config.n):
             seq = self._new_sequence(request, index)
             self.model.fork_sequence(request.seqs[0].seq_id, seq.seq_id)
         request.stats.first_token = time.perf_counter()
         self._counters["prompt_tokens"] += len(request.prompt)
+        if mask is not None:
+            logits = mask(logits)
         for seq in request.seqs:
             self._accept(request, seq, *sample_next(seq, request.config.sampling, logits))
         self._emit(request)
@@ -506,13 +550,15 @@ class Engine:
         seqs = [(r, s) for r in self._running for s in r.live][: self.max_batch_size]
         if not seqs:
             return
+        masks = self._start_masks([(row, seq) for row, (_, seq) in enumerate(seqs)])
         logits = decode_one_step(self.model, [s for _, s in seqs])
         self._counters["decode_steps"] += 1
         self._counters["decode_sequences"] += len(seqs)
         self._batch_sizes[len(seqs)] += 1
         for row, (request, seq) in enumerate(seqs):
             request.stats.decode_tokens += 1
-            self._accept(request, seq, *sample_next(seq, request.config.sampling, logits[row]))
+            mask = self._mask_for(masks, row, seq)
+            self._accept(request, seq, *sample_next(seq, request.config.sampling, logits[row], mask))
         for request in {id(r): r for r, _ in seqs}.values():
             self._emit(request)
             if not request.live:
@@ -529,12 +575,16 @@ class Engine:
         delta.token_ids.append(token)
         if logprob is not None:
             delta.logprobs.append(logprob)
-        stop_ids = request.config.stop_token_ids + (() if request.config.ignore_eos else self.eos_token_ids)
-        if token in stop_ids:
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            # cannot happen with the mask applied; end the choice rather than emit what breaks the grammar
+            logger.error("request %s: token %d does not match its grammar", request.request_id, token)
+            self._end_sequence(request, seq, "stop")
+            return
+        if token in self._stop_ids(request.config):
             self._end_sequence(request, seq, "stop")
             return
         delta.text += seq.stopper.feed(seq.decoder.add(token))
-        if seq.stopper.stopped:
+        if seq.stopper.stopped or (seq.matcher is not None and seq.matcher.is_terminated()):
             self._end_sequence(request, seq, "stop")
         elif len(seq.tokens) >= request.max_tokens or \
                 len(request.prompt) + len(seq.tokens) >= self.context_window_size:

@@ -10,6 +10,7 @@ Requests accept OpenAI's fields plus a few common extensions (``top_k``, ``repet
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -164,10 +165,34 @@ class ContentPart(_Strict):
     text: str
 
 
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ChatCompletionMessageToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ChatCompletionMessageToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _check_tool_fields(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs the tool_call_id of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -177,14 +202,112 @@ class ChatMessage(_Strict):
         return "".join(part.text for part in self.content)
 
 
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments constraint
+    strict: bool | None = None
+
+
+class ChatCompletionTool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class JSONSchemaSpec(_Strict):
+    """``response_format.json_schema`` as OpenAI spells it."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's ``text``, ``json_object`` and ``json_schema``; ``grammar`` (EBNF, GBNF-compatible),
+    ``regex`` and ``structural_tag`` (xgrammar's ``format``, or vLLM/SGLang's ``structures`` and
+    ``triggers``) as MLC LLM, vLLM and SGLang extend it. ``json_object`` also takes MLC LLM's ``schema``."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema", "grammar", "regex", "structural_tag"]
+    json_schema: JSONSchemaSpec | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    grammar: str | None = None
+    regex: str | None = None
+    format: dict[str, Any] | None = None
+    structures: list[dict[str, Any]] | None = None
+    triggers: list[str] | None = None
+
+    @field_validator("schema_", mode="before")
+    @classmethod
+    def _schema_text(cls, value: Any) -> Any:
+        if isinstance(value, str):  # MLC LLM sends the schema as JSON text
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"schema is not valid JSON: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> ResponseFormat:
+        needs = {"json_schema": "json_schema", "grammar": "grammar", "regex": "regex"}
+        field = needs.get(self.type)
+        if field is not None and getattr(self, field) is None:
+            raise ValueError(f"response_format of type {self.type!r} needs a {field!r} field")
+        if self.type == "structural_tag" and self.format is None and self.structures is None:
+            raise ValueError("response_format of type 'structural_tag' needs 'format' (xgrammar) or "
+                             "'structures' and 'triggers'")
+        return self
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=CHAT_MAX_TOP_LOGPROBS)
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ChatCompletionTool] | None = None
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    # vLLM's ways to say the same (extra_body): one constraint per request
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    guided_choice: list[str] | None = None
+    structured_outputs: dict[str, Any] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _check_tools(cls, value: list[ChatCompletionTool] | None) -> list[ChatCompletionTool] | None:
+        seen: set[str] = set()
+        for tool in value or []:
+            if tool.function.name in seen:
+                raise ValueError(f"tool names must be unique; {tool.function.name!r} is defined more than once")
+            seen.add(tool.function.name)
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _check_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return value
+        if "tools" not in info.data:  # the tools failed validation: that error is the one to report
+            return value
+        names = [t.function.name for t in info.data.get("tools") or []]
+        if value in ("none", "auto", "required"):
+            if value == "required" and not names:
+                raise ValueError("tool_choice 'required' needs at least one tool in tools")
+            return value
+        name = value.get("function", {}).get("name") if isinstance(value, dict) and \
+            value.get("type") == "function" and isinstance(value.get("function"), dict) else None
+        if not isinstance(name, str):
+            raise ValueError("tool_choice must be 'none', 'auto', 'required' or "
+                             "{'type': 'function', 'function': {'name': NAME}}")
+        if name not in names:
+            known = ", ".join(repr(n) for n in names) or "none"
+            raise ValueError(f"tool_choice names the function {name!r}, which is not in tools (tools: {known})")
+        return value
 
     @field_validator("top_logprobs")
     @classmethod
@@ -204,6 +327,7 @@ class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ChatCompletionMessageToolCall] | None = None
 
 
 class ChatCompletionChoice(BaseModel):
@@ -223,10 +347,25 @@ class ChatCompletion(BaseModel):
     usage: CompletionUsage | None = None
 
 
+class ChoiceDeltaToolCallFunction(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ChoiceDeltaToolCall(BaseModel):
+    """A piece of a streamed tool call: the first names it (id, name), the next ones add arguments text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ChoiceDeltaToolCallFunction | None = None
+
+
 class ChoiceDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ChoiceDeltaToolCall] | None = None
 
 
 class ChatCompletionChunkChoice(BaseModel):

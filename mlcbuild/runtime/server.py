@@ -3,7 +3,8 @@
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (JSON, or server-sent events
 ending with ``data: [DONE]`` when ``stream`` is true), ``GET /v1/models``, ``GET /health`` and
 ``GET /metrics`` (Prometheus text). Errors use OpenAI's shape ``{"error": {message, type, param, code}}``:
-400 for invalid values and context overflow, 401 for a bad API key, 404 for unknown models and routes,
+400 for invalid values (a schema or grammar that does not compile, clashing tool names, a tool_choice
+naming no tool) and context overflow, 401 for a bad API key, 404 for unknown models and routes,
 422 for valid requests asking for something unsupported. A client that disconnects aborts its
 request, which frees its KV-cache pages.
 """
@@ -15,6 +16,7 @@ import hmac
 import logging
 import os
 import re
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -239,6 +241,13 @@ async def sse(chunks: AsyncIterator[Any]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
+def _warm_grammars(engine: AsyncMLCEngine) -> None:
+    try:
+        engine.frontend.warm_grammars()
+    except Exception:  # structured output will fail per request, with the reason; plain serving goes on
+        logger.exception("could not load xgrammar; structured output is unavailable")
+
+
 def serve(bundle_or_recipe: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           device: str = "auto", **engine_options: Any) -> None:
     """Run the OpenAI-compatible server until interrupted (``mlcbuild serve``).
@@ -249,6 +258,8 @@ def serve(bundle_or_recipe: str | os.PathLike, host: str = "127.0.0.1", port: in
     import uvicorn
 
     engine = AsyncMLCEngine(bundle_or_recipe, device, **engine_options)
+    # xgrammar (with torch) loads in seconds: do it while the server starts, not on the first constrained request
+    threading.Thread(target=_warm_grammars, args=(engine,), name="mlcbuild-warm-grammars", daemon=True).start()
     aliases = (str(bundle_or_recipe), Path(bundle_or_recipe).name, Path(bundle_or_recipe).stem)
     app = create_app(engine, api_key=api_key, model_aliases=aliases)
     try:
