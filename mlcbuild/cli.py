@@ -108,10 +108,11 @@ class _HumanProgress:
     progress display starts with the first node that runs (a no-op rerun, all cached, neither
     imports nor draws it: it is the most frequent command and should cost milliseconds)."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self._progress: Any = None
         self._lock = threading.Lock()
         self.tasks: dict[str, Any] = {}
+        self.quiet = quiet  # only what builds, is pulled or fails (the build-first step of chat/serve)
 
     @property
     def progress(self) -> Any:
@@ -147,7 +148,7 @@ class _HumanProgress:
             where = f", on {event['worker']}" if event.get("worker") else ""
             console.print(f"[green]done  [/green] {escape(node)}  [dim]{event['duration_s']:.2f}s, "
                           f"{_size(event.get('bytes', 0))}{escape(where)}[/dim]")
-        elif kind == "node_cached":
+        elif kind == "node_cached" and not self.quiet:
             console.print(f"[dim]cached {escape(node)}[/dim]")
         elif kind == "node_pulling":
             self.tasks[node] = self.progress.add_task(escape(f"pull {node}"), total=None)
@@ -171,7 +172,7 @@ class _HumanProgress:
             console.print(f"[yellow]skip  [/yellow] {escape(node)}  [dim]({escape(event.get('reason', ''))})[/dim]")
         elif kind == "blob_corrupt":
             console.print(f"[yellow]corrupt[/yellow] {escape(node)}: {escape(event['message'])}")
-        elif kind == "materialized":
+        elif kind == "materialized" and not self.quiet:
             console.print(f"[dim]wrote  {escape(event['path'])}[/dim]")
 
     def _finish(self, node: str) -> None:
@@ -226,6 +227,7 @@ def run(
     remote_mode: str = RemoteModeOption,
     executor_name: str = typer.Option("local", "--executor", help="local (threads of this process) | ray (a Ray cluster)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to use (default: start one here)."),
+    quiet: bool = typer.Option(False, "--quiet", help="Print only what is built, pulled or fails (nothing when all is cached)."),
 ) -> None:
     """Build recipes: reuse every cached node, pull what the remote cache has, build the rest, lay bundles out."""
     loaded_all = [_load(recipe) for recipe in recipes]
@@ -244,7 +246,7 @@ def run(
             executor = _executor(graph, cache_dir, options, _json_event, remote, backend)
             result = executor.run()
         else:
-            with _HumanProgress() as human:
+            with _HumanProgress(quiet) as human:
                 executor = _executor(graph, cache_dir, options, human, remote, backend)
                 result = executor.run()
     finally:
@@ -253,7 +255,7 @@ def run(
     if len(recipes) == 1 and not (device or quantization or until or force or force_stage or remote_cache
                                   or executor_name != "local"):
         _update_journal(recipes[0], loaded_all[0], executor, result)
-    if not as_json:
+    if not as_json and not (quiet and result.ok and not result.count("built") and not result.count("pulled")):
         pulled = f"{result.count('pulled')} pulled, " if result.count("pulled") else ""
         summary = (f"{result.count('built')} built, {pulled}{result.count('cached')} cached, "
                    f"{result.count('failed')} failed, {result.count('skipped')} skipped "
@@ -577,6 +579,8 @@ def lock(
 
 
 DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
+NoBuildOption = typer.Option(False, "--no-build", help="With a recipe: use its bundle as built; do not build it "
+                             "first when missing or stale.")
 
 
 @app.command()
@@ -585,11 +589,12 @@ def chat(
     device: str = DeviceOption,
     overrides: Optional[str] = typer.Option(None, "--overrides", help="Initial settings, as /set takes them: temperature=0.5;max_gen_len=100"),
     quantization: Optional[str] = typer.Option(None, "--quantization", "-q", help="With a recipe: which of its quantizations."),
+    no_build: bool = NoBuildOption,
 ) -> None:
     """Chat with a model in the terminal (/help lists the commands)."""
     from mlcbuild.runtime.chat import chat as run_chat
 
-    _run_frontend(run_chat, model, device=device, overrides=overrides, **_quant(quantization))
+    _run_frontend(run_chat, model, no_build, device=device, overrides=overrides, **_quant(quantization))
 
 
 @app.command()
@@ -601,6 +606,7 @@ def serve(
     device: str = DeviceOption,
     quantization: Optional[str] = typer.Option(None, "--quantization", "-q"),
     max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", min=1),
+    no_build: bool = NoBuildOption,
 ) -> None:
     """Serve a model over an OpenAI-compatible REST API."""
     from mlcbuild.runtime.server import serve as run_server
@@ -608,7 +614,7 @@ def serve(
     options = _quant(quantization)
     if max_batch_size is not None:
         options["max_batch_size"] = max_batch_size
-    _run_frontend(run_server, model, host=host, port=port, api_key=api_key, device=device, **options)
+    _run_frontend(run_server, model, no_build, host=host, port=port, api_key=api_key, device=device, **options)
 
 
 @app.command()
@@ -621,11 +627,14 @@ def bench(
     batch: int = typer.Option(1, "--batch", min=1),
     repeats: int = typer.Option(3, "--repeats", min=1),
     as_json: bool = typer.Option(False, "--json"),
+    no_build: bool = NoBuildOption,
 ) -> None:
     """Measure TTFT, prefill and decode speed (median, min, max over repeats) and memory."""
     from mlcbuild.runtime.bench import bench as run_bench
     from mlcbuild.runtime.bundle import BundleError
 
+    if not no_build:
+        _build_first(model, device, quantization)
     try:
         result = run_bench(model, device, prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeats=repeats,
                            **_quant(quantization))
@@ -651,11 +660,42 @@ def _quant(quantization: Optional[str]) -> dict[str, Any]:
     return {"quantization": quantization} if quantization else {}
 
 
-def _run_frontend(frontend: Any, model: str, **kwargs: Any) -> None:
+def _build_first(model: str, device: str, quantization: str | None) -> None:
+    """Given a recipe, build the bundle a front end would open (the quantization asked for or the
+    recipe's first, on the recipe device that ``device`` picks) when it is missing or stale, as
+    ``bazel run`` does; printing only what builds. Done here, in process: the runtime never imports
+    the pipeline (``MLCEngine`` runs the CLI in a subprocess instead: runtime.bundle.build_with_cli)."""
+    path = Path(model).expanduser()
+    if not path.is_file():
+        return  # a bundle directory: nothing to build
+    from mlcbuild.runtime.bundle import BundleError, recipe_target
+
+    loaded = _load(path)
+    try:
+        target_quant, target_device = recipe_target(loaded.recipe.quantization, loaded.recipe.devices, device,
+                                                    quantization)
+    except BundleError as exc:
+        _fail(f"{path}: {exc}", EXIT_BUILD_FAILED)
+    graph = _graph(loaded, [target_device], [target_quant])
+    remote = _remote(os.environ.get("MLCBUILD_REMOTE_CACHE"), os.environ.get("MLCBUILD_REMOTE_CACHE_MODE", "read-write"))
+    options = RunOptions(jobs=os.cpu_count() or 1, output_dir=Path.cwd())
+    with _HumanProgress(quiet=True) as human:
+        result = _executor(graph, None, options, human, remote).run()
+    if not result.ok:
+        _fail(f"building {path} ({target_quant}, {target_device}) failed", EXIT_BUILD_FAILED)
+    if result.count("built") or result.count("pulled"):
+        console.print(f"[green]ok[/green] built {target_quant}-{target_device} of {escape(str(path))} "
+                      f"({result.count('built')} built, {result.count('pulled')} pulled, {result.count('cached')} cached "
+                      f"in {result.duration_s:.1f}s)")
+
+
+def _run_frontend(frontend: Any, model: str, no_build: bool, **kwargs: Any) -> None:
     from mlcbuild.runtime.bundle import BundleError
 
+    if not no_build:
+        _build_first(model, kwargs.get("device", "auto"), kwargs.get("quantization"))
     try:
-        frontend(model, **kwargs)
+        frontend(model, build=False, **kwargs)
     except (BundleError, FileNotFoundError) as exc:
         _fail(str(exc), EXIT_BUILD_FAILED)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, StrictBool, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                      StrictBool, ValidationError, field_validator)
 
 from mlcbuild.devices import parse_device
 from mlcbuild.quantization import get_quantization
@@ -47,6 +48,20 @@ class Kernels(BaseModel):
     cuda_decode_attention: StrictBool = False  # the KV cache's decode attention from cuda_attention
 
 
+class Generation(BaseModel):
+    """Sampling defaults written into the bundle's chat config: every front end (chat, serve, the
+    Python API) uses them unless a request sets its own. Unset fields keep the checkpoint's
+    generation_config.json values (or the neutral ones: temperature 1, top_p 1, no top_k)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: Annotated[NonNegativeFloat, Field(le=2.0)] | None = None  # 0: greedy
+    top_p: Annotated[PositiveFloat, Field(le=1.0)] | None = None
+    top_k: NonNegativeInt | None = None  # 0: off
+    repetition_penalty: PositiveFloat | None = None
+    max_tokens: PositiveInt | None = None  # tokens generated per answer unless a request says otherwise
+
+
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 
 
@@ -61,6 +76,7 @@ class Recipe(BaseModel):
     devices: Annotated[list[str], Field(min_length=1)] = ["cpu"]
     overrides: Overrides = Overrides()
     kernels: Kernels = Kernels()
+    generation: Generation = Generation()
     output: str | None = None  # default: dist/<name>, relative to the recipe file
 
     @field_validator("quantization", mode="before")

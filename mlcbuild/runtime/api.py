@@ -14,6 +14,7 @@ and assemble the engine's deltas into OpenAI-shaped chunks or whole responses (:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import queue
 import time
@@ -21,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from . import protocol as p
-from .bundle import Bundle
+from .bundle import Bundle, BuildHook
 from .conversation import ChatTemplate, load_chat_template
 from .engine import Engine, GenerationConfig, RequestOutput, RequestStats, SequenceDelta, TokenLogprob
 from .sampling import SamplingParams
@@ -45,8 +46,9 @@ class Frontend:
     def __init__(self, model: str | os.PathLike, device: str = "auto", *, conv_template: str | None = None,
                  max_batch_size: int | None = None, context_window_size: int | None = None,
                  prefill_chunk_size: int | None = None, kv_cache_tokens: int | None = None, verify: bool = True,
-                 quantization: str | None = None):
-        self.bundle = Bundle.open(model, device, verify=verify, quantization=quantization)
+                 quantization: str | None = None, build: bool | BuildHook = True):
+        # build: a recipe's bundle is built first when missing or stale (bundle.find_bundle), False: as is.
+        self.bundle = Bundle.open(model, device, verify=verify, quantization=quantization, build=build)
         self.engine = Engine(self.bundle, max_batch_size=max_batch_size, context_window_size=context_window_size,
                              prefill_chunk_size=prefill_chunk_size, kv_cache_tokens=kv_cache_tokens)
         self.tokenizer: Tokenizer = self.engine.tokenizer
@@ -124,8 +126,17 @@ class Frontend:
                                                                  f"tools[{i}].function.parameters"))
             raise
         config = self.generation_config(request, True, request.logprobs, request.top_logprobs or 0, grammar)
-        return self.chat_prompt(request, tools), config, tools
+        prompt = self.chat_prompt(request, tools)
+        return prompt, self.default_max_tokens(config, len(prompt)), tools
 
+    def default_max_tokens(self, config: GenerationConfig, prompt_tokens: int) -> GenerationConfig:
+        """A request that sets no max_tokens gets the bundle's default (the recipe's generation.max_tokens),
+        cut to what the context window leaves after the prompt: a default is a cap, never an error."""
+        default = self.bundle.chat_config.max_new_tokens
+        if config.max_tokens is not None or not default:
+            return config
+        room = self.engine.context_window_size - prompt_tokens
+        return dataclasses.replace(config, max_tokens=min(default, room)) if room > 0 else config
 
     def warm_grammars(self) -> None:
         """Load xgrammar and the bundle's tokenizer info now, so the first constrained request does not wait."""
@@ -142,7 +153,7 @@ class Frontend:
                 raise p.RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
             prompt = list(request.prompt)
         config = self.generation_config(request, False, request.logprobs is not None, request.logprobs or 0)
-        return prompt, config
+        return prompt, self.default_max_tokens(config, len(prompt))
 
     def close(self) -> None:
         self.engine.shutdown()
@@ -425,9 +436,9 @@ class _Namespace:
 
 class _EngineBase:
     def __init__(self, model: str | os.PathLike, device: str = "auto", **options: Any):
-        """``model``: a bundle directory, a directory of bundles, or a recipe. ``options``: conv_template,
-        max_batch_size, context_window_size, prefill_chunk_size, kv_cache_tokens, verify, quantization
-        (see :class:`Frontend`)."""
+        """``model``: a bundle directory, a directory of bundles, or a recipe (built first when its bundle is
+        missing or stale, unless build=False). ``options``: conv_template, max_batch_size, context_window_size,
+        prefill_chunk_size, kv_cache_tokens, verify, quantization, build (see :class:`Frontend`)."""
         self.frontend = Frontend(model, device, **options)
         self._terminated = False
 

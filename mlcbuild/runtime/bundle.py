@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import xxhash
@@ -123,8 +123,9 @@ def _bundles_under(directory: Path) -> dict[str, Path]:
     return found
 
 
-def _recipe_bundles(recipe_path: Path, quantization: str | None) -> dict[str, Path]:
-    """The bundles a recipe names: ``<output>/<quantization>-<device with ':' as '-'>``."""
+def _read_recipe(recipe_path: Path) -> tuple[dict, list[str], list[str]]:
+    """The recipe's fields, quantizations and devices, read as plain YAML (the recipe schema is the
+    build side's; a malformed recipe fails there, with its line)."""
     import yaml
 
     try:
@@ -133,13 +134,54 @@ def _recipe_bundles(recipe_path: Path, quantization: str | None) -> dict[str, Pa
         raise BundleError(f"cannot read recipe {recipe_path}: {exc}") from None
     if not isinstance(recipe, dict) or not recipe.get("name"):
         raise BundleError(f"{recipe_path} is not a recipe (it has no 'name')")
-    output = Path(recipe.get("output") or f"dist/{recipe['name']}")
-    if not output.is_absolute():
-        output = recipe_path.parent / output
     quants = recipe.get("quantization") or []
     quants = [quants] if isinstance(quants, str) else list(quants)
     devices = recipe.get("devices") or ["cpu"]
-    devices = [devices] if isinstance(devices, str) else list(devices)
+    devices = [devices] if isinstance(devices, str) else [str(d) for d in devices]
+    return recipe, quants, devices
+
+
+def recipe_target(quantizations: list[str], devices: list[str], device: str = "auto",
+                  quantization: str | None = None) -> tuple[str, str]:
+    """(quantization, recipe device) of the one bundle of a recipe that a front end opened with
+    ``device`` and ``quantization`` uses: the given quantization or the recipe's first, and the
+    device :func:`choose` picks among the recipe's. What a build-first step builds."""
+    if quantization is None:
+        if not quantizations:
+            raise BundleError("the recipe lists no quantization")
+        quantization = quantizations[0]
+    elif quantization not in quantizations:
+        raise BundleError(f"the recipe has no quantization {quantization!r} (it has {quantizations})")
+    chosen, _ = choose({d: Path(d) for d in devices}, device)
+    return quantization, str(chosen)
+
+
+# A build-first step: (recipe path, quantization, recipe device) -> None once that bundle is built
+# and up to date, or BundleError. The runtime never imports the build side: the default runs the
+# CLI in a subprocess; ``mlcbuild chat/serve`` build in process before opening (and pass build=False).
+BuildHook = Callable[[Path, str, str], None]
+
+
+def build_with_cli(recipe: Path, quantization: str, device: str) -> None:
+    """``python -m mlcbuild run RECIPE -q Q --device D --quiet``: builds what is missing or stale (its
+    progress on this process's stderr), a no-op when the bundle is up to date."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "mlcbuild", "run", str(recipe), "--quantization", quantization,
+           "--device", device, "--quiet"]
+    done = subprocess.run(cmd, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise BundleError(f"building {recipe} ({quantization}, {device}) failed (exit {done.returncode}); "
+                          "see the output above")
+
+
+def _recipe_bundles(recipe_path: Path, quantization: str | None) -> dict[str, Path]:
+    """The bundles a recipe names: ``<output>/<quantization>-<device with ':' as '-'>``."""
+    recipe, quants, devices = _read_recipe(recipe_path)
+    output = Path(recipe.get("output") or f"dist/{recipe['name']}")
+    if not output.is_absolute():
+        output = recipe_path.parent / output
     if quantization is not None:
         if quantization not in quants:
             raise BundleError(f"recipe {recipe_path} has no quantization {quantization!r} (it has {quants})")
@@ -157,13 +199,20 @@ def _recipe_bundles(recipe_path: Path, quantization: str | None) -> dict[str, Pa
     return found
 
 
-def find_bundle(bundle_or_recipe: str | os.PathLike, device: str = "auto",
-                quantization: str | None = None) -> tuple[Path, RuntimeDevice]:
-    """Resolve a bundle directory, a directory of bundles or a recipe file to one bundle for ``device``."""
+def find_bundle(bundle_or_recipe: str | os.PathLike, device: str = "auto", quantization: str | None = None,
+                build: bool | BuildHook = False) -> tuple[Path, RuntimeDevice]:
+    """Resolve a bundle directory, a directory of bundles or a recipe file to one bundle for ``device``.
+
+    ``build``: given a recipe, first build the bundle it resolves to when missing or stale, as ``bazel
+    run`` does (True: with :func:`build_with_cli`; or a :data:`BuildHook`); False: use what is built."""
     path = Path(bundle_or_recipe).expanduser()
     if not path.exists():
         raise BundleError(f"{path} does not exist (expected a bundle directory or a recipe file)")
     if path.is_file():
+        if build:
+            _, quants, devices = _read_recipe(path)
+            target_quant, target_device = recipe_target(quants, devices, device, quantization)
+            (build_with_cli if build is True else build)(path, target_quant, target_device)
         candidates = _recipe_bundles(path, quantization)
     elif (path / bf.MANIFEST_FILE).is_file():
         candidates = {_read_manifest(path).device: path}
@@ -305,8 +354,8 @@ class Bundle:
 
     @classmethod
     def open(cls, bundle_or_recipe: str | os.PathLike, device: str = "auto", verify: bool = True,
-             quantization: str | None = None) -> Bundle:
-        path, runtime_device = find_bundle(bundle_or_recipe, device, quantization)
+             quantization: str | None = None, build: bool | BuildHook = False) -> Bundle:
+        path, runtime_device = find_bundle(bundle_or_recipe, device, quantization, build)
         manifest = _read_manifest(path)
         if verify:
             verify_bundle(path, manifest)

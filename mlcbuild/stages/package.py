@@ -19,8 +19,8 @@ from importlib import metadata
 from pathlib import Path
 
 from mlcbuild import __version__
-from mlcbuild.bundle_format import (MANIFEST_FILE, SCHEDULE_REPORT_FILE, SOURCE_INFO_FILE, Manifest, ManifestFile,
-                                   RecipeFile, ScheduleFallback)
+from mlcbuild.bundle_format import (CHAT_CONFIG_FILE, MANIFEST_FILE, SCHEDULE_REPORT_FILE, SOURCE_INFO_FILE, ChatConfig,
+                                   Manifest, ManifestFile, RecipeFile, ScheduleFallback)
 from mlcbuild.devices import parse_device
 from mlcbuild.cache.digests import file_digests, iter_files
 from mlcbuild.pipeline.stage import Stage, StageContext, StageError, StageParams
@@ -41,6 +41,10 @@ class PackageParams(StageParams):
     recipe: dict  # the recipe fields that shaped this bundle (recorded in the manifest)
     # The recipe file and (Hub sources) its lock, by name and sha256: provenance materials.
     recipe_files: tuple[RecipeFile, ...] = ()
+    # The recipe's sampling defaults (recipe.Generation, unset fields left out), written into the
+    # bundle's chat config here rather than by gen_config: changing them re-runs this stage only,
+    # never the weight conversion or the compile that read gen_config's output.
+    generation: dict = {}
 
 
 @register_stage
@@ -53,6 +57,7 @@ class Package(Stage):
     @classmethod
     def params_for(cls, loaded: LoadedRecipe, axes: dict[str, str]) -> PackageParams:
         r = loaded.recipe
+        generation = r.generation.model_dump(exclude_none=True)
         return PackageParams(
             name=r.name,
             quantization=axes["quantization"],
@@ -65,8 +70,10 @@ class Package(Stage):
                 "quantization": axes["quantization"],
                 "device": axes["device"],
                 "overrides": r.overrides.model_dump(exclude_none=True),
+                **({"generation": generation} if generation else {}),
             },
             recipe_files=_recipe_files(loaded),
+            generation=generation,
         )
 
     def toolchain(self, params: PackageParams) -> dict[str, str]:
@@ -99,6 +106,8 @@ class Package(Stage):
                 target = ctx.out / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.link(file, target)  # inputs are immutable blobs: linking costs nothing
+        if ctx.params.generation:
+            _apply_generation(ctx.out / CHAT_CONFIG_FILE, ctx.params.generation)
         source_info = ctx.inputs["source"] / SOURCE_INFO_FILE
         source = json.loads(source_info.read_text()) if source_info.exists() else {}
         report = ctx.inputs["library"] / SCHEDULE_REPORT_FILE
@@ -121,6 +130,23 @@ class Package(Stage):
         )
         (ctx.out / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
         ctx.log(f"bundle of {len(files)} files, {sum(f.size for f in files) / 1e6:.1f} MB")
+
+
+def _apply_generation(chat_config: Path, generation: dict) -> None:
+    """Rewrite the bundle's chat config with the recipe's sampling defaults. The file is a hard
+    link to gen_config's cached output: it is replaced (a new file renamed over it), never written
+    through."""
+    chat = ChatConfig.model_validate_json(chat_config.read_bytes())
+    update = {name: generation[name] for name in ("temperature", "top_p", "top_k", "repetition_penalty")
+              if name in generation}
+    if "temperature" in generation:
+        update["do_sample"] = generation["temperature"] > 0  # the recipe's choice wins over the checkpoint's
+    if "max_tokens" in generation:
+        update["max_new_tokens"] = generation["max_tokens"]
+    chat = ChatConfig.model_validate({**chat.model_dump(by_alias=True), **update})
+    tmp = chat_config.with_name(chat_config.name + ".tmp")
+    tmp.write_text(chat.model_dump_json(by_alias=True, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, chat_config)
 
 
 def _recipe_files(loaded: LoadedRecipe) -> tuple[RecipeFile, ...]:

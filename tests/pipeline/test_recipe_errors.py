@@ -42,6 +42,14 @@ CASES = [
      ":11: kernels.cuda_decode_attention: Input should be a valid boolean (got 'maybe')"),
     ("output: dist/toy\n", "kernels:\n  cuda_dp4a: true\noutput: dist/toy\n",
      ":11: kernels.cuda_dp4a: unknown field; known fields: cuda_integer_dot_batch1, cuda_decode_attention"),
+    ("output: dist/toy\n", "generation:\n  temperature: 0.2\n  top_p: 1.5\noutput: dist/toy\n",
+     ":12: generation.top_p: Input should be less than or equal to 1 (got 1.5)"),
+    ("output: dist/toy\n", "generation:\n  temperature: -1\noutput: dist/toy\n",
+     ":11: generation.temperature: Input should be greater than or equal to 0 (got -1)"),
+    ("output: dist/toy\n", "generation:\n  max_tokens: 0\noutput: dist/toy\n",
+     ":11: generation.max_tokens: Input should be greater than 0 (got 0)"),
+    ("output: dist/toy\n", "generation:\n  temp: 0.2\noutput: dist/toy\n",
+     ":11: generation.temp: unknown field; known fields: temperature, top_p, top_k, repetition_penalty, max_tokens"),
 ]
 
 
