@@ -14,6 +14,7 @@ from typing import Any
 from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.core import wrap_nested
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
@@ -62,8 +63,21 @@ class LayerNorm(nn.LayerNorm):
         return out.astype(x.dtype)
 
 
+def take_clipped(x: Tensor, indices: Tensor, axis: int, name: str = "take") -> Tensor:
+    """``op.take`` with indices clamped into range (relax ``mode="clip"``). TVM's default mode, "fast",
+    reads out of bounds on a bad index and makes topi print "Fast mode segfaults when there are
+    out-of-bounds indices" at every build; the clamp is a min/max on one index per gathered row."""
+    return wrap_nested(relax.op.take(x._expr, indices._expr, axis, mode="clip"), name)
+
+
 class Embedding(nn.Embedding):
     """Token embedding that can also serve as the (tied) output projection."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim == 1:
+            return take_clipped(self.weight, x, axis=0)
+        flat = take_clipped(self.weight, op.reshape(x, shape=[-1]), axis=0)
+        return op.reshape(flat, shape=[*x.shape, self.weight.shape[1]])
 
     def lm_head_forward(self, x: Tensor) -> Tensor:
         return op.matmul(x, op.permute_dims(self.weight), out_dtype="float32")
@@ -160,7 +174,7 @@ class CausalLM(nn.Module):
         return self.get_logits(self.model(embeddings, kv_cache))
 
     def batch_prefill(self, embeddings: Tensor, logit_positions: Tensor, kv_cache: PagedKVCache) -> Tensor:
-        hidden = op.take(self.model(embeddings, kv_cache), logit_positions, axis=1)
+        hidden = take_clipped(self.model(embeddings, kv_cache), logit_positions, axis=1)
         return self.get_logits(hidden)
 
     def batch_decode(self, embeddings: Tensor, kv_cache: PagedKVCache) -> Tensor:
