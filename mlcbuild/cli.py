@@ -23,6 +23,8 @@ app = typer.Typer(help="Build LLM checkpoints into compiled, deployable bundles,
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 cache_app = typer.Typer(help="Inspect and maintain the artifact cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+eval_app = typer.Typer(help="Measure a model's quality.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -654,6 +656,54 @@ def bench(
     out.print(table)
     out.print(f"weights {_size(result.weights_bytes)}, peak RSS {_size(result.peak_rss_bytes)}, "
               f"threads {result.threads}")
+
+
+@eval_app.command("ppl")
+def eval_ppl(
+    model: str = typer.Argument(..., help="A bundle directory, or a recipe."),
+    text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", min=4, help="Tokens per chunk (default 512, or the context "
+                                      "window when smaller); the second half of each chunk is scored."),
+    stride: int = typer.Option(0, "--stride", min=0, help="Windows of --ctx every N tokens, the last N of each "
+                               "scored (llama-perplexity --ppl-stride); 0: non-overlapping chunks."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="Score only the first N chunks."),
+    device: str = DeviceOption,
+    quantization: Optional[str] = typer.Option(None, "--quantization", "-q"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    no_build: bool = NoBuildOption,
+) -> None:
+    """Perplexity on a text, as llama.cpp's llama-perplexity computes it (same chunks, same scored tokens)."""
+    from mlcbuild.runtime.bundle import BundleError
+    from mlcbuild.runtime.perplexity import PerplexityError, perplexity
+
+    try:
+        content = text.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"--text: cannot read {text}: {exc}")
+    if not no_build:
+        _build_first(model, device, quantization)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("perplexity"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks  PPL {task.fields[ppl]}"),
+                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("ppl", total=None, ppl="-")
+
+        def on_chunk(done: int, total: int, ppl: float) -> None:
+            bar.update(task, completed=done, total=total, ppl=f"{ppl:.4f}")
+
+        try:
+            result = perplexity(model, content, ctx, stride, device, quantization, chunks, build=False, on_chunk=on_chunk)
+        except PerplexityError as exc:
+            _fail(str(exc))
+        except (BundleError, FileNotFoundError) as exc:
+            _fail(str(exc), EXIT_BUILD_FAILED)
+    if as_json:
+        print(result.model_dump_json())
+        return
+    mode = f"windows of {result.ctx} every {result.stride}" if result.stride else f"chunks of {result.ctx}"
+    out.print(f"{result.model} ({result.quantization}, {result.device}): PPL = {result.ppl:.4f} +/- "
+              f"{result.ppl_error:.5f}  [{result.chunks} {mode}, {result.scored_tokens} of {result.text_tokens} tokens "
+              f"scored, {result.tokens_per_second:.0f} tok/s]", markup=False)
 
 
 def _quant(quantization: Optional[str]) -> dict[str, Any]:

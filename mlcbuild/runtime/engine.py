@@ -144,6 +144,18 @@ class CompiledModel:
             self._end(self.kv_cache)
         return logits.numpy()[0].astype(np.float32, copy=False)
 
+    def forward_prefill_at(self, seq_id: int, token_ids: list[int], positions: list[int]) -> np.ndarray:
+        """Append one sequence's chunk to the cache; logits [len(positions), vocab] at those positions of
+        the chunk (perplexity scores every position, not only the last)."""
+        embeddings = self._embed_tokens(token_ids, [1, len(token_ids)])
+        at = self._tvm.runtime.tensor(np.asarray(positions, dtype=np.int32), self.device)
+        self._begin(self.kv_cache, self._shape([seq_id]), self._shape([len(token_ids)]))
+        try:
+            logits = self._prefill(embeddings, at, self.kv_cache, self.params)
+        finally:
+            self._end(self.kv_cache)
+        return logits.numpy()[0].astype(np.float32, copy=False)
+
     def forward_decode(self, seq_ids: list[int], token_ids: list[int]) -> np.ndarray:
         """One new token per sequence; logits [len(seq_ids), vocab]."""
         embeddings = self._embed_tokens(token_ids, [len(token_ids), 1])
