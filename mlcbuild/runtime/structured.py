@@ -124,44 +124,41 @@ def response_format_constraint(fmt: Any) -> Constraint | None:
 
 def request_constraint(request: Any) -> Constraint | None:
     """The one constraint a chat request asks for: ``response_format``, or vLLM's ``guided_json``,
-    ``guided_regex``, ``guided_grammar``, ``guided_choice`` or ``structured_outputs``."""
+    ``guided_regex``, ``guided_grammar``, ``guided_choice`` or ``structured_outputs`` (its ``json``,
+    ``json_object``, ``regex``, ``grammar``, ``choice`` or ``structural_tag``; its options are ignored)."""
     found: list[Constraint] = []
     if (c := response_format_constraint(request.response_format)) is not None:
         found.append(c)
-    if request.guided_json is not None:
-        found.append(Constraint.json_schema(request.guided_json, "guided_json"))
-    if request.guided_regex is not None:
-        found.append(Constraint("regex", request.guided_regex, "guided_regex"))
-    if request.guided_grammar is not None:
-        found.append(Constraint("ebnf", request.guided_grammar, "guided_grammar"))
-    if request.guided_choice is not None:
-        found.append(_choice(request.guided_choice, "guided_choice"))
-    if request.structured_outputs is not None:
-        so = request.structured_outputs
-        for key, value in so.items():
-            param = f"structured_outputs.{key}"
-            if key == "json":
-                found.append(Constraint.json_schema(value, param))
-            elif key == "regex" and isinstance(value, str):
-                found.append(Constraint("regex", value, param))
-            elif key == "grammar" and isinstance(value, str):
-                found.append(Constraint("ebnf", value, param))
-            elif key == "choice" and isinstance(value, list):
-                found.append(_choice(value, param))
-            elif key == "structural_tag":
-                found.append(Constraint("structural_tag", value if isinstance(value, str) else json.dumps(value),
-                                        param))
-            elif value is not None:
-                raise ConstraintError(f"{param}: expected one of json (schema), regex (string), grammar (string), "
-                                      "choice (list of strings), structural_tag", "structured_outputs")
+    given = {"guided_json": ("json", request.guided_json), "guided_regex": ("regex", request.guided_regex),
+             "guided_grammar": ("grammar", request.guided_grammar), "guided_choice": ("choice", request.guided_choice)}
+    for key, value in (request.structured_outputs or {}).items():
+        if key in ("json", "json_object", "regex", "grammar", "choice", "structural_tag"):
+            given[f"structured_outputs.{key}"] = (key, value)
+    for param, (kind, value) in given.items():
+        if value is not None and value is not False:
+            found.append(_vllm_constraint(kind, value, param))
     if len(found) > 1:
         raise ConstraintError(f"{found[0].param} and {found[1].param} both constrain the output; give one",
                               found[1].param)
     return found[0] if found else None
 
 
-def _choice(options: list[str], param: str) -> Constraint:
-    if not options or not all(isinstance(o, str) for o in options):
+def _vllm_constraint(kind: str, value: Any, param: str) -> Constraint:
+    if kind == "json":
+        return Constraint.json_schema(value, param)
+    if kind == "json_object":
+        return Constraint.json_schema(ANY_JSON_OBJECT, param)
+    if kind == "choice":
+        return _choice(value, param)
+    if kind == "structural_tag":
+        return Constraint("structural_tag", value if isinstance(value, str) else json.dumps(value), param)
+    if not isinstance(value, str):
+        raise ConstraintError(f"{param} must be a string", param)
+    return Constraint("regex" if kind == "regex" else "ebnf", value, param)
+
+
+def _choice(options: Any, param: str) -> Constraint:
+    if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
         raise ConstraintError(f"{param} must be a non-empty list of strings", param)
     return Constraint("ebnf", "root ::= " + " | ".join(ebnf_literal(o) for o in options), param)
 
