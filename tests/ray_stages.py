@@ -1,7 +1,7 @@
 """Plugin stages for tests/test_ray.py (``MLCBUILD_STAGE_PLUGINS=ray_stages``): the engine's fake
 stages, with a compile that asks for the custom resource "nvcc" for CUDA devices, as the real one
-does, and fails deterministically for two devices: with a StageError (``cuda:sm_35``) and with
-another exception (``cuda:sm_37``); ``cpu:x86-64-v4`` asks for a resource no test node has."""
+does, and fails deterministically for two devices: with a StageError (``cuda:sm_52``) and with
+another exception (``cuda:sm_53``); ``cpu:x86-64-v4`` asks for a resource no test node has."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ class RayCompile(FakeCompile):
         return Resources(custom={"nvcc": 1}) if params.device.startswith("cuda") else Resources()
 
     def run(self, ctx: StageContext) -> None:
-        if ctx.params.device == "cuda:sm_35":
+        if ctx.params.device == "cuda:sm_52":
             _log(ctx, f"compile[{ctx.params.quantization},{ctx.params.device}]")
-            raise StageError("sm_35 is older than this toolchain supports: use sm_50 or newer")
-        if ctx.params.device == "cuda:sm_37":
+            raise StageError("sm_52: this toolchain has no kernels for Maxwell GPUs; build for sm_60 or newer")
+        if ctx.params.device == "cuda:sm_53":
             _log(ctx, f"compile[{ctx.params.quantization},{ctx.params.device}]")
-            raise ValueError("no kernel table for sm_37")
+            raise ValueError("no kernel table for sm_53")
         super().run(ctx)
 
 

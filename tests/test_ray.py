@@ -228,17 +228,17 @@ def fake_run(cluster: Cluster, root: Path, devices: str, *extra: str,
 
 
 def test_a_failing_stage_fails_once_with_its_own_message(cluster, tmp_path):
-    code, events, err = fake_run(cluster, tmp_path, "[cuda:sm_35, cuda:sm_37, cpu:x86-64-v4]", "-k",
+    code, events, err = fake_run(cluster, tmp_path, "[cuda:sm_52, cuda:sm_53, cpu:x86-64-v4]", "-k",
                                  "--remote-cache", (tmp_path / "remote").as_uri())
     assert code == 1, err[-3000:]
     failed = {e["node"]: e["error"] for e in events if e["event"] == "node_failed"}
-    assert failed["compile[q0f16,cuda:sm_35]"] == "sm_35 is older than this toolchain supports: use sm_50 or newer"
-    assert failed["compile[q0f16,cuda:sm_37]"].startswith("ValueError: no kernel table for sm_37\n")
+    assert failed["compile[q0f16,cuda:sm_52]"] == "sm_52: this toolchain has no kernels for Maxwell GPUs; build for sm_60 or newer"
+    assert failed["compile[q0f16,cuda:sm_53]"].startswith("ValueError: no kernel table for sm_53\n")
     # cpu:x86-64-v4 asks for a resource no node has: it fails at once, saying so, never runs.
     assert "no node of the Ray cluster has" in failed["compile[q0f16,cpu:x86-64-v4]"]
     assert "--resources='{\"avx512_host\": 1}'" in failed["compile[q0f16,cpu:x86-64-v4]"]
     ran = sorted(cluster.ran_log.read_text().split())
-    assert ran.count("compile[q0f16,cuda:sm_35]") == 1 and ran.count("compile[q0f16,cuda:sm_37]") == 1
+    assert ran.count("compile[q0f16,cuda:sm_52]") == 1 and ran.count("compile[q0f16,cuda:sm_53]") == 1
     assert "compile[q0f16,cpu:x86-64-v4]" not in ran
     assert ran.count("download") == 1 and ran.count("gen_config[q0f16]") == 1
 
