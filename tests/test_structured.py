@@ -427,6 +427,35 @@ def test_grammar_end_n_choices_ignore_eos_and_mixed_batch(hermes_server):
     assert engine.stats()["finished"] == done_before + 4 and engine.stats()["kv_pages_in_use"] == 0
 
 
+def test_chat_cli_settings_for_structured_output(tiny, tmp_path):
+    import io
+
+    from mlcbuild import MLCEngine
+    from mlcbuild.runtime.chat import ChatSession, parse_settings
+
+    assert parse_settings("json=1") == {"response_format": {"type": "json_object"}}
+    assert parse_settings("json=0") == {"response_format": None}
+    (tmp_path / "answer.ebnf").write_text('root ::= "yes" | "no"')
+    (tmp_path / "bad.ebnf").write_text("root ::= nowhere")
+    (tmp_path / "pick.json").write_text(json.dumps(_object({"room": {"enum": ["hall", "den"]}})))
+    out = io.StringIO()
+    with MLCEngine(tiny.path, max_batch_size=1) as engine:
+        session = ChatSession(engine, out)
+        for line in ("/set json=2", f"/set json_schema={tmp_path / 'missing.json'}", f"/set grammar={tmp_path}/answer.ebnf",
+                     "Is it on?", f"/set json_schema={tmp_path}/pick.json;max_tokens=40", "Which room?",
+                     f"/set grammar={tmp_path}/bad.ebnf", "Again?"):
+            out.write(f">>> {line}\n")
+            session.handle(line)
+    transcript = out.getvalue()
+    assert "[error] json: '2' is not a valid value" in transcript
+    assert "cannot read" in transcript and "missing.json" in transcript
+    answers = [line for line in transcript.splitlines() if not line.startswith((">>>", "settings:", "[error]"))]
+    assert answers[0] in ("yes", "no"), transcript
+    assert json.loads(answers[1])["room"] in ("hall", "den"), transcript
+    assert "[error] invalid grammar in response_format" in transcript and 'Rule "nowhere" is not defined' in transcript
+    assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
+
+
 # ----------------------------------------------------------------------------------------------
 # The call parser on its own
 # ----------------------------------------------------------------------------------------------
