@@ -426,6 +426,10 @@ def test_grammar_end_n_choices_ignore_eos_and_mixed_batch(hermes_server):
         assert reply.usage.completion_tokens < 60 * len(reply.choices)
     assert len(several.choices) == 3
     assert engine.stats()["finished"] == done_before + 4 and engine.stats()["kv_pages_in_use"] == 0
+    # logprobs of tokens the grammar rules out: a floor, not -Infinity (which JSON cannot carry)
+    reply = client.chat.completions.create(**ask, response_format=choice, logprobs=True, top_logprobs=4)
+    first = reply.choices[0].logprobs.content[0]
+    assert first.token == "{" and [t.logprob for t in first.top_logprobs][1:] == [-9999.0] * 3
 
 
 def test_chat_cli_settings_for_structured_output(tiny, tmp_path):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 GREEDY_TEMPERATURE = 1e-5
+LOGPROB_FLOOR = -9999.0
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,9 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
-    """The chosen token's logprob and the ``top`` most likely (token, logprob) pairs, best first."""
-    logp = log_softmax(logits)
+    """The chosen token's logprob and the ``top`` most likely (token, logprob) pairs, best first. Tokens a
+    grammar rules out (logit -inf) report ``LOGPROB_FLOOR``, as vLLM does: JSON has no -Infinity."""
+    logp = np.maximum(log_softmax(logits), LOGPROB_FLOOR)
     best: list[tuple[int, float]] = []
     if top > 0:
         top = min(top, logp.shape[-1])
