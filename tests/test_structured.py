@@ -281,7 +281,16 @@ def test_grammar_regex_and_length(client):
         json.loads(reply.choices[0].message.content)
 
 
+def _nested(levels: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "integer"}
+    for _ in range(levels):
+        schema = _object({"a": schema})
+    return schema
+
+
 BAD_REQUESTS = [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": _nested(120)}}},
+     "response_format", "levels deep"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}},
      "response_format", "frobnicate"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
