@@ -19,7 +19,7 @@ import json
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import pytest
