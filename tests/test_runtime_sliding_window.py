@@ -1,9 +1,13 @@
-"""A sliding-window model (Mistral-style, window of 8 tokens) run by the engine well past its window
-gives the same greedy tokens as transformers on the same weights."""
+"""A sliding-window model (Mistral-style, window of 24 tokens, q0f32) with prompts past the window: every
+prefill position's logits and the engine's greedy tokens equal transformers' on the same weights, for every
+chunk size (chunk boundaries inside the window and across it), one sequence or a batch of them.
+
+The KV cache keeps window - 1 tokens; the compiled prefill masks each query row to its own window
+(compiler/kernels/sliding_window.py) and the runtime puts at most window - 1 tokens of a sequence in a chunk
+(CompiledModel.max_chunk_tokens): a bundle compiled with a larger prefill chunk (32 here) is driven in 23s."""
 
 from __future__ import annotations
 
-import os
 import queue
 import subprocess
 import sys
@@ -11,14 +15,18 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import clean_env
+
+WINDOW = 24
 RECIPE = """\
 name: slide
 source: src
 quantization: q0f32
 devices: [cpu]
 overrides:
-  context_window_size: 64
-  prefill_chunk_size: 8
+  context_window_size: 128
+  prefill_chunk_size: 32
+  max_batch_size: 32
 """
 
 
@@ -28,49 +36,100 @@ def sliding_bundle(tmp_path_factory):
     from runtime_support import write_tokenizer
 
     root = tmp_path_factory.mktemp("sliding")
-    source = make_checkpoint("mistral", root / "src", sliding_window=8)
+    source = make_checkpoint("mistral", root / "src", sliding_window=WINDOW)
     write_tokenizer(source, TINY["vocab_size"])
     (root / "slide.yaml").write_text(RECIPE)
-    env = {**os.environ, "MLCBUILD_CACHE_DIR": str(root / "cache")}
-    done = subprocess.run([sys.executable, "-m", "mlcbuild.cli", "run", "slide.yaml"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-m", "mlcbuild.cli", "run", "slide.yaml"], cwd=root,
+                          env=clean_env(MLCBUILD_CACHE_DIR=str(root / "cache")), capture_output=True, text=True,
+                          timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     return root / "dist" / "slide" / "q0f32-cpu", source
 
 
-def test_engine_decodes_past_the_window_like_transformers(sliding_bundle):
+@pytest.fixture(scope="module")
+def transformers_model(sliding_bundle):
     import torch
     from transformers import AutoModelForCausalLM
 
+    return AutoModelForCausalLM.from_pretrained(sliding_bundle[1], dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def prompt_of(length: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 300, size=length).tolist()
+
+
+def reference_logits(model, prompt: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([prompt])).logits[0].numpy()
+
+
+def reference_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(ids).logits[0, -1].argmax().view(1, 1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 8, 16, 23, 32])
+def test_prefill_logits_match_transformers_at_every_position_past_the_window(sliding_bundle, transformers_model,
+                                                                                chunk):
+    from mlcbuild.runtime.bundle import Bundle
+    from mlcbuild.runtime.engine import CompiledModel
+
+    bundle = Bundle.open(sliding_bundle[0], "cpu")
+    assert bundle.chat_config.sliding_window_size == WINDOW and bundle.chat_config.prefill_chunk_size == 32
+    model = CompiledModel(bundle, max_batch_size=1, kv_cache_tokens=128, prefill_chunk_size=32, page_size=16)
+    assert model.max_chunk_tokens == WINDOW - 1
+    prompt = prompt_of(3 * WINDOW)  # 72 tokens: three windows
+    step = min(chunk, model.max_chunk_tokens)
+    model.add_sequence(0)
+    ours = np.concatenate([model.forward_prefill_at(0, prompt[i: i + step], list(range(len(prompt[i: i + step]))))
+                           for i in range(0, len(prompt), step)])
+    ref = reference_logits(transformers_model, prompt)
+    err = np.abs(ours - ref).max(axis=1) / np.abs(ref).max()
+    assert err.max() <= 1e-4, f"positions off: {np.nonzero(err > 1e-4)[0].tolist()}"
+
+
+def run_engine(bundle_dir, prompts: list[list[int]], steps: int, prefill_chunk_size: int | None) -> list[list[int]]:
     from mlcbuild.runtime.bundle import Bundle
     from mlcbuild.runtime.engine import Engine, GenerationConfig
     from mlcbuild.runtime.sampling import SamplingParams
 
-    bundle_dir, source = sliding_bundle
-    bundle = Bundle.open(bundle_dir, "cpu")
-    assert bundle.chat_config.sliding_window_size == 8
-    # The prompt fits the window (a prefill chunk that crosses it would see up to window-1+chunk
-    # tokens); decoding then runs three windows past it, sliding at every step.
-    prompt = np.random.default_rng(0).integers(3, 300, size=6).tolist()
-    steps = 26
-    engine = Engine(bundle, max_batch_size=1)
-    outputs: queue.Queue = queue.Queue()
+    engine = Engine(Bundle.open(bundle_dir, "cpu"), max_batch_size=len(prompts), prefill_chunk_size=prefill_chunk_size)
+    outputs: list[queue.Queue] = [queue.Queue() for _ in prompts]
+    tokens: list[list[int]] = [[] for _ in prompts]
     try:
         config = GenerationConfig(sampling=SamplingParams(temperature=0.0), max_tokens=steps, ignore_eos=True)
-        engine.submit(prompt, config, outputs.put)
-        ours: list[int] = []
-        while True:
-            out = outputs.get(timeout=120)
-            assert out.error is None, out.error
-            ours += [t for d in out.deltas for t in d.token_ids]
-            if out.finished:
-                break
+        for prompt, out in zip(prompts, outputs):  # submitted together: prefilled and decoded as a batch
+            engine.submit(prompt, config, out.put)
+        for out, got in zip(outputs, tokens):
+            while True:
+                result = out.get(timeout=120)
+                assert result.error is None, result.error
+                got += [t for d in result.deltas for t in d.token_ids]
+                if result.finished:
+                    break
     finally:
         engine.shutdown()
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager").eval()
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(steps):
-            nxt = model(ids).logits[0, -1].argmax()
-            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-    assert ours == ids[0, len(prompt):].tolist()
+    return tokens
+
+
+@pytest.mark.parametrize("prefill_chunk_size", [None, 5, 16])
+def test_engine_greedy_tokens_equal_transformers_40_token_prompt(sliding_bundle, transformers_model,
+                                                                 prefill_chunk_size):
+    prompt = prompt_of(40)
+    steps = 24  # decoding on to 64 tokens, sliding at every step
+    ours = run_engine(sliding_bundle[0], [prompt], steps, prefill_chunk_size)
+    assert ours == [reference_greedy(transformers_model, prompt, steps)]
+
+
+def test_engine_batch_of_long_prompts_equals_transformers(sliding_bundle, transformers_model):
+    prompts = [prompt_of(3 * WINDOW, seed=1), prompt_of(50, seed=2), prompt_of(7, seed=3)]
+    steps = 12
+    ours = run_engine(sliding_bundle[0], prompts, steps, None)
+    assert ours == [reference_greedy(transformers_model, p, steps) for p in prompts]

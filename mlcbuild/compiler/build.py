@@ -32,6 +32,8 @@ def build_library(chat: dict[str, Any], device: DeviceSpec, out: Path, kernels: 
     if device.kind == "cpu" and device.arch and not _valid_cpu(device.arch):
         raise StageError(f"LLVM does not know the CPU {device.arch!r} (device cpu:{device.arch})")
     config = config_from_normalized(chat["model_config"])
+    if chat["sliding_window_size"] > 0:  # the window the runtime slides by (a recipe may override the model's)
+        config = config.model_copy(update={"sliding_window": chat["sliding_window_size"]})
     model, _ = build_quantized_model(config, chat["quantization"], target)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     metadata = {

@@ -44,8 +44,15 @@ def relax_pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int]
             _annotate("relax.rewrite_cuda_graph.capture_symbolic_vars", ["batch_size"], names=("decode", "batch_decode")),
             relax.transform.RewriteCUDAGraph(),
         ]
+    # A sliding-window model's prefill: each query row sees exactly its window (kernels/sliding_window.py).
+    windowed = []
+    if (metadata.get("sliding_window_size") or -1) > 0:
+        from mlcbuild.compiler.kernels.sliding_window import WindowedHistoryPrefill
+
+        windowed = [WindowedHistoryPrefill()]
     return tvm.transform.Sequential(
-        [_upper_bounds(bounds), *fusion_passes(), schedule, *lowering_passes(metadata, after_memory_plan=after_memory_plan)],
+        [*windowed, _upper_bounds(bounds), *fusion_passes(), schedule,
+         *lowering_passes(metadata, after_memory_plan=after_memory_plan)],
         name="MlcbuildPipeline",
     )
 

@@ -215,6 +215,8 @@ class CausalLM(nn.Module):
             enable_disaggregation=False,
             dtype=self.dtype,
             target=self.target,
+            # the window the sliding-window prefill kernel masks each query row to (kernels/sliding_window.py)
+            **({"layer_sliding_window_size": cfg.sliding_window} if cfg.sliding_window else {}),
         )
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:

@@ -100,6 +100,12 @@ class CompiledModel:
         self.sliding_window = cc.sliding_window_size if cc.sliding_window_size and cc.sliding_window_size > 0 else 0
         self.attention_sink = max(getattr(cc, "attention_sink_size", 0) or 0, 0)
         self._enable_sliding = builtin("vm.builtin.attention_kv_cache_enable_sliding_window_for_seq")
+        # Tokens of one sequence per forward call. With a window: at most window - 1, what the cache keeps,
+        # so a chunk fits in one window and finds the history each of its rows needs (the compiled prefill
+        # masks each row to its window: compiler/kernels/sliding_window.py); a longer chunk would also
+        # outgrow the cache's slots.
+        self.max_chunk_tokens = max(1, min(prefill_chunk_size, self.sliding_window - 1)) if self.sliding_window \
+            else prefill_chunk_size
         self.kv_cache = self.vm["create_paged_kv_cache"](
             ShapeTuple([max_batch_size]), ShapeTuple([kv_cache_tokens]), ShapeTuple([prefill_chunk_size]),
             ShapeTuple([page_size]), ShapeTuple([1 if self.sliding_window else 0]),
@@ -328,6 +334,7 @@ class Engine:
                                   max(DEFAULT_KV_CACHE_TOKENS_CAP, self.context_window_size))
         self.model = CompiledModel(bundle, self.max_batch_size, kv_cache_tokens, self.prefill_chunk_size,
                                    cc.page_size)
+        self.prefill_chunk_size = self.model.max_chunk_tokens
         eos = list(cc.eos_token_id) or [t for t in [self.tokenizer.eos_token_id] if t is not None]
         self.eos_token_ids: tuple[int, ...] = tuple(eos)
 

@@ -178,26 +178,36 @@ def compiled_model_logits(model: Any, prefill_chunk_size: int, max_logits: int) 
 def perplexity(bundle_or_recipe: str | os.PathLike, text: str, ctx: int | None = None, stride: int = 0,
                device: str = "auto", quantization: str | None = None, max_chunks: int | None = None,
                build: Any = False, verify: bool = True, on_chunk: OnChunk | None = None) -> PerplexityResult:
-    """Perplexity of a bundle (or a recipe's bundle; ``build`` as :meth:`.bundle.Bundle.open`) on ``text``.
-    ``ctx`` defaults to 512 (llama.cpp's usual setting), or the context window when smaller."""
+    """Perplexity of a bundle (or a recipe's bundle; ``build`` as :meth:`.bundle.Bundle.open`) on ``text``,
+    tokenized by the bundle's tokenizer. ``ctx`` defaults to 512 (llama.cpp's usual setting), or the
+    context window when smaller."""
     from .bundle import Bundle
-    from .engine import CompiledModel
     from .tokenizer import Tokenizer
 
     bundle = Bundle.open(bundle_or_recipe, device, verify=verify, quantization=quantization, build=build)
+    tokenizer = Tokenizer(bundle.path)
+    tokens = tokenizer.encode(text, add_special_tokens=True)
+    return perplexity_of_tokens(bundle, tokens, ctx, stride, bos_token(tokenizer), max_chunks, on_chunk)
+
+
+def perplexity_of_tokens(bundle: Any, tokens: Sequence[int], ctx: int | None = None, stride: int = 0,
+                         bos: int | None = None, max_chunks: int | None = None,
+                         on_chunk: OnChunk | None = None) -> PerplexityResult:
+    """Perplexity of an opened :class:`~.bundle.Bundle` on given token ids (a benchmark gives every
+    engine the same ones); ``bos`` replaces each chunk's first token, as llama.cpp does."""
+    from .engine import CompiledModel
+
     cc = bundle.chat_config
     ctx = ctx or min(512, cc.context_window_size)
     if ctx > cc.context_window_size:
         raise PerplexityError(f"ctx {ctx} is larger than the bundle's context window ({cc.context_window_size})")
-    tokenizer = Tokenizer(bundle.path)
-    tokens = tokenizer.encode(text, add_special_tokens=True)
     plan_chunks(len(tokens), ctx, stride, max_chunks)  # a text too short fails before the model loads
     page = cc.page_size
     model = CompiledModel(bundle, max_batch_size=1, kv_cache_tokens=-(-ctx // page) * page,
                           prefill_chunk_size=cc.prefill_chunk_size, page_size=page)
     started = time.perf_counter()
-    stats, chunks = evaluate(compiled_model_logits(model, cc.prefill_chunk_size, cc.max_batch_size), tokens, ctx, stride,
-                             bos_token(tokenizer), max_chunks, on_chunk)
+    stats, chunks = evaluate(compiled_model_logits(model, model.max_chunk_tokens, cc.max_batch_size), tokens, ctx,
+                             stride, bos, max_chunks, on_chunk)
     seconds = time.perf_counter() - started
     return PerplexityResult(
         model=bundle.name, quantization=cc.quantization, device=str(bundle.device), ctx=ctx, stride=stride,
