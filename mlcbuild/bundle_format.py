@@ -102,6 +102,166 @@ class ScheduleFallback(BaseModel):
         return f"{self.function}: the {self.rule} schedule failed, fell back ({self.error})"
 
 
+# --- The library: what file it is, what it needs to load, and where it can run ------------------
+
+
+class LibraryFormat(BaseModel):
+    """A kind of compiled library file (``mlcbuild.devices`` says which device kind builds which)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    file: str  # its path inside a bundle
+    description: str
+
+
+LIBRARY_FORMATS: dict[str, LibraryFormat] = {f.name: f for f in (
+    LibraryFormat(name="elf-shared", file=LIBRARY_FILE,
+                  description="an ELF shared library: host code, with the GPU code objects (CUDA, ROCm, SPIR-V) inside; "
+                              "TVM's runtime dlopens it"),
+    LibraryFormat(name="macho-dylib", file="lib/model.dylib",
+                  description="a Mach-O dynamic library for arm64 macOS: host code, with the Metal shader source inside "
+                              "(the Metal framework compiles it when the library loads)"),
+    LibraryFormat(name="static-tar", file="lib/model.tar",
+                  description="a tar of object files (host code, and devc.o holding the GPU kernels) to link into an "
+                              "app with TVM's runtime as a system library"),
+    LibraryFormat(name="wasm", file="lib/model.wasm",
+                  description="a WebAssembly module with the WGSL shaders inside, linked against TVM's web runtime "
+                              "(tvmjs), as WebLLM loads it"),
+)}
+# The GPU APIs the mlcbuild runtime drives (other bundles are for other runtimes: see LibraryInfo.loads_with).
+RUNTIME_GPU_APIS = ("cuda",)
+# A `cuda` bundle (no arch) carries SASS for these and PTX of the last: it runs on every GPU since
+# Turing (MLC LLM issues #1020, #994: CUDA_ERROR_NO_BINARY_FOR_GPU).
+CUDA_MULTI_ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
+# The device kind whose libraries a CPU architecture runs (platform.machine() -> kind).
+CPU_DEVICE_KINDS = {"x86_64": "cpu", "amd64": "cpu", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+class RuntimeABI(BaseModel):
+    """What a runtime must be to load the library (MLC LLM issues #3180, #507: libraries stop loading
+    after a TVM upgrade, failing deep in the VM loader). TVM's runtime ABI changes between minor
+    releases, so a runtime whose TVM ``major.minor`` differs refuses the library up front."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tvm: str  # the apache-tvm version that built the library, e.g. "0.27.0.post1"
+    library_format: str  # a LIBRARY_FORMATS key
+
+
+class LibraryInfo(BaseModel):
+    """manifest.json ``library``: what the bundle's library is for and what loads it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    file: str  # path inside the bundle
+    format: str  # a LIBRARY_FORMATS key
+    host: str  # the CPU side: "x86_64-linux", "aarch64-linux", "arm64-macos", "arm64-ios", "aarch64-android", "wasm32"
+    gpu: str | None = None  # the GPU API of its kernels ("cuda", "rocm", "metal", "webgpu", "vulkan", "opencl")
+    gpu_archs: list[str] = []  # GPU archs with native code (cuda: sm_XY, rocm: gfx...)
+    ptx: str | None = None  # cuda: the PTX it carries for newer GPUs ("compute_90")
+    runtime_abi: RuntimeABI
+    loads_with: str  # what loads it, for a human
+
+
+def device_dirname(device: str) -> str:
+    """A device name as a file-name component (no colon): ``cuda:sm_90`` -> ``cuda-sm_90``."""
+    return device.replace(":", "-")
+
+
+def bundle_dirname(quantization: str, device: str) -> str:
+    """The directory of one (quantization, device) bundle inside a recipe's output directory."""
+    return f"{quantization}-{device_dirname(device)}"
+
+
+def tvm_abi(version: str) -> str:
+    """The part of a TVM version its runtime ABI follows: ``major.minor``."""
+    return ".".join(version.split(".")[:2])
+
+
+def cuda_arch_runs(built: str, gpu: str) -> bool:
+    """A library with SASS for ``built`` (sm_XY) runs on a GPU of arch ``gpu`` when the major
+    version is the same and the GPU's minor is at least as high (CUDA's binary compatibility).
+    Arch-specific (sm_90a) code runs only on that very arch."""
+    def split(arch: str) -> tuple[int, int, str]:
+        digits = arch.removeprefix("sm_").removeprefix("compute_")
+        suffix = digits[-1] if digits[-1:].isalpha() else ""
+        number = digits[: len(digits) - len(suffix)]
+        return int(number[:-1]), int(number[-1]), suffix
+
+    (bmaj, bmin, bsuf), (gmaj, gmin, _) = split(built), split(gpu)
+    if bsuf:
+        return (bmaj, bmin) == (gmaj, gmin)
+    return bmaj == gmaj and bmin <= gmin
+
+
+def cuda_library_runs(library: LibraryInfo, gpu: str) -> bool:
+    """Whether a CUDA library runs on a GPU of arch ``gpu``: native code for it, or PTX of an older
+    or equal arch (the driver compiles PTX for newer GPUs)."""
+    if any(cuda_arch_runs(arch, gpu) for arch in library.gpu_archs):
+        return True
+    if library.ptx:
+        def number(arch: str) -> int:
+            return int("".join(c for c in arch.split("_")[-1] if c.isdigit()))
+
+        return number(library.ptx) <= number(gpu)
+    return False
+
+
+def cpu_runs(device: str, machine: str) -> bool:
+    """Whether a bundle built for ``device`` (a name) is the CPU kind of this ``machine``."""
+    return device.split(":")[0] == CPU_DEVICE_KINDS.get(machine.lower())
+
+
+def cuda_device_runs(device: str, gpu: str) -> bool:
+    """Whether a bundle built for CUDA device name ``device`` (``cuda`` or ``cuda:sm_XY``) runs on a
+    GPU of arch ``gpu``, from the name alone (SASS for the arch, PTX of the same arch)."""
+    if device == "cuda":
+        archs, ptx = list(CUDA_MULTI_ARCHS), "compute_" + CUDA_MULTI_ARCHS[-1][3:]
+    elif device.startswith("cuda:sm_"):
+        archs, ptx = [device[5:]], "compute_" + device[8:].rstrip("af")
+        if device[-1:].isalpha():  # sm_90a: arch-specific features, no PTX for other GPUs
+            ptx = None
+    else:
+        return False
+    probe = LibraryInfo(file="", format="elf-shared", host="x86_64-linux", gpu="cuda", gpu_archs=archs, ptx=ptx,
+                        runtime_abi=RuntimeABI(tvm="", library_format="elf-shared"), loads_with="")
+    return cuda_library_runs(probe, gpu)
+
+
+def cannot_run(device: str, library: LibraryInfo | None, machine: str, tvm: str, cuda_archs: list[str]) -> str | None:
+    """Why the library of a bundle built for ``device`` cannot run here (None: it can). ``machine``:
+    this CPU (``platform.machine()``), ``tvm``: this runtime's apache-tvm version, ``cuda_archs``:
+    the sm_XY of each CUDA GPU present. The one device-compatibility check of the runtime."""
+    if library is None:
+        return (f"this bundle ({device}) was built by an older mlcbuild that did not record its library's "
+                "runtime ABI; rebuild it (mlcbuild run RECIPE)")
+    if library.runtime_abi.library_format != "elf-shared":
+        fmt = LIBRARY_FORMATS.get(library.runtime_abi.library_format)
+        what = fmt.description if fmt else library.runtime_abi.library_format
+        return f"this bundle is for {device}: its library is {what}; load it with {library.loads_with}"
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine.lower(), machine.lower())
+    host_arch = library.host.split("-")[0]
+    if library.host.endswith("-linux") and host_arch != arch:
+        return (f"this bundle is for {device} ({host_arch} Linux); this machine is {arch}: "
+                f"load it on {library.loads_with}")
+    if library.gpu is not None and library.gpu not in RUNTIME_GPU_APIS:
+        return f"this bundle is for {device}; this machine has no {library.gpu.upper()} device this runtime drives " \
+               f"(load it with {library.loads_with})"
+    if library.gpu == "cuda":
+        if not cuda_archs:
+            return f"this bundle is for {device}; this machine has no CUDA GPU"
+        if not any(cuda_library_runs(library, gpu) for gpu in cuda_archs):
+            return (f"this bundle is for {device} (code for {', '.join(library.gpu_archs)}"
+                    f"{', PTX ' + library.ptx if library.ptx else ''}); the GPU here is {', '.join(cuda_archs)}: "
+                    f"build for cuda:{cuda_archs[0]} or cuda (every arch)")
+    if tvm_abi(library.runtime_abi.tvm) != tvm_abi(tvm):
+        return (f"this bundle's library was built with TVM {library.runtime_abi.tvm} (runtime ABI {tvm_abi(library.runtime_abi.tvm)}); "
+                f"this runtime has TVM {tvm} (ABI {tvm_abi(tvm)}): rebuild the bundle with this TVM "
+                f"(mlcbuild run RECIPE), or install apache-tvm=={library.runtime_abi.tvm} to run it")
+    return None
+
+
 class Manifest(BaseModel):
     """manifest.json: how a bundle was made and what it must contain."""
 
@@ -117,6 +277,8 @@ class Manifest(BaseModel):
     source: dict = {}  # where the weights came from (e.g. {"format": "gguf", "quantized": "Q4_1"})
     recipe_files: list[RecipeFile] = []  # the recipe file and its lock file, with their sha256
     schedule_fallbacks: list[ScheduleFallback] = []  # kernels that fell back to a slower schedule
+    # What the library is for, what loads it, the runtime ABI it needs (None: an older mlcbuild).
+    library: LibraryInfo | None = None
     files: list[ManifestFile]
 
 

@@ -72,7 +72,25 @@ def _graph(loaded: LoadedRecipe, devices: list[str] | None = None, quantizations
         return all(not wanted or node.axes.get(axis) in wanted or axis not in node.axes
                    for axis, wanted in filters.items())
 
-    return graph.select(keep)
+    selected = graph.select(keep)
+    _preflight(selected)
+    return selected
+
+
+def _preflight(graph: Graph) -> None:
+    """Fail before any work when this machine cannot build a node (a stage's ``preflight`` names
+    what is missing: a device's compiler, SDK or TVM code generator)."""
+    from mlcbuild.stages import stage_class
+
+    problems: list[str] = []
+    for node in graph.nodes:
+        check = getattr(stage_class(node.stage), "preflight", None)
+        for problem in check(node.params) if check is not None else []:
+            if problem not in problems:
+                problems.append(problem)
+    if problems:
+        _fail("this machine cannot build what was asked (nothing was built):\n  " + "\n  ".join(problems)
+              + "\n`mlcbuild doctor` lists every device and what it needs; --device builds a subset")
 
 
 def _executor(graph: Graph, cache_dir: Path | None, options: RunOptions, on_event: Any = None,
@@ -748,6 +766,34 @@ def _run_frontend(frontend: Any, model: str, no_build: bool, **kwargs: Any) -> N
         frontend(model, build=False, **kwargs)
     except (BundleError, FileNotFoundError) as exc:
         _fail(str(exc), EXIT_BUILD_FAILED)
+
+
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List every device kind: whether this machine can build it (and what to install when not), and
+    whether this machine can run its bundles."""
+    from mlcbuild.devices import DEVICE_KINDS, build_problems, parse_device, run_here
+
+    rows = []
+    for kind in DEVICE_KINDS.values():
+        example = kind.name if kind.arch != "required" else f"{kind.name}:{kind.arch_help.split('one of ')[1].split(',')[0]}"
+        problems = [p.split(": ", 1)[1] for p in build_problems(parse_device(example))]
+        rows.append({"device": kind.name, "written": kind.arch_help, "summary": kind.summary, "build": not problems,
+                     "missing": problems, "run": run_here(kind.name), "library": kind.library.file,
+                     "loads_with": kind.loads_with})
+    if as_json:
+        for row in rows:
+            out.print(json.dumps(row), markup=False)
+        return
+    for row in rows:
+        mark = "[green]can build[/green]" if row["build"] else "[red]cannot build[/red]"
+        out.print(f"[bold]{row['device']:<8}[/bold] {mark:<30} {escape(row['summary'])}")
+        out.print(f"         write: {escape(row['written'])}; bundle library: {row['library']}")
+        for problem in row["missing"]:
+            out.print(f"         [red]missing:[/red] {escape(problem)}")
+        out.print(f"         run here: {escape(row['run'])}")
+    missing = sum(1 for row in rows if not row["build"])
+    out.print(f"{len(rows) - missing} of {len(rows)} device kinds can be built on this machine")
 
 
 def main() -> None:

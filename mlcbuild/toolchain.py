@@ -61,21 +61,43 @@ def host_cpu() -> str:
     return memo(key, compute)
 
 
-def tool_path(name: str) -> Path | None:
-    """The resolved executable ``name`` on PATH, or None."""
-    found = shutil.which(name)
+def tool_command(name: str, min_version: int = 0) -> str | None:
+    """``name`` as found on PATH, or Debian's versioned name of it (``ld64.lld-19``: the highest
+    version present) when the plain name is not installed; None when neither is. With
+    ``min_version``, only versioned names of at least that version count."""
+    found = shutil.which(name) if not min_version else None
+    if found:
+        return found
+    versions = []
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        try:
+            entries = os.listdir(directory or ".")
+        except OSError:
+            continue
+        for entry in entries:
+            suffix = entry[len(name) + 1:] if entry.startswith(name + "-") else ""
+            if suffix.isdigit() and int(suffix) >= min_version and os.access(os.path.join(directory, entry), os.X_OK):
+                versions.append((int(suffix), os.path.join(directory, entry)))
+    return max(versions)[1] if versions else None
+
+
+def tool_path(name: str, min_version: int = 0) -> Path | None:
+    """The resolved executable of :func:`tool_command`, or None."""
+    found = tool_command(name, min_version)
     return Path(os.path.realpath(found)) if found else None
 
 
-def tool_version(name: str, args: tuple[str, ...] = ("--version",), line: int = 0) -> str:
+def tool_version(name: str, args: tuple[str, ...] = ("--version",), line: int = 0, min_version: int = 0) -> str:
     """Line ``line`` of ``name --version`` (memoized by the executable's identity), or "absent"."""
-    path = tool_path(name)
-    if path is None:
+    found = tool_command(name, min_version)
+    path = Path(os.path.realpath(found)) if found else None
+    if path is None or found is None:
         return "absent"
     stat = path.stat()
 
     def compute() -> str:
-        result = subprocess.run([str(path), *args], capture_output=True, text=True, check=True)
+        # run by the name found on PATH: multi-call binaries (lld) read what they were called as
+        result = subprocess.run([found, *args], capture_output=True, text=True, check=True)
         lines = [ln.strip() for ln in (result.stdout or result.stderr).strip().splitlines() if ln.strip()]
         return lines[line] if lines else "unknown"
 

@@ -20,17 +20,18 @@ from mlcbuild.recipe import Kernels
 
 def build_library(chat: dict[str, Any], device: DeviceSpec, out: Path, kernels: Kernels = Kernels(),
                   fallbacks: list[ScheduleFallback] | None = None) -> dict[str, Any]:
-    """Compile the model a chat config describes for ``device`` into the shared library ``out``,
-    with the kernel switches ``kernels``; every kernel schedule that failed and fell back is added
-    to ``fallbacks``. Returns the metadata embedded in the library."""
+    """Compile the model a chat config describes for ``device`` into the library file ``out`` (the
+    device kind's ``library.file`` inside the compile node's output), with the kernel switches
+    ``kernels``; every kernel schedule that failed and fell back is added to ``fallbacks``. CUDA's
+    fatbin lands beside it (the GPU code of other kinds is inside the library). Returns the metadata
+    embedded in the library."""
     import tvm
 
     from mlcbuild.models import config_from_normalized
     from mlcbuild.models.base_nn import build_quantized_model
 
+    kind = device.spec
     target = tvm.target.Target(target_dict(device))
-    if device.kind == "cpu" and device.arch and not _valid_cpu(device.arch):
-        raise StageError(f"LLVM does not know the CPU {device.arch!r} (device cpu:{device.arch})")
     config = config_from_normalized(chat["model_config"])
     if chat["sliding_window_size"] > 0:  # the window the runtime slides by (a recipe may override the model's)
         config = config.model_copy(update={"sliding_window": chat["sliding_window_size"]})
@@ -44,7 +45,9 @@ def build_library(chat: dict[str, Any], device: DeviceSpec, out: Path, kernels: 
         "prefill_chunk_size": chat["prefill_chunk_size"],
         "sliding_window_size": chat["sliding_window_size"],
         "max_batch_size": chat["max_batch_size"],
-        "page_size": PAGE_SIZE,
+        # the chat config's page size (gen_config writes bundle_format.PAGE_SIZE): library and
+        # runtime read the one value the bundle carries
+        "page_size": chat.get("page_size", PAGE_SIZE),
         "kv_cache": {
             "num_hidden_layers": config.num_hidden_layers,
             "num_attention_heads": config.num_attention_heads,
@@ -56,47 +59,205 @@ def build_library(chat: dict[str, Any], device: DeviceSpec, out: Path, kernels: 
         ],
     }
     bounds = {"seq_len": chat["prefill_chunk_size"], "batch_size": chat["max_batch_size"]}
-    # CUDA: decode steps replay CUDA graphs (RewriteCUDAGraph, below) instead of launching each
-    # of the ~10 kernels per layer from the host.
-    config = {"tirx.disable_cse_tir": True, "relax.backend.use_cuda_graph": device.kind == "cuda"}
-    with target, tvm.transform.PassContext(config=config):
-        executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, metadata, bounds, kernels, fallbacks))
+    # CUDA: decode steps replay CUDA graphs (RewriteCUDAGraph, in the pipeline) instead of
+    # launching each of the ~10 kernels per layer from the host.
+    pass_config = {"tirx.disable_cse_tir": True, "relax.backend.use_cuda_graph": device.kind == "cuda"}
+    # A library linked into an app (iOS, Android) registers its functions in the app's system
+    # library under a prefix, so that several models can live in one app (as MLC LLM's do).
+    system_lib = kind.library.name == "static-tar"
+    if system_lib:
+        metadata["system_lib_prefix"] = system_lib_prefix(chat)
+        mod = mod.with_attr("system_lib_prefix", metadata["system_lib_prefix"])
+    with target, tvm.transform.PassContext(config=pass_config), _device_callbacks(device):
+        executable = tvm.relax.build(mod, target, relax_pipeline=relax_pipeline(target, metadata, bounds, kernels, fallbacks),
+                                     system_lib=system_lib or None)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.so")
-    executable.export_library(str(tmp))
-    os.replace(tmp, out)
+    _export(executable, device, out)
     if device.kind == "cuda":
+        from mlcbuild.devices import CUDA_MULTI_ARCHS
+
         with target:  # tvm's nvcc wrapper reads the arch from the current target
-            metadata["cuda"] = precompile_cuda(executable.mod, device.arch or "", out.parent)
+            metadata["cuda"] = precompile_cuda(executable.mod, [device.arch] if device.arch else list(CUDA_MULTI_ARCHS),
+                                               out.parent)
     return metadata
 
 
-def precompile_cuda(module: Any, arch: str, directory: Path) -> dict[str, str]:
+def system_lib_prefix(chat: dict[str, Any]) -> str:
+    """The symbol prefix of a system-library build: the model type and quantization (what tells two
+    models of one app apart), as a C identifier."""
+    return "".join(c if c.isalnum() else "_" for c in f"{chat['model_type']}_{chat['quantization']}") + "_"
+
+
+def _export(executable: Any, device: DeviceSpec, out: Path) -> None:
+    """Link the executable into ``out`` as the device kind's library format (temp name, then rename)."""
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    fmt = device.spec.library.name
+    if device.kind == "aarch64":
+        from tvm.support import cc
+
+        # host code generated by TVM's LLVM for aarch64; linked by the cross linker (gcc's driver)
+        executable.export_library(str(tmp), fcompile=cc.cross_compiler("aarch64-linux-gnu-gcc"))
+    elif fmt == "macho-dylib":
+        executable.export_library(str(tmp), fcompile=_link_macos_dylib)
+    elif fmt == "wasm":
+        from mlcbuild.compiler.web import link_tvmjs_wasm
+
+        executable.export_library(str(tmp), fcompile=link_tvmjs_wasm)
+    elif fmt == "static-tar":
+        executable.export_library(str(tmp))  # a .tar: the object files, unlinked
+        _normalize_tar(tmp)
+        if device.kind == "android":
+            _check_android_link(tmp)
+    else:
+        executable.export_library(str(tmp))
+    os.replace(tmp, out)
+
+
+def _normalize_tar(path: Path) -> None:
+    """Rewrite TVM's tar (the ``tar`` command's: build times, user names) with sorted members,
+    mtime 0 and uid/gid 0, so two builds give the same bytes."""
+    import io
+    import tarfile
+
+    with tarfile.open(path) as src:
+        members = sorted(((m, src.extractfile(m).read()) for m in src.getmembers() if m.isfile()),  # type: ignore[union-attr]
+                         key=lambda item: item[0].name)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as dst:
+        for member, data in members:
+            info = tarfile.TarInfo(Path(member.name).name)
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
+            dst.addfile(info, io.BytesIO(data))
+    path.write_bytes(buffer.getvalue())
+
+
+def _link_macos_dylib(output: str, objects: list[str], options: Any = None) -> None:
+    """Link arm64 Mach-O objects into a macOS dylib with LLVM's ld64.lld. Symbols of TVM's runtime
+    and libSystem stay undefined, bound when the library is loaded into a process that has them
+    (as a Python extension module is); no macOS SDK is needed."""
+    import subprocess
+
+    from mlcbuild.toolchain import tool_command
+
+    cmd = [tool_command("ld64.lld") or "ld64.lld", "-dylib", "-arch", "arm64", "-platform_version", "macos", "11.0", "11.0",
+           "-undefined", "dynamic_lookup", "-install_name", "@rpath/model.dylib", "-o", output, *objects]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise StageError(f"ld64.lld failed linking the macOS library:\n{done.stderr.strip()}")
+
+
+_link_macos_dylib.object_format = "o"  # type: ignore[attr-defined]
+
+
+def _check_android_link(tar: Path) -> None:
+    """Link the tar's objects into a throwaway shared object with the NDK's clang: what the app's
+    build does with them, so an object the NDK cannot link fails here, not in the app build."""
+    import subprocess
+    import tarfile
+    import tempfile
+
+    from mlcbuild.devices import android_ndk_clang
+
+    clang = android_ndk_clang()
+    if clang is None:
+        raise StageError("android: the NDK's aarch64 clang is not under $ANDROID_NDK/toolchains/llvm/prebuilt/*/bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(tar) as archive:
+            archive.extractall(tmp, filter="data")
+        objects = sorted(str(p) for p in Path(tmp).rglob("*.o"))
+        done = subprocess.run([str(clang), "-shared", "-Wl,--unresolved-symbols=ignore-all", "-o",
+                               str(Path(tmp) / "check.so"), *objects], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise StageError(f"android: the NDK's clang cannot link the library's objects:\n{done.stderr.strip()}")
+
+
+class _device_callbacks:
+    """TVM hooks a device's code generator calls, pointed at what this machine has (ROCm: the
+    device library bitcode Debian's rocm-device-libs installs, linked with ld.lld)."""
+
+    def __init__(self, device: DeviceSpec):
+        self.device = device
+        self.previous: Any = None
+
+    def __enter__(self) -> "_device_callbacks":
+        if self.device.kind == "rocm":
+            import tvm_ffi
+            from tvm.support import rocm
+
+            from mlcbuild.devices import DEVICE_KINDS
+            from mlcbuild.toolchain import tool_command
+
+            lld_tool = DEVICE_KINDS["rocm"].tools[0]
+            lld = tool_command(lld_tool.command, lld_tool.min_version)
+            if lld is None:
+                raise StageError(f"rocm: no ld.lld of version {lld_tool.min_version}+: {lld_tool.install}")
+            directory = rocm_bitcode_dir()
+
+            def bitcode_path(rocdl_dir: Any = None) -> Any:
+                return rocm.callback_rocm_bitcode_path(str(directory))
+
+            def link(obj: Any) -> bytearray:
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    (Path(tmp) / "kernels.o").write_bytes(bytes(obj))
+                    rocm.rocm_link(str(Path(tmp) / "kernels.o"), str(Path(tmp) / "kernels.co"), lld=lld)
+                    return bytearray((Path(tmp) / "kernels.co").read_bytes())
+
+            self.previous = {name: tvm_ffi.get_global_func(name, allow_missing=True)
+                             for name in ("tvm_callback_rocm_bitcode_path", "tvm_callback_rocm_link")}
+            tvm_ffi.register_global_func("tvm_callback_rocm_bitcode_path", bitcode_path, override=True)
+            tvm_ffi.register_global_func("tvm_callback_rocm_link", link, override=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous:
+            import tvm_ffi
+
+            for name, func in self.previous.items():
+                if func is not None:
+                    tvm_ffi.register_global_func(name, func, override=True)
+
+
+def rocm_bitcode_dir() -> Path:
+    """ROCm's device library bitcode (ocml, ockl, ...): $ROCM_PATH/amdgcn/bitcode, /opt/rocm, or
+    Debian's rocm-device-libs."""
+    candidates = [Path(os.environ["ROCM_PATH"]) / "amdgcn" / "bitcode"] if os.environ.get("ROCM_PATH") else []
+    candidates += [Path("/opt/rocm/amdgcn/bitcode"), Path("/usr/lib/x86_64-linux-gnu/amdgcn/bitcode")]
+    for candidate in candidates:
+        if (candidate / "ocml.bc").is_file():
+            return candidate
+    raise StageError("ROCm's device libraries (ocml.bc) are missing: apt-get install rocm-device-libs, "
+                     "or set ROCM_PATH to a ROCm installation")
+
+
+def precompile_cuda(module: Any, archs: str | list[str], directory: Path) -> dict[str, str]:
     """Compile the library's CUDA kernels with nvcc, ahead of time.
 
     TVM 0.27 keeps CUDA *source* in the library and compiles it when the library is loaded
     (its ``tvm_callback_cuda_compile`` hook, NVRTC by default). We build the fatbin here
-    instead (SASS for ``arch`` plus PTX for newer GPUs) and write it next to the library with
-    the SHA-256 of the source it was built from; a runtime registers a
+    instead (SASS for each of ``archs`` plus PTX of the newest, for newer GPUs) and write it next
+    to the library with the SHA-256 of the source it was built from; a runtime registers a
     ``tvm_callback_cuda_compile`` that returns this fatbin when the source's hash matches (see
     .notes/compiler.md), so loading needs neither NVRTC nor nvcc and compile errors surface
     at build time.
     """
     from tvm.support import nvcc as tvm_nvcc
 
+    archs = [archs] if isinstance(archs, str) else list(archs)
     source = _find_source(module, "cuda")
     if source is None:
         raise StageError("the CUDA build produced no CUDA module")
-    suffix = arch.removeprefix("sm_")
-    fatbin = tvm_nvcc.compile_cuda(
-        source,
-        target_format="fatbin",
-        arch=["-gencode", f"arch=compute_{suffix},code=[sm_{suffix},compute_{suffix}]"],
-        compiler="nvcc",
-    )
-    name = f"model.{arch}.fatbin"
+    gencode: list[str] = []
+    for arch in archs:
+        num = arch.removeprefix("sm_")
+        gencode += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+    newest = archs[-1].removeprefix("sm_")
+    gencode += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
+    fatbin = tvm_nvcc.compile_cuda(source, target_format="fatbin", arch=gencode, compiler="nvcc")
+    name = f"model.{archs[0]}.fatbin" if len(archs) == 1 else "model.cuda.fatbin"
     (directory / name).write_bytes(bytes(fatbin))
-    info = CudaKernels(arch=arch, fatbin=name, source_sha256=hashlib.sha256(source.encode()).hexdigest())
+    info = CudaKernels(arch=",".join(archs), fatbin=name, source_sha256=hashlib.sha256(source.encode()).hexdigest())
     (directory / Path(CUDA_KERNELS_FILE).name).write_text(info.model_dump_json(indent=1) + "\n", encoding="utf-8")
     return info.model_dump()
 
@@ -109,14 +270,3 @@ def _find_source(module: Any, kind: str) -> str | None:
         if found is not None:
             return found
     return None
-
-
-def _valid_cpu(name: str) -> bool:
-    from tvm.target import codegen
-
-    try:
-        return bool(codegen.llvm_is_valid_cpu(name, "x86_64-linux-gnu"))
-    except Exception:  # older signature / non-x86 triple: let LLVM complain at build time
-        return True
-
-

@@ -12,7 +12,9 @@ from mlcbuild.recipe import Kernels
 
 
 def relax_pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int], kernels: Kernels = Kernels(),
-              fallbacks: list[ScheduleFallback] | None = None) -> Any:
+                   fallbacks: list[ScheduleFallback] | None = None) -> Any:
+    """The pipeline for ``target``: llvm targets get the CPU kernels, GPU targets CUDA's schedules
+    (``compiler.kernels.cuda_schedule``) with dlight for the rest."""
     import tvm
     from tvm import relax
 
@@ -27,6 +29,12 @@ def relax_pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int]
     else:
         from mlcbuild.compiler.kernels.cuda_schedule import CUDASchedule
 
+        # Every GPU kind gets these schedules (TVM lowers their warp reductions for the target's
+        # warp size: 64 on CDNA, 32 on CUDA/RDNA/Apple, none on WebGPU/OpenCL); the kernel switches
+        # and CUDA graphs are CUDA's alone.
+        is_cuda = target.kind.name == "cuda"
+        if not is_cuda:
+            kernels = Kernels()
         # Decode GEMVs (dequantize fused, batch-dispatched) by our rule, the rest by dlight.
         # TVM 0.27's tensor-core path of dlight's Matmul rule segfaults inside
         # s_tir::Tensorize on our fused f16 matmuls (any hidden size >= 128, sm_80 and sm_90);
@@ -43,7 +51,7 @@ def relax_pipeline(target: Any, metadata: dict[str, Any], bounds: dict[str, int]
         after_memory_plan = [
             _annotate("relax.rewrite_cuda_graph.capture_symbolic_vars", ["batch_size"], names=("decode", "batch_decode")),
             relax.transform.RewriteCUDAGraph(),
-        ]
+        ] if is_cuda else []
     # A sliding-window model's prefill: each query row sees exactly its window (kernels/sliding_window.py).
     windowed = []
     if (metadata.get("sliding_window_size") or -1) > 0:

@@ -65,16 +65,15 @@ def parse_runtime_device(text: str) -> tuple[str, int | None]:
 
 
 def _cpu_ok(bundle_device: str) -> bool:
-    return bundle_device == "cpu" or bundle_device.startswith("cpu:")
+    """A library for this machine's CPU kind (``cpu`` on x86-64, ``aarch64`` on Arm)."""
+    import platform
+
+    return bf.cpu_runs(bundle_device, platform.machine())
 
 
 def _cuda_ok(bundle_device: str, arch: str) -> bool:
-    """A cuda:sm_XY library runs on a GPU of the same major version and an equal or newer minor."""
-    if not bundle_device.startswith("cuda:sm_"):
-        return False
-    want, have = bundle_device[len("cuda:sm_"):], arch[len("sm_"):]
-    return want == have or (want[:-1] == have[:-1] and want[-1:].isdigit() and have[-1:].isdigit()
-                            and want[-1] <= have[-1])
+    """A CUDA library with SASS for ``arch`` (same major, equal or older minor) or PTX it can JIT."""
+    return bf.cuda_device_runs(bundle_device, arch)
 
 
 def choose(candidates: dict[str, Path], device: str) -> tuple[Path, RuntimeDevice]:
@@ -95,10 +94,26 @@ def choose(candidates: dict[str, Path], device: str) -> tuple[Path, RuntimeDevic
             if arch is None:
                 raise BundleError(f"no CUDA device {where} on this machine (the bundle has libraries for: {available})")
             raise BundleError(f"no library for {where} ({arch}); the bundle has libraries for: {available}")
-    for name in sorted(candidates, key=lambda n: n != "cpu"):
+    for name in sorted(candidates, key=lambda n: ":" in n):
         if _cpu_ok(name):
             return candidates[name], RuntimeDevice("cpu", 0)
+    if len(candidates) == 1:  # say why the one bundle there is does not run here
+        raise BundleError(_why_not_here(next(iter(candidates))))
     raise BundleError(f"no library for {device}; the bundle has libraries for: {available}")
+
+
+def _why_not_here(bundle_device: str) -> str:
+    """What a bundle for ``bundle_device`` (which ``choose`` could not pick) needs, in words."""
+    import platform
+
+    kind = bundle_device.split(":")[0]
+    apis = {"rocm": "ROCm", "metal": "Metal", "ios": "Metal (iOS)", "webgpu": "WebGPU", "vulkan": "Vulkan",
+            "android": "OpenCL (Android)"}
+    if kind in apis:
+        return f"this bundle is for {bundle_device}; this machine has no {apis[kind]} device this runtime drives"
+    if kind == "cuda":
+        return f"this bundle is for {bundle_device}; this machine has no CUDA GPU it runs on"
+    return f"this bundle is for {bundle_device}; this machine is {platform.machine()}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,7 +204,7 @@ def _recipe_bundles(recipe_path: Path, quantization: str | None) -> dict[str, Pa
     found: dict[str, Path] = {}
     for quant in quants:
         for device in devices:
-            candidate = output / f"{quant}-{str(device).replace(':', '-')}"
+            candidate = output / bf.bundle_dirname(quant, str(device))
             if (candidate / bf.MANIFEST_FILE).is_file():
                 found.setdefault(str(device), candidate)
     if not found:
@@ -339,6 +354,19 @@ def _use_prebuilt_cuda_kernels(bundle: Path) -> None:
     _use_prebuilt_cuda_kernels.registered = True  # type: ignore[attr-defined]
 
 
+def _check_runs_here(manifest: bf.Manifest, device: RuntimeDevice) -> None:
+    """Refuse, up front, a bundle whose library this runtime cannot load here (another CPU, a GPU
+    API it does not drive, a GPU arch the library has no code for, another TVM runtime ABI)
+    instead of failing deep inside TVM's loader (bundle_format.cannot_run)."""
+    import platform
+    from importlib.metadata import version
+
+    gpus = [arch] if device.kind == "cuda" and (arch := _cuda_arch(device.index)) else []
+    problem = bf.cannot_run(manifest.device, manifest.library, platform.machine(), version("apache-tvm"), gpus)
+    if problem:
+        raise BundleError(problem)
+
+
 @dataclass
 class Bundle:
     """An opened, verified bundle, ready to load onto a device."""
@@ -357,6 +385,7 @@ class Bundle:
              quantization: str | None = None, build: bool | BuildHook = False) -> Bundle:
         path, runtime_device = find_bundle(bundle_or_recipe, device, quantization, build)
         manifest = _read_manifest(path)
+        _check_runs_here(manifest, runtime_device)
         if verify:
             verify_bundle(path, manifest)
         try:
@@ -369,9 +398,10 @@ class Bundle:
         """The compiled module (load it once; tvm caches nothing)."""
         import tvm
 
-        lib = self.path / bf.LIBRARY_FILE
+        name = self.manifest.library.file if self.manifest.library else bf.LIBRARY_FILE
+        lib = self.path / name
         if not lib.is_file():
-            raise BundleError(f"bundle {self.path} has no {bf.LIBRARY_FILE}")
+            raise BundleError(f"bundle {self.path} has no {name}")
         if self.device.kind == "cuda":
             _use_prebuilt_cuda_kernels(self.path)
         return tvm.runtime.load_module(str(lib))

@@ -325,8 +325,9 @@ class Engine:
         cc = bundle.chat_config
         self.bundle = bundle
         self.tokenizer = Tokenizer(bundle.path)
-        self.max_batch_size = max(1, max_batch_size or (cc.max_batch_size if cc.max_batch_size > 1
-                                                        else DEFAULT_MAX_BATCH_SIZE))
+        # at most what the library was compiled for (its static memory plan is sized for that batch)
+        self.max_batch_size = max(1, min(max_batch_size or (cc.max_batch_size if cc.max_batch_size > 1
+                                                            else DEFAULT_MAX_BATCH_SIZE), cc.max_batch_size))
         self.context_window_size = min(context_window_size or cc.context_window_size, cc.context_window_size)
         self.prefill_chunk_size = min(prefill_chunk_size or cc.prefill_chunk_size, cc.prefill_chunk_size)
         if kv_cache_tokens is None:

@@ -15,6 +15,7 @@ import importlib
 import os
 from typing import Any
 
+from mlcbuild import bundle_format
 from mlcbuild.devices import parse_device
 from mlcbuild.pipeline.graph import Graph, StageTemplate, expand
 from mlcbuild.pipeline.stage import Stage
@@ -41,7 +42,7 @@ LLM_TEMPLATE: tuple[StageTemplate, ...] = (
 
 def bundle_dirname(quantization: str, device: str) -> str:
     """The bundle directory of one (quantization, device) inside the recipe's output dir."""
-    return f"{quantization}-{parse_device(device).dirname}"
+    return bundle_format.bundle_dirname(quantization, parse_device(device).name)
 
 
 _REGISTRY: dict[str, type[Stage]] = {}

@@ -3,8 +3,8 @@
 The stage only: its params, key facts, resources, and a call to ``mlcbuild.compiler.build``
 (the Relax module, the pass pipeline and the kernels live in ``mlcbuild.compiler``).
 
-Devices: ``cpu`` (llvm for this host's CPU, whose name enters the node key), ``cpu:<mcpu>``
-(a named x86-64 level or CPU), ``cuda:sm_XX`` (CUDA via nvcc; no GPU needed to build).
+Devices are ``mlcbuild.devices``' registry: its entry for the node's device gives the target, the
+toolchain facts of the key, the tools the node needs and the library file it writes.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import json
 import time
 from pathlib import Path
 
-from mlcbuild.bundle_format import CHAT_CONFIG_FILE, LIBRARY_FILE, SCHEDULE_REPORT_FILE, ScheduleFallback
-from mlcbuild.devices import parse_device, target_dict
+from mlcbuild.bundle_format import CHAT_CONFIG_FILE, SCHEDULE_REPORT_FILE, ScheduleFallback
+from mlcbuild.devices import build_problems, parse_device, tool_files, toolchain_facts
 from mlcbuild.pipeline.stage import Resources, Stage, StageContext, StageError, StageParams
 from mlcbuild.recipe import Kernels, LoadedRecipe
 from mlcbuild.stages import register_stage
-from mlcbuild.toolchain import nvcc_files, nvcc_version, tvm_version
 
 # What a compile node asks a cluster for (see Compile.resources): about twice the peak RSS that
 # benchmarks/distributed.py measures (0.9 GiB with nvcc, alike for a 2-layer model and
@@ -50,30 +49,37 @@ class Compile(Stage):
         kernels = loaded.recipe.kernels if device.kind == "cuda" else Kernels()
         return CompileParams(quantization=axes["quantization"], device=device.name, kernels=kernels)
 
+    @classmethod
+    def preflight(cls, params: CompileParams) -> list[str]:
+        """What this machine lacks to build the node (checked by plan/run before any work)."""
+        return build_problems(parse_device(params.device))
+
     def toolchain(self, params: CompileParams) -> dict[str, str]:
         # (our kernel schedules are code of this stage: the key covers them, see Stage.code_modules)
-        facts = {"tvm": tvm_version(), "target": json.dumps(target_dict(parse_device(params.device)), sort_keys=True)}
-        if parse_device(params.device).kind == "cuda":
-            facts["nvcc"] = nvcc_version()
-        return facts
+        device = parse_device(params.device)
+        problems = build_problems(device)
+        if problems:  # the key would name tools that are not there: nothing to build or look up
+            raise StageError("; ".join(problems))
+        return toolchain_facts(device)
 
     def watch_paths(self, params: CompileParams) -> list[Path]:
-        return nvcc_files(params.device)
+        return tool_files(parse_device(params.device))
 
     def resources(self, params: CompileParams) -> Resources:
         # One core (TVM lowers on one thread); memory: TVM's module of every kernel, plus nvcc
-        # beside it for CUDA; a CUDA compile needs a worker with nvcc, declared as the custom
-        # resource "nvcc".
-        if parse_device(params.device).kind == "cuda":
-            return Resources(cpus=1, memory_bytes=COMPILE_MEMORY + NVCC_MEMORY, custom={"nvcc": 1})
-        return Resources(cpus=1, memory_bytes=COMPILE_MEMORY)
+        # beside it for CUDA; a compile needs a worker with its device's tools, each declared as
+        # a custom resource named after the tool ("nvcc", "aarch64-linux-gnu-gcc", ...).
+        device = parse_device(params.device)
+        custom = {tool.command: 1 for tool in device.spec.tools}
+        memory = COMPILE_MEMORY + (NVCC_MEMORY if device.kind == "cuda" else 0)
+        return Resources(cpus=1, memory_bytes=memory, custom=custom) if custom else Resources(cpus=1, memory_bytes=memory)
 
     def run(self, ctx: StageContext) -> None:
         chat = json.loads((ctx.inputs["config"] / CHAT_CONFIG_FILE).read_text(encoding="utf-8"))
         if chat["quantization"] != ctx.params.quantization:
             raise StageError(f"config was generated for {chat['quantization']}, not {ctx.params.quantization}")
         device = parse_device(ctx.params.device)
-        out = ctx.out / LIBRARY_FILE
+        out = ctx.out / device.spec.library.file
         out.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         fallbacks: list[ScheduleFallback] = []

@@ -21,14 +21,14 @@ from pathlib import Path
 from mlcbuild import __version__
 from mlcbuild.bundle_format import (CHAT_CONFIG_FILE, MANIFEST_FILE, SCHEDULE_REPORT_FILE, SOURCE_INFO_FILE, ChatConfig,
                                    Manifest, ManifestFile, RecipeFile, ScheduleFallback)
-from mlcbuild.devices import parse_device
+from mlcbuild.devices import library_info, parse_device, tool_files, toolchain_facts
 from mlcbuild.cache.digests import file_digests, iter_files
 from mlcbuild.pipeline.stage import Stage, StageContext, StageError, StageParams
 from mlcbuild.recipe import LoadedRecipe
 from mlcbuild.stages import register_stage
 from mlcbuild.sources import HF_SCHEME
 from mlcbuild.sources.lock import lock_path
-from mlcbuild.toolchain import host_cpu, nvcc_files, nvcc_version
+from mlcbuild.toolchain import host_cpu
 
 # Files of the inputs that are bookkeeping of the build, not part of a bundle.
 _NOT_BUNDLED = {SOURCE_INFO_FILE, SCHEDULE_REPORT_FILE}
@@ -83,14 +83,14 @@ class Package(Stage):
             "tvm": metadata.version("apache-tvm"),
         }
         device = parse_device(params.device)
-        if device.kind == "cuda":
-            tools["nvcc"] = nvcc_version()
-        elif device.arch is None:
+        if device.kind == "cpu" and device.arch is None:
             tools["host_cpu"] = host_cpu()  # "cpu" compiles for this host's CPU: the provenance names it
+        # the versions of the device's tools (nvcc, the cross compiler, emcc, ...): the manifest names them
+        tools.update({name: value for name, value in toolchain_facts(device).items() if name not in ("tvm", "target")})
         return tools
 
     def watch_paths(self, params: PackageParams) -> list[Path]:
-        return nvcc_files(params.device)
+        return tool_files(parse_device(params.device))
 
     def run(self, ctx: StageContext) -> None:
         placed: dict[str, str] = {}
@@ -126,6 +126,7 @@ class Package(Stage):
             source=source,
             recipe_files=list(ctx.params.recipe_files),
             schedule_fallbacks=fallbacks,
+            library=library_info(parse_device(ctx.params.device), ctx.toolchain.get("tvm") or metadata.version("apache-tvm")),
             files=files,
         )
         (ctx.out / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")

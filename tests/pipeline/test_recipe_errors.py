@@ -23,7 +23,7 @@ CASES = [
     # (what to replace, replacement, expected fragment)
     ("quantization: [q0f16, q4f16_1]", "quantization:\n  - q0f16\n  - q4f16",
      ":7: quantization[1]: 'q4f16' is not a known quantization; known: q0f32, q0f16, q0bf16, q4f16_1"),
-    ("devices: [cpu, cuda:sm_80]", "devices: [cpu, tpu]", ":6: devices[1]: 'tpu' is not a known device; expected 'cpu'"),
+    ("devices: [cpu, cuda:sm_80]", "devices: [cpu, tpu]", ":6: devices[1]: 'tpu' is not a known device; expected one of: cpu or cpu:<mcpu>"),
     ("name: toy\n", "name: toy\ncolour: blue\n", ":2: colour: unknown field; known fields: name, source, revision"),
     ("  prefill_chunk_size: 1024\n", "  prefill_chunk_size: 1024\n  context_window: 9\n",
      ":10: overrides.context_window: unknown field; known fields: context_window_size, prefill_chunk_size"),

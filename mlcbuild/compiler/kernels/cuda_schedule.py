@@ -100,8 +100,27 @@ def _default_rules() -> Any:
     from tvm.s_tir import dlight as dl
 
     return dl.ApplyDefaultSchedule(
-        dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+        _matmul_rule(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
     )
+
+
+def _matmul_rule() -> Any:
+    """dlight's Matmul without its Metal simdgroup path: that path's Tensorize segfaults in TVM 0.27
+    on our fused matmuls as the CUDA tensor-core one does (see ``dlight.do_not_tensorize``), so
+    Metal gets the tiled shared-memory schedule every other GPU gets (dlight picks the same generic
+    tiling for Metal and Vulkan)."""
+    import tvm
+    from tvm.s_tir import dlight as dl
+
+    class Matmul(dl.gpu.Matmul):
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:  # type: ignore[override]
+            if target.kind.name == "metal":
+                target = tvm.target.Target({"kind": "vulkan", "max_threads_per_block": int(target.max_num_threads),
+                                            "max_shared_memory_per_block": int(target.attrs["max_shared_memory_per_block"]),
+                                            "thread_warp_size": int(target.thread_warp_size)})
+            return super().apply(func, target, tunable)
+
+    return Matmul()
 
 
 def DequantGemv(target: Any, integer_dot_batch1: bool = False,  # noqa: N802
