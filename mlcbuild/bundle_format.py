@@ -129,6 +129,8 @@ LIBRARY_FORMATS: dict[str, LibraryFormat] = {f.name: f for f in (
                   description="a WebAssembly module with the WGSL shaders inside, linked against TVM's web runtime "
                               "(tvmjs), as WebLLM loads it"),
 )}
+GPU_API_NAMES = {"cuda": "CUDA", "rocm": "ROCm", "metal": "Metal", "webgpu": "WebGPU", "vulkan": "Vulkan",
+                 "opencl": "OpenCL"}
 # The GPU APIs the mlcbuild runtime drives (other bundles are for other runtimes: see LibraryInfo.loads_with).
 RUNTIME_GPU_APIS = ("cuda",)
 # A `cuda` bundle (no arch) carries SASS for these and PTX of the last: it runs on every GPU since
@@ -246,7 +248,8 @@ def cannot_run(device: str, library: LibraryInfo | None, machine: str, tvm: str,
         return (f"this bundle is for {device} ({host_arch} Linux); this machine is {arch}: "
                 f"load it on {library.loads_with}")
     if library.gpu is not None and library.gpu not in RUNTIME_GPU_APIS:
-        return f"this bundle is for {device}; this machine has no {library.gpu.upper()} device this runtime drives " \
+        api = GPU_API_NAMES.get(library.gpu, library.gpu)
+        return f"this bundle is for {device}; this machine has no {api} device this runtime drives " \
                f"(load it with {library.loads_with})"
     if library.gpu == "cuda":
         if not cuda_archs:
