@@ -46,6 +46,7 @@ class BuildJob:
     toolchain: dict[str, str]
     lineage: dict[str, str] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
+    code: str = ""  # digest of the stage's code the key was computed with (a worker checks its own)
 
 
 @dataclass

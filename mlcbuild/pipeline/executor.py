@@ -418,7 +418,7 @@ class Executor:
         job = BuildJob(key=state.key or "", label=node.label, stage=node.stage,
                        params=node.params.model_dump(mode="json"), inputs=inputs,
                        toolchain=components["toolchain"], lineage=components.get("lineage", {}),
-                       resources=stage.resources(node.params))
+                       resources=stage.resources(node.params), code=components.get("code") or "")
         self._emit("node_start", state, reason=state.reason)
         started = time.perf_counter()
         try:

@@ -433,6 +433,16 @@ def _build_task(job: BuildJob, driver: _Driver, build_id: str, relay: Any) -> di
                 f"{job.label}: worker {worker} has other toolchain facts than the node's key was computed with "
                 f"on the driver ({differ}); give the workers the driver's toolchain, or make what differs a "
                 "param of the recipe")
+        if job.code:
+            from mlcbuild.pipeline.code_digest import code_closure, code_digest
+
+            params = stage.Params.model_validate(job.params)
+            here = code_digest(code_closure(store.stat_cache, stage.code_modules(params)))
+            if here != job.code:
+                raise StageError(
+                    f"{job.label}: worker {worker} has other code for stage {job.stage!r} than the driver computed "
+                    f"the node's key with (code digest {here[:12]}, driver {job.code[:12]}): install the driver's "
+                    "mlcbuild on every worker, or its artifacts would be cached under keys that do not describe them")
         try:
             record = build_node(job, store, stage, events.emit)
         except CorruptInput as exc:  # its cause does not pickle: send what the driver rebuilds it from
