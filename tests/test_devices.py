@@ -197,3 +197,40 @@ def test_the_runtime_refuses_a_bundle_up_front(tmp_path):
         with pytest.raises(BundleError) as info:
             Bundle.open(bundle, device="auto")
         assert expected in str(info.value)
+
+
+def _fatbin_entries(data: bytes) -> list[tuple[str, int]]:
+    """(kind, sm) of each entry of a CUDA fatbin: ("elf", 90) is SASS for sm_90, ("ptx", 90) PTX."""
+    import struct
+
+    magic, _, header, size = struct.unpack_from("<IHHQ", data, 0)
+    assert magic == 0xBA55ED50
+    entries, at = [], header
+    while at < header + size:
+        kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, at)
+        entries.append(({1: "ptx", 2: "elf"}[kind], struct.unpack_from("<I", data, at + 28)[0]))
+        at += entry_header + payload
+    return entries
+
+
+@pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="nvcc is not installed")
+def test_cuda_without_an_arch_builds_one_fatbin_for_every_gpu_since_turing(tmp_path):
+    import tvm
+    from tvm import te
+    from tvm.s_tir import dlight as dl
+
+    from mlcbuild.compiler.build import precompile_cuda
+    from mlcbuild.devices import target_dict
+
+    x = te.placeholder((256,), "float32", name="x")
+    y = te.compute((256,), lambda i: x[i] * 2.0, name="y")
+    target = tvm.target.Target(target_dict(parse_device("cuda")))
+    assert target.arch == "sm_75"  # kernels generated for the oldest arch of the set
+    with target:
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(tvm.IRModule({"double": te.create_prim_func([x, y])}))
+        lib = tvm.compile(mod, target=target)
+        info = precompile_cuda(lib.mod, list(bf.CUDA_MULTI_ARCHS), tmp_path)
+    assert info["fatbin"] == "model.cuda.fatbin" and info["arch"] == ",".join(bf.CUDA_MULTI_ARCHS)
+    entries = _fatbin_entries((tmp_path / info["fatbin"]).read_bytes())
+    assert sorted(sm for kind, sm in entries if kind == "elf") == [75, 80, 86, 89, 90]
+    assert [sm for kind, sm in entries if kind == "ptx"] == [90]  # newer GPUs JIT it

@@ -1,0 +1,266 @@
+"""One recipe, one tiny model, every device MLC LLM deploys to that this machine can build: the bundles,
+what is inside each, and running them where we can (the aarch64 one under qemu-user, the WebGPU
+kernels through wgpu on a CPU Vulkan driver).
+
+Needs the toolchains `.ci/run` installs (doctor lists them); without them the module is skipped, unless
+MLCBUILD_REQUIRE_DEVICE_TOOLCHAINS=1 (CI sets it), which turns a missing tool into a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import clean_env
+from mlcbuild import bundle_format as bf
+from mlcbuild.devices import build_problems, parse_device
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEVICES = ["cpu", "aarch64", "cuda:sm_90", "rocm:gfx942", "metal", "webgpu"]
+QUANT = "q4f32_1"
+RECIPE = f"""\
+name: tiny-devices
+source: src
+conv_template: auto
+quantization: [{QUANT}]
+devices: [{", ".join(DEVICES)}]
+overrides:
+  context_window_size: 128
+  prefill_chunk_size: 16
+  max_batch_size: 2
+"""
+REQUIRED = os.environ.get("MLCBUILD_REQUIRE_DEVICE_TOOLCHAINS") == "1"
+
+
+def _need(condition: bool, why: str) -> None:
+    if not condition:
+        if REQUIRED:
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`mlcbuild run` of the recipe: its JSON events and bundle directories."""
+    problems = [p for d in DEVICES for p in build_problems(d)]
+    _need(not problems, "toolchains missing (see mlcbuild doctor): " + "; ".join(problems))
+    from compiler_harness import TINY, make_checkpoint
+    from runtime_support import write_tokenizer
+
+    root = tmp_path_factory.mktemp("devices")
+    write_tokenizer(make_checkpoint("llama", root / "src"), TINY["vocab_size"])
+    (root / "tiny.yaml").write_text(RECIPE)
+    env = clean_env(MLCBUILD_CACHE_DIR=str(root / "cache"), MLCBUILD_VERIFY_CACHE=str(root / "verified"))
+    done = subprocess.run([sys.executable, "-m", "mlcbuild", "run", str(root / "tiny.yaml"), "--json", "-j", "2"],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    bundles = {d: root / "dist" / "tiny-devices" / bf.bundle_dirname(QUANT, d) for d in DEVICES}
+    return {"root": root, "events": events, "bundles": bundles, "env": env}
+
+
+def _library(bundle: Path) -> tuple[bf.Manifest, bytes]:
+    manifest = bf.read_manifest(bundle)
+    assert manifest.library is not None
+    return manifest, (bundle / manifest.library.file).read_bytes()
+
+
+def test_every_bundle_builds_from_one_weight_conversion_and_verifies(built):
+    started = [e for e in built["events"] if e["event"] == "node_start"]
+    assert sum(1 for e in started if e["stage"] == "convert_weight") == 1  # weights shared by all 6 devices
+    assert sum(1 for e in started if e["stage"] == "compile") == len(DEVICES)
+    formats = {"cpu": ("elf-shared", "x86_64-linux", None), "aarch64": ("elf-shared", "aarch64-linux", None),
+               "cuda:sm_90": ("elf-shared", "x86_64-linux", "cuda"), "rocm:gfx942": ("elf-shared", "x86_64-linux", "rocm"),
+               "metal": ("macho-dylib", "arm64-macos", "metal"), "webgpu": ("wasm", "wasm32", "webgpu")}
+    weights = set()
+    for device, bundle in built["bundles"].items():
+        done = subprocess.run([sys.executable, "-m", "mlcbuild", "verify", str(bundle)], capture_output=True,
+                              text=True, env=built["env"])
+        assert done.returncode == 0, done.stdout + done.stderr
+        manifest, _ = _library(bundle)
+        assert (manifest.device, manifest.library.format, manifest.library.host, manifest.library.gpu) == (device, *formats[device])
+        assert manifest.library.runtime_abi.tvm == manifest.tools["tvm"]
+        weights.add(next(f.sha256 for f in manifest.files if f.path.endswith(".bin")))
+    assert len(weights) == 1
+    assert bf.read_manifest(built["bundles"]["aarch64"]).tools["cc"].startswith("aarch64-linux-gnu-gcc")
+    assert bf.read_manifest(built["bundles"]["webgpu"]).tools["emcc"].startswith("emcc")
+
+
+# ---- aarch64: the bundle runs under qemu-user, greedy tokens equal to the x86 bundle's --------------
+
+
+@pytest.fixture(scope="module")
+def aarch64_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from aarch64_python import PYTHON, build
+
+    _need(shutil.which("qemu-aarch64") is not None, "qemu-aarch64 is missing: apt-get install qemu-user")
+    given = os.environ.get("MLCBUILD_AARCH64_SYSROOT")
+    if given and (Path(given) / PYTHON).exists():
+        return Path(given)
+    try:
+        return build(Path(given) if given else tmp_path_factory.mktemp("aarch64") / "sysroot")
+    except subprocess.CalledProcessError as exc:
+        _need(False, f"cannot make an aarch64 Python (dpkg --add-architecture arm64 && apt-get update?): {exc}")
+        raise
+
+
+def test_aarch64_bundle_runs_under_qemu_with_the_x86_greedy_tokens(built, aarch64_python):
+    from aarch64_python import command, environment
+
+    prompt, steps = "1,17,42,99,7,250,3", 6
+    script = str(HERE / "greedy_tokens.py")
+    env = {**built["env"], "MLCBUILD_VERIFY_CACHE": str(built["root"] / "verified-x86")}
+    x86 = subprocess.run([sys.executable, script, str(built["bundles"]["cpu"]), prompt, str(steps)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert x86.returncode == 0, x86.stderr
+    arm_env = {**environment(aarch64_python, REPO), "MLCBUILD_VERIFY_CACHE": str(built["root"] / "verified-arm")}
+    arm = subprocess.run(command(aarch64_python, script, str(built["bundles"]["aarch64"]), prompt, str(steps)),
+                         capture_output=True, text=True, env=arm_env, timeout=900)
+    assert arm.returncode == 0, arm.stderr[-4000:]
+    ours, theirs = json.loads(x86.stdout), json.loads(arm.stdout)
+    assert (ours["device"], theirs["device"]) == ("cpu", "aarch64")
+    assert theirs["tokens"] == ours["tokens"]
+    np.testing.assert_allclose(np.array(theirs["logits"]), np.array(ours["logits"]), rtol=1e-3, atol=1e-3)
+    # and the x86 runtime refuses the aarch64 bundle up front, saying where it runs
+    from mlcbuild.runtime.bundle import Bundle, BundleError
+
+    with pytest.raises(BundleError, match=r"this bundle is for aarch64; this machine is x86_64"):
+        Bundle.open(built["bundles"]["aarch64"], device="cpu")
+
+
+# ---- ROCm: AMDGPU code objects for gfx942, one kernel per device function of the CUDA build ----------
+
+
+def _amdgpu_elfs(data: bytes) -> list[bytes]:
+    """The AMDGPU ELF code objects (EM_AMDGPU = 224) embedded in a library."""
+    found, at = [], data.find(b"\x7fELF")
+    while at >= 0:
+        if struct.unpack_from("<H", data, at + 18)[0] == 224:
+            shoff = struct.unpack_from("<Q", data, at + 0x28)[0]
+            shentsize, shnum = struct.unpack_from("<HH", data, at + 0x3A)
+            found.append(data[at: at + shoff + shentsize * shnum])
+        at = data.find(b"\x7fELF", at + 1)
+    return found
+
+
+def _llvm_tool(name: str) -> str:
+    from mlcbuild.toolchain import tool_command
+
+    tool = tool_command(name, min_version=17)
+    _need(tool is not None, f"{name} of LLVM 17+ is missing (AMDGPU gfx942): apt-get install llvm-19")
+    return tool
+
+
+def test_rocm_code_object_is_gfx942_with_the_cuda_builds_kernels(built, tmp_path):
+    _, library = _library(built["bundles"]["rocm:gfx942"])
+    elfs = _amdgpu_elfs(library)
+    assert len(elfs) == 1
+    code = tmp_path / "kernels.hsaco"
+    code.write_bytes(elfs[0])
+    header = subprocess.run([_llvm_tool("llvm-readelf"), "--file-header", str(code)], capture_output=True, text=True, check=True).stdout
+    assert "EM_AMDGPU" in header and "gfx942" in header and "AMDGPU - HSA" in header
+    assert struct.unpack_from("<I", elfs[0], 0x30)[0] & 0xFF == 0x4C  # EF_AMDGPU_MACH_AMDGCN_GFX942
+    symbols = subprocess.run([_llvm_tool("llvm-readelf"), "--symbols", "--wide", str(code)], capture_output=True, text=True,
+                             check=True).stdout
+    rocm_kernels = {line.split()[-1][: -len(".kd")] for line in symbols.splitlines() if line.split() and line.split()[-1].endswith(".kd")}
+    disassembly = subprocess.run([_llvm_tool("llvm-objdump"), "-d", "--mcpu=gfx942", str(code)], capture_output=True, text=True)
+    assert disassembly.returncode == 0 and "s_endpgm" in disassembly.stdout, disassembly.stderr[-2000:]
+    _, cuda = _library(built["bundles"]["cuda:sm_90"])
+    cuda_kernels = set(re.findall(rb"extern \"C\" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", cuda))
+    assert cuda_kernels and rocm_kernels == {k.decode() for k in cuda_kernels}
+
+
+# ---- Metal: arm64 Mach-O host code; the shader source parses -------------------------------------------
+
+
+METAL_SHIM = HERE / "metal_shim"
+
+
+def test_metal_library_is_an_arm64_macos_dylib_whose_shaders_parse(built, tmp_path):
+    manifest, library = _library(built["bundles"]["metal"])
+    header = subprocess.run([_llvm_tool("llvm-objdump"), "--macho", "--private-header",
+                             str(built["bundles"]["metal"] / manifest.library.file)], capture_output=True, text=True, check=True)
+    assert re.search(r"MH_MAGIC_64\s+ARM64\s+ALL\s+\S+\s+DYLIB", header.stdout), header.stdout
+    sources = []
+    for m in re.finditer(rb"#include <metal_stdlib>", library):  # one source per kernel, length-prefixed
+        length = struct.unpack_from("<Q", library, m.start() - 8)[0]
+        sources.append(library[m.start(): m.start() + length].decode())
+    kernels = [name for source in sources for name in re.findall(r"kernel void (\w+)\(", source)]
+    assert len(kernels) == len(sources) > 20
+    # No Metal compiler runs on Linux: clang parses each source as the C++ it is, with a header
+    # declaring Metal's types (vector types with swizzles) and built-ins (tests/metal_shim); an
+    # undeclared name, a wrong argument count or a type error fails here.
+    clang = shutil.which("clang-14") or shutil.which("clang")
+    _need(clang is not None, "clang is missing (it comes with emscripten)")
+    files = []
+    for index, source in enumerate(sources):
+        files.append(tmp_path / f"kernel{index}.metal")
+        files[-1].write_text(source)
+    parsed = subprocess.run([clang, "--target=aarch64-linux-gnu", "-fsyntax-only", "-x", "c++", "-std=c++17",
+                             "-I", str(METAL_SHIM), "-Wno-unknown-attributes", *map(str, files)],
+                            capture_output=True, text=True)
+    assert parsed.returncode == 0, parsed.stderr[-4000:]
+
+
+# ---- WebGPU: the wasm links with TVM's web runtime; every WGSL kernel validates on wgpu ----------------
+
+
+def _wgsl_shaders(library: bytes) -> dict[str, str]:
+    """name -> WGSL source of every kernel in a WebGPU library (length-prefixed strings)."""
+    shaders = {}
+    for m in re.finditer(rb"//-{40}\n// Function: (\w+)\n", library):
+        length = struct.unpack_from("<Q", library, m.start() - 8)[0]
+        shaders[m.group(1).decode()] = library[m.start(): m.start() + length].decode()
+    return shaders
+
+
+@pytest.fixture(scope="module")
+def wgpu_device():
+    wgpu = pytest.importorskip("wgpu")
+    adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
+    _need(adapter is not None, "no WebGPU adapter (apt-get install mesa-vulkan-drivers for lavapipe)")
+    return adapter.request_device_sync(required_limits={"max_storage_buffers_per_shader_stage": 10})
+
+
+def test_webgpu_wasm_and_every_wgsl_kernel_validate(built, wgpu_device):
+    manifest, library = _library(built["bundles"]["webgpu"])
+    assert library[:4] == b"\0asm"
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node:  # a JS engine's WebAssembly validator (node comes with emscripten)
+        path = built["bundles"]["webgpu"] / manifest.library.file
+        valid = subprocess.run([node, "-e", f"process.exit(WebAssembly.validate(require('fs').readFileSync('{path}')) ? 0 : 1)"])
+        assert valid.returncode == 0
+    shaders = _wgsl_shaders(library)
+    assert len(shaders) > 20
+    for name, source in shaders.items():
+        module = wgpu_device.create_shader_module(code=source)  # naga parses and validates
+        wgpu_device.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": name})
+
+
+def test_webgpu_decode_kernels_run_through_wgpu_like_the_cpu(built, wgpu_device):
+    """Each static kernel of the model's decode step, as WGSL, dispatched on wgpu (lavapipe here) with
+    random inputs, against the same function compiled for the CPU. (The decode step as a whole needs
+    TVM's runtime hosted with a WebGPU device, which is tvmjs in a browser: Python's wgpu cannot host it.)"""
+    from webgpu_kernels import build_wgsl, decode_kernels, grid_of, random_inputs, run_cpu, run_wgsl
+
+    chat = json.loads((built["bundles"]["webgpu"] / bf.CHAT_CONFIG_FILE).read_text())
+    target = {**parse_device("webgpu").spec.target(None), "host": {"kind": "llvm"}}
+    kernels = decode_kernels(chat, target)
+    names = [name for name, _, _ in kernels]
+    assert any("dequantize" in n and "matmul" in n for n in names) and any("rms_norm" in n for n in names), names
+    for name, before, after in kernels:
+        arrays = random_inputs(before)
+        expected = run_cpu(before, name, arrays)
+        got = run_wgsl(wgpu_device, build_wgsl(after, name, target), f"{name}_kernel", after, arrays, grid_of(after))
+        for want, have in zip(expected, got):
+            np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-4, err_msg=name)
