@@ -14,8 +14,9 @@ The pieces, in the order a constrained request meets them:
 * :func:`new_matcher` — one ``GrammarMatcher`` per sequence; the engine advances it with every
   sampled token; its termination ends the sequence.
 * :class:`TokenMasker` — the engine's bitmask rows: filled on a worker thread while the model
-  step runs (the mask for step t+1 needs only the tokens up to step t), then applied to each
-  constrained row of logits (disallowed tokens get -inf) before sampling.
+  step runs (the mask for step t+1 needs only the tokens up to step t), or right away when the last
+  fill was quicker than the hand-off, then applied to each constrained row of logits (disallowed
+  tokens get -inf) before sampling.
 
 xgrammar (and the torch it imports) is loaded on the first constrained request, not before:
 unconstrained serving never pays for it.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -280,23 +282,41 @@ def new_matcher(compiled: Any, stop_token_ids: tuple[int, ...]) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
+# Handing masks to the worker thread costs ~0.1 ms (waking it, the GIL back and forth): a step whose
+# masks took less than that to fill last time fills them on the engine thread instead.
+INLINE_FILL_S = 1e-4
+
+
 class TokenMasker:
     """Bitmask rows for the constrained sequences of a step: filled on a worker thread while the model
-    runs (:meth:`start`), applied to logits rows before sampling (:meth:`apply`)."""
+    runs (:meth:`start`), applied to logits rows before sampling (:meth:`apply`). Most masks come from
+    xgrammar's cache in microseconds; those are filled right away, where a thread would cost more than
+    it hides, until a fill takes longer (a state not cached yet, a large grammar)."""
 
     def __init__(self, vocab_size: int, rows: int):
         self.vocab_size = vocab_size
         self.bitmask = np.full((rows, -(-vocab_size // 32)), -1, dtype=np.int32)
         self._restricts = [False] * rows
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlcbuild-masks")
+        self._last_fill_s = float("inf")  # unknown: overlap the first one
 
     def start(self, rows: list[tuple[int, Any]]) -> Future | None:
-        """Fill row ``i`` with matcher ``m``'s next-token mask for each ``(i, m)``, in the background."""
-        return self._worker.submit(self._fill, rows) if rows else None
+        """Fill row ``i`` with matcher ``m``'s next-token mask for each ``(i, m)`` (in the background
+        unless the last fill was quicker than a hand-off); ``.result()`` of the answer waits for it."""
+        if not rows:
+            return None
+        if self._last_fill_s < INLINE_FILL_S:
+            done: Future = Future()
+            self._fill(rows)
+            done.set_result(None)
+            return done
+        return self._worker.submit(self._fill, rows)
 
     def _fill(self, rows: list[tuple[int, Any]]) -> None:
+        start = time.perf_counter()
         for row, matcher in rows:
             self._restricts[row] = matcher.fill_next_token_bitmask(self.bitmask, row)
+        self._last_fill_s = time.perf_counter() - start
 
     def apply(self, logits: np.ndarray, row: int) -> np.ndarray:
         """``logits`` with the tokens row ``row`` disallows set to -inf (in place)."""
