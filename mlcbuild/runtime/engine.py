@@ -10,7 +10,8 @@ Read it top-down, like gpt-fast's ``generate.py``:
 * Constrained requests (JSON schema, grammar, tool calls: :mod:`.structured`) carry a compiled
   grammar; each of their sequences has its own matcher. While a step's model call runs, a worker
   thread fills the token bitmask of every constrained sequence in it (the mask needs only the tokens
-  accepted so far); the mask is applied to the logits before sampling, the sampled token advances the
+  accepted so far; masks that came from xgrammar's cache in microseconds last time are filled in place
+  instead); the mask is applied to the logits before sampling, the sampled token advances the
   matcher, and the matcher's termination ends the sequence (``stop``).
 * :class:`Engine` adds batching on top: a background thread loops *admit -> prefill a chunk ->
   decode one step*. New requests join between decode steps; a long prompt is prefilled in chunks of
