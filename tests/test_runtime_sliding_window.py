@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import clean_env
+from subprocess_env import clean_env
 
 WINDOW = 24
 RECIPE = """\
