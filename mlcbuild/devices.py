@@ -79,6 +79,7 @@ class Tool:
     version_args: tuple[str, ...] = ("--version",)
     version_line: int = 0  # which line of the version output is the fact (-1: the last)
     min_version: int = 0  # only Debian's versioned names (ld.lld-19) of at least this version
+    resource: bool = True  # a custom resource a cluster worker must advertise (not for tools every host has)
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,8 @@ def android_ndk_clang() -> Path | None:
 
 # ---- the registry ----------------------------------------------------------------------------------
 
+# the host linker TVM's export_library runs for x86-64 libraries (its get_cc: $CXX, g++, clang++, c++ ...)
+_CXX = Tool("c++", "apt-get install g++", "cxx", resource=False)
 _CC_AARCH64 = Tool("aarch64-linux-gnu-gcc", "apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross", "cc")
 _AARCH64_LIBC = DataFile(("/usr/aarch64-linux-gnu/lib/crti.o",), "apt-get install libc6-dev-arm64-cross", "aarch64_libc")
 # AMDGPU code objects from TVM's LLVM (22) need an lld that knows their ABI version (17+)
@@ -313,7 +316,7 @@ DEVICE_KINDS: dict[str, DeviceKind] = {kind.name: kind for kind in (
         "cpu", "this host's kind of CPU (x86-64 Linux); cpu:<mcpu> for a named CPU or x86-64 level",
         arch="optional", arch_help="cpu or cpu:<mcpu> (e.g. cpu:x86-64-v3, cpu:znver4)",
         target=_cpu_target, kernels="cpu", library=bf.LIBRARY_FORMATS["elf-shared"], host="x86_64-linux", gpu=None,
-        loads_with="mlcbuild (chat, serve, MLCEngine) on x86-64 Linux",
+        loads_with="mlcbuild (chat, serve, MLCEngine) on x86-64 Linux", tools=(_CXX,),
         check_arch=_llvm_cpu_problem("x86_64-linux-gnu", "x86-64"),
     ),
     DeviceKind(
@@ -328,14 +331,14 @@ DEVICE_KINDS: dict[str, DeviceKind] = {kind.name: kind for kind in (
         arch="optional", arch_help="cuda or cuda:sm_XY (e.g. cuda:sm_80, cuda:sm_90)",
         target=_cuda_target, kernels="cuda", library=bf.LIBRARY_FORMATS["elf-shared"], host="x86_64-linux",
         gpu="cuda", loads_with="mlcbuild (chat, serve, MLCEngine) on x86-64 Linux with an NVIDIA GPU and driver",
-        codegen="cuda", tools=(_NVCC,), check_arch=_cuda_arch_problem, extra_facts=_cuda_facts,
+        codegen="cuda", tools=(_NVCC, _CXX), check_arch=_cuda_arch_problem, extra_facts=_cuda_facts,
     ),
     DeviceKind(
         "rocm", "AMD GPUs (Instinct MI200/MI300, Radeon RX 7000) on Linux with ROCm",
         arch="required", arch_help="rocm:<gfx>, one of " + ", ".join(ROCM_ARCHS),
         target=_rocm_target, kernels="gpu", library=bf.LIBRARY_FORMATS["elf-shared"], host="x86_64-linux",
         gpu="rocm", loads_with="a TVM runtime built with ROCm (MLC LLM's ROCm wheels) on x86-64 Linux with that AMD GPU",
-        codegen="rocm", tools=(_LLD,), files=(_ROCM_BITCODE,), check_arch=_rocm_arch_problem,
+        codegen="rocm", tools=(_LLD, _CXX), files=(_ROCM_BITCODE,), check_arch=_rocm_arch_problem,
     ),
     DeviceKind(
         "metal", "Apple silicon Macs (macOS 11+), Metal kernels",
@@ -365,7 +368,7 @@ DEVICE_KINDS: dict[str, DeviceKind] = {kind.name: kind for kind in (
         arch="none", arch_help="vulkan",
         target=_vulkan_target, kernels="gpu", library=bf.LIBRARY_FORMATS["elf-shared"], host="x86_64-linux",
         gpu="vulkan", loads_with="a TVM runtime built with Vulkan (MLC LLM's Vulkan builds) on Linux",
-        codegen="vulkan",
+        codegen="vulkan", tools=(_CXX,),
     ),
     DeviceKind(
         "android", "Android phones (arm64, OpenCL GPUs: Adreno, Mali), linked into the app",

@@ -70,7 +70,7 @@ class Compile(Stage):
         # beside it for CUDA; a compile needs a worker with its device's tools, each declared as
         # a custom resource named after the tool ("nvcc", "aarch64-linux-gnu-gcc", ...).
         device = parse_device(params.device)
-        custom = {tool.command: 1 for tool in device.spec.tools}
+        custom = {tool.command: 1 for tool in device.spec.tools if tool.resource}
         memory = COMPILE_MEMORY + (NVCC_MEMORY if device.kind == "cuda" else 0)
         return Resources(cpus=1, memory_bytes=memory, custom=custom) if custom else Resources(cpus=1, memory_bytes=memory)
 
