@@ -225,6 +225,13 @@ def main() -> None:
         print(f"\n3. Ray build, cold: {ray_s:.1f} s (cluster start {cluster_s:.1f} s, not included); "
               f"on the nvcc node: {', '.join(sorted(on_nvcc))}")
         print(f"   Ray overhead per node: {summary(ray_over)}")
+        phases: dict[str, list[float]] = {}
+        for event in ray_events:
+            for name, value in (event.get("phases") or {}).items() if event["event"] == "node_done" else ():
+                phases.setdefault(name, []).append(value)
+        if phases:  # where it went (node_done's "phases"); the rest is the driver's own bookkeeping
+            print("     mean per node: " + ", ".join(f"{name.removesuffix('_s')} {statistics.mean(values):.2f} s"
+                                                     for name, values in phases.items()))
         head = {n: v for n, v in ray_over.items() if n not in on_nvcc}
         nvcc = {n: v for n, v in ray_over.items() if n in on_nvcc}
         if head and nvcc:

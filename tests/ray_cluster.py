@@ -5,6 +5,7 @@ connecting to it needs ``driver_env`` in its environment (the cluster's auth tok
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -24,6 +25,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def client_server_port() -> list[str]:
+    """A free port for the Ray Client server where ``ray[client]`` (grpc) is installed, so that it
+    does not take the fixed 10001; nothing where it is not (`ray start` then refuses the flag)."""
+    return [f"--ray-client-server-port={free_port()}"] if importlib.util.find_spec("grpc") else []
 
 
 class LocalRayCluster:
@@ -52,8 +59,11 @@ class LocalRayCluster:
         deadline = time.monotonic() + 120
         while "Ray runtime started" not in (self.root / log_name).read_text():
             if proc.poll() is not None or time.monotonic() > deadline:
+                # Read the log before stop() removes the directory it is in.
+                why = "exited" if proc.poll() is not None else "did not start within 120 s"
+                tail = (self.root / log_name).read_text()[-6000:]
                 self.stop()
-                raise RuntimeError(f"ray start failed:\n{(self.root / log_name).read_text()[-3000:]}")
+                raise RuntimeError(f"ray start ({log_name}) {why}:\n{tail}")
             time.sleep(0.2)
         return proc
 
@@ -62,7 +72,7 @@ class LocalRayCluster:
         port = free_port()
         self._start(["--head", f"--port={port}", f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources or {})}",
                      f"--temp-dir={self.root}", "--include-dashboard=false", f"--dashboard-port={free_port()}",
-                     f"--ray-client-server-port={free_port()}"], "head.log", env)
+                     *client_server_port()], "head.log", env)
         self.address = f"127.0.0.1:{port}"
         return self.address
 

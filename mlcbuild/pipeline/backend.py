@@ -56,6 +56,9 @@ class BuildOutcome:
     # True when the record is in the executor's own store (the backend built into it); False when
     # it lives elsewhere (a worker's store and the remote cache) and must be pulled to be laid out.
     local: bool = True
+    # Where a remote backend's wall time per node went, in seconds ("dispatch_s", "inputs_s",
+    # "checks_s", "publish_s", "push_s", "return_s"): reported in the node_done event.
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def build_node(job: BuildJob, store: ArtifactStore, stage: Stage, emit: Emit,

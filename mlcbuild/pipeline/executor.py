@@ -428,7 +428,9 @@ class Executor:
         state.worker = outcome.worker
         record = outcome.record
         state.duration_s = record.duration_s if outcome.local else time.perf_counter() - started
-        extra = {"worker": outcome.worker} if outcome.worker else {}
+        extra: dict = {"worker": outcome.worker} if outcome.worker else {}
+        if outcome.phases:
+            extra["phases"] = outcome.phases
         self._emit("node_done", state, bytes=record.size, duration_s=round(state.duration_s, 3), **extra)
         if outcome.local:
             self._push(state, record)

@@ -164,6 +164,7 @@ class RayBackend(Backend):
         self._check_placeable(job, options)
         build_id = secrets.token_hex(8)
         relay = self._event_relay()
+        submitted = time.time()  # wall clock: compared with the worker's (one host, or NTP-close hosts)
         ref = _build_task.options(**options).remote(job, self._driver, build_id, relay)
         while True:
             ready, _ = ray.wait([ref], timeout=EVENT_POLL_S)
@@ -183,7 +184,12 @@ class RayBackend(Backend):
             cause.args = (result["message"],)
             raise CorruptInput(result["corrupt_input"], cause)
         record = NodeRecord.model_validate_json(result["record"])
-        return BuildOutcome(record, worker=result["worker"], local=result["shared"])
+        clock = result["clock"]
+        phases = {"dispatch_s": clock["started"] - submitted, "inputs_s": clock["inputs_s"],
+                  "checks_s": clock["checks_s"], "publish_s": clock["build_s"] - record.duration_s,
+                  "push_s": clock["push_s"], "return_s": time.time() - clock["ended"]}
+        return BuildOutcome(record, worker=result["worker"], local=result["shared"],
+                            phases={name: round(max(value, 0.0), 3) for name, value in phases.items()})
 
     def close(self) -> None:
         with self._relay_lock:
@@ -393,6 +399,7 @@ def _ensure_inputs(job: BuildJob, store: ArtifactStore, open_remote: Callable[[]
 @ray.remote
 def _build_task(job: BuildJob, driver: _Driver, build_id: str, relay: Any) -> dict[str, Any]:
     """Build ``job`` on this worker; returns its record (JSON) and where it was built."""
+    clock = {"started": time.time(), "inputs_s": 0.0, "checks_s": 0.0, "build_s": 0.0, "push_s": 0.0}
     worker = _worker_identity()
     events = _TaskEvents(relay, build_id)
     try:
@@ -422,7 +429,10 @@ def _build_task(job: BuildJob, driver: _Driver, build_id: str, relay: Any) -> di
 
             def open_remote() -> Any:
                 return remote
+        mark = time.perf_counter()
         _ensure_inputs(job, store, open_remote, worker)
+        clock["inputs_s"] = time.perf_counter() - mark
+        mark = time.perf_counter()
         stage = _stage_resolver(driver.get_stage)(job.stage)
         facts = stage.toolchain(stage.Params.model_validate(job.params))
         if facts != job.toolchain:
@@ -443,15 +453,19 @@ def _build_task(job: BuildJob, driver: _Driver, build_id: str, relay: Any) -> di
                     f"{job.label}: worker {worker} has other code for stage {job.stage!r} than the driver computed "
                     f"the node's key with (code digest {here[:12]}, driver {job.code[:12]}): install the driver's "
                     "mlcbuild on every worker, or its artifacts would be cached under keys that do not describe them")
+        clock["checks_s"] = time.perf_counter() - mark
+        mark = time.perf_counter()
         try:
             record = build_node(job, store, stage, events.emit)
         except CorruptInput as exc:  # its cause does not pickle: send what the driver rebuilds it from
             return {"corrupt_input": exc.input_name, "digest": exc.cause.digest, "message": str(exc.cause)}
+        clock["build_s"] = time.perf_counter() - mark
         if not shared:  # the driver and the other workers get it from the remote
-            started = time.perf_counter()
+            mark = time.perf_counter()
             sent = remote.push(record, store)
-            events.emit("node_pushed", {"bytes": sent, "duration_s": round(time.perf_counter() - started, 3),
-                                        "worker": worker})
+            clock["push_s"] = time.perf_counter() - mark
+            events.emit("node_pushed", {"bytes": sent, "duration_s": round(clock["push_s"], 3), "worker": worker})
     finally:
         events.close()
-    return {"record": record.model_dump_json(), "worker": worker, "shared": shared}
+    clock["ended"] = time.time()
+    return {"record": record.model_dump_json(), "worker": worker, "shared": shared, "clock": clock}
