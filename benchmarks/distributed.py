@@ -225,6 +225,9 @@ def main() -> None:
         print(f"\n3. Ray build, cold: {ray_s:.1f} s (cluster start {cluster_s:.1f} s, not included); "
               f"on the nvcc node: {', '.join(sorted(on_nvcc))}")
         print(f"   Ray overhead per node: {summary(ray_over)}")
+        worst = max(ray_over, key=ray_over.__getitem__)
+        worst_phases = next(e.get("phases", {}) for e in ray_events if e["event"] == "node_done" and e["node"] == worst)
+        print(f"     {worst}: " + ", ".join(f"{name.removesuffix('_s')} {value:.2f} s" for name, value in worst_phases.items()))
         phases: dict[str, list[float]] = {}
         for event in ray_events:
             for name, value in (event.get("phases") or {}).items() if event["event"] == "node_done" else ():

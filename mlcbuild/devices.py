@@ -223,18 +223,9 @@ def _llvm_cpu_problem(triple: str, what: str) -> Callable[[str], str | None]:
 @functools.lru_cache(maxsize=None)
 def _llvm_knows_cpu(name: str, triple: str) -> bool:
     """LLVM's (TVM's) answer, memoized per TVM version: a recipe is checked without importing tvm."""
-    from mlcbuild.toolchain import memo, tvm_version
+    from mlcbuild.toolchain import memo, tvm_probe, tvm_version
 
-    def compute() -> str:
-        import subprocess
-        import sys
-
-        code = ("import sys; from tvm.target import codegen; "
-                "print(int(bool(codegen.llvm_is_valid_cpu(sys.argv[1], sys.argv[2]))))")
-        done = subprocess.run([sys.executable, "-c", code, name, triple], capture_output=True, text=True, check=True)
-        return done.stdout.strip().splitlines()[-1]
-
-    return memo(f"llvm-cpu\n{tvm_version()}\n{triple}\n{name}", compute) == "1"
+    return memo(f"llvm-cpu\n{tvm_version()}\n{triple}\n{name}", lambda: tvm_probe("llvm-valid-cpu", name, triple)) == "1"
 
 
 def _cuda_arch_problem(arch: str) -> str | None:
@@ -405,20 +396,11 @@ def target_dict(device: DeviceSpec) -> dict[str, Any]:
 def tvm_codegens() -> frozenset[str]:
     """The device code generators of the installed TVM (``target.build.<name>``), memoized per TVM
     version (asking imports tvm: a second)."""
-    from mlcbuild.toolchain import memo, tvm_version
+    from mlcbuild.toolchain import memo, tvm_probe, tvm_version
 
     names = ("llvm", "cuda", "rocm", "metal", "webgpu", "vulkan", "opencl", "nvptx")
-
-    def compute() -> str:
-        import subprocess
-        import sys
-
-        code = ("import json, sys, tvm; print(json.dumps([n for n in sys.argv[1:] "
-                "if tvm.get_global_func('target.build.' + n, allow_missing=True) is not None]))")
-        done = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, check=True)
-        return done.stdout.strip().splitlines()[-1]
-
-    return frozenset(json.loads(memo(f"tvm-codegens\n{tvm_version()}\n{' '.join(names)}", compute)))
+    return frozenset(json.loads(memo(f"tvm-codegens\n{tvm_version()}\n{' '.join(names)}",
+                                     lambda: tvm_probe("codegens", *names))))
 
 
 def build_problems(device: DeviceSpec | str) -> list[str]:

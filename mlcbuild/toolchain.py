@@ -2,6 +2,11 @@
 
 Each probe that costs a subprocess is computed once per tool identity (path, size, mtime) and kept
 in a small file under the cache dir: a no-op rerun must not pay a second per fact.
+
+Questions for TVM (``tvm_probe``) run in a child Python, so planning never imports tvm, except in a
+process that has imported it already or that builds nodes (``$MLCBUILD_BUILDER_PROCESS`` set, as a
+Ray worker sets it): that process imports tvm to compile anyway, and one import there is cheaper than
+a child Python per question (on a fresh worker machine, three of them cost seconds per node).
 """
 
 from __future__ import annotations
@@ -48,17 +53,47 @@ def memo(key: str, compute: Callable[[], str]) -> str:
     return value
 
 
+BUILDER_PROCESS_ENV = "MLCBUILD_BUILDER_PROCESS"
+
+
+def _llvm_system_cpu() -> str:
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_cpu())
+
+
+def _llvm_valid_cpu(name: str, triple: str) -> str:
+    from tvm.target import codegen
+
+    return str(int(bool(codegen.llvm_is_valid_cpu(name, triple))))
+
+
+def _tvm_codegens(*names: str) -> str:
+    import json
+
+    import tvm
+
+    return json.dumps([n for n in names if tvm.get_global_func("target.build." + n, allow_missing=True) is not None])
+
+
+TVM_PROBES: dict[str, Callable[..., str]] = {
+    "llvm-system-cpu": _llvm_system_cpu, "llvm-valid-cpu": _llvm_valid_cpu, "codegens": _tvm_codegens}
+
+
+def tvm_probe(name: str, *args: str) -> str:
+    """The answer of TVM_PROBES[name](*args), asked in this process where tvm is (or will be)
+    imported anyway, in a child Python otherwise (see the module docstring)."""
+    if "tvm" in sys.modules or os.environ.get(BUILDER_PROCESS_ENV):
+        return TVM_PROBES[name](*args)
+    done = subprocess.run([sys.executable, "-m", "mlcbuild.toolchain", name, *args],
+                          capture_output=True, text=True, check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
 def host_cpu() -> str:
     """LLVM's name for this host's CPU (e.g. "znver3", "sapphirerapids"), memoized by the
     /proc/cpuinfo model name and feature flags so a different CPU gets a fresh answer."""
-    key = "host-cpu\n" + cpu_identity()
-
-    def compute() -> str:
-        code = "import tvm.target.codegen as c; print(c.llvm_get_system_cpu())"
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        return result.stdout.strip().splitlines()[-1]
-
-    return memo(key, compute)
+    return memo("host-cpu\n" + cpu_identity(), lambda: tvm_probe("llvm-system-cpu"))
 
 
 def tool_command(name: str, min_version: int = 0) -> str | None:
@@ -114,3 +149,7 @@ def nvcc_files(device: str) -> list[Path]:
 
     nvcc = tool_path("nvcc") if parse_device(device).kind == "cuda" else None
     return [nvcc] if nvcc else []
+
+
+if __name__ == "__main__":  # tvm_probe's child: python -m mlcbuild.toolchain NAME ARGS...
+    print(TVM_PROBES[sys.argv[1]](*sys.argv[2:]))

@@ -234,3 +234,24 @@ def test_cuda_without_an_arch_builds_one_fatbin_for_every_gpu_since_turing(tmp_p
     entries = _fatbin_entries((tmp_path / info["fatbin"]).read_bytes())
     assert sorted(sm for kind, sm in entries if kind == "elf") == [75, 80, 86, 89, 90]
     assert [sm for kind, sm in entries if kind == "ptx"] == [90]  # newer GPUs JIT it
+
+
+def test_tvm_probes_answer_the_same_in_a_child_python_and_in_a_builder_process(tmp_path):
+    """Planning asks TVM in a child Python (no tvm import); a Ray worker, which imports tvm to build
+    anyway, asks in its own process (MLCBUILD_BUILDER_PROCESS): the facts in the keys must agree."""
+    questions = [("llvm-system-cpu",), ("llvm-valid-cpu", "znver4", "x86_64-linux-gnu"),
+                 ("llvm-valid-cpu", "no-such-cpu", "x86_64-linux-gnu"), ("codegens", "llvm", "cuda", "vulkan")]
+    code = ("import json, sys; from mlcbuild.toolchain import tvm_probe\n"
+            "answers = [tvm_probe(*q) for q in json.loads(sys.argv[1])]\n"
+            "print(json.dumps([answers, 'tvm' in sys.modules]))")
+
+    def ask(**env: str) -> tuple[list[str], bool]:
+        done = subprocess.run([sys.executable, "-c", code, json.dumps(questions)], env=clean_env(**env),
+                              capture_output=True, text=True, check=True)
+        return tuple(json.loads(done.stdout.strip().splitlines()[-1]))
+
+    planner, planner_imported_tvm = ask()
+    builder, builder_imported_tvm = ask(MLCBUILD_BUILDER_PROCESS="1")
+    assert not planner_imported_tvm and builder_imported_tvm
+    assert planner == builder
+    assert planner[1:3] == ["1", "0"] and "llvm" in json.loads(planner[3])

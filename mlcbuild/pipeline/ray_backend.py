@@ -400,6 +400,9 @@ def _ensure_inputs(job: BuildJob, store: ArtifactStore, open_remote: Callable[[]
 def _build_task(job: BuildJob, driver: _Driver, build_id: str, relay: Any) -> dict[str, Any]:
     """Build ``job`` on this worker; returns its record (JSON) and where it was built."""
     clock = {"started": time.time(), "inputs_s": 0.0, "checks_s": 0.0, "build_s": 0.0, "push_s": 0.0}
+    # This process builds: the stages' host probes may import what they ask about (mlcbuild.toolchain)
+    # instead of starting a child Python per question.
+    os.environ["MLCBUILD_BUILDER_PROCESS"] = "1"
     worker = _worker_identity()
     events = _TaskEvents(relay, build_id)
     try:
