@@ -625,16 +625,36 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MLCBUILD_API_KEY", help="Require this bearer token."),
     device: str = DeviceOption,
     quantization: Optional[str] = typer.Option(None, "--quantization", "-q"),
-    max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", min=1),
+    max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", min=1, help="Sequences decoded together (at most what the library was compiled for)."),
+    kv_cache_tokens: Optional[int] = typer.Option(None, "--kv-cache-tokens", min=1, help="KV-cache capacity in tokens, over all sequences."),
+    context_window_size: Optional[int] = typer.Option(None, "--context-window-size", min=1, help="Longest prompt + completion (at most the bundle's)."),
+    prefill_chunk_size: Optional[int] = typer.Option(None, "--prefill-chunk-size", min=1, help="Prompt tokens prefilled per step."),
+    overrides: Optional[str] = typer.Option(None, "--overrides", help="MLC LLM's engine overrides: 'context_window_size=1024;prefill_chunk_size=128;max_num_sequence=8;max_total_seq_length=8192' (max_num_sequence: --max-batch-size; max_total_seq_length: --kv-cache-tokens)."),
+    max_queue: Optional[int] = typer.Option(None, "--max-queue", min=0, help="Requests that may wait beyond the running batch; more get 429 (default: unbounded)."),
+    request_timeout: Optional[float] = typer.Option(None, "--request-timeout", min=0.001, help="Seconds a request may take from arrival; then its generation stops (504, or an error event ending the stream)."),
+    max_body_bytes: int = typer.Option(4 << 20, "--max-body-bytes", min=1, help="Larger request bodies get 413."),
+    allow_origins: list[str] = typer.Option([], "--allow-origins", help="A browser origin allowed by CORS (repeat it; '*' for any). Default: no CORS headers."),
     no_build: bool = NoBuildOption,
 ) -> None:
     """Serve a model over an OpenAI-compatible REST API."""
+    from mlcbuild.runtime.server import parse_overrides
     from mlcbuild.runtime.server import serve as run_server
 
-    options = _quant(quantization)
-    if max_batch_size is not None:
-        options["max_batch_size"] = max_batch_size
-    _run_frontend(run_server, model, no_build, host=host, port=port, api_key=api_key, device=device, **options)
+    options: dict[str, Any] = {}
+    try:
+        options.update(parse_overrides(overrides or ""))
+    except ValueError as exc:
+        _fail(str(exc))
+    for name, value in (("max_batch_size", max_batch_size), ("kv_cache_tokens", kv_cache_tokens),
+                        ("context_window_size", context_window_size), ("prefill_chunk_size", prefill_chunk_size)):
+        if value is None:
+            continue
+        if options.get(name, value) != value:  # two different answers: say so rather than pick one silently
+            _fail(f"--{name.replace('_', '-')} {value} contradicts --overrides, which sets it to {options[name]}")
+        options[name] = value
+    _run_frontend(run_server, model, no_build, host=host, port=port, api_key=api_key, device=device,
+                  max_queue=max_queue, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
+                  allow_origins=tuple(allow_origins), **options, **_quant(quantization))
 
 
 @app.command()

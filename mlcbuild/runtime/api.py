@@ -450,6 +450,16 @@ class _EngineBase:
         """Engine counters: running/queued requests, decode steps and batch sizes, KV pages in use, tokens."""
         return self.frontend.engine.stats()
 
+    def health(self) -> str | None:
+        """None while the engine runs; else why it does not (terminated, or its thread died)."""
+        if self._terminated:
+            return "the engine was terminated"
+        # The engine's loop catches what fails in a step; a thread that is gone died of something else,
+        # and nothing would ever answer a request submitted to it.
+        if not self.frontend.engine._thread.is_alive():
+            return "the engine thread died"
+        return None
+
     def terminate(self) -> None:
         """Stop the engine thread; requests in flight end with an error."""
         if not self._terminated:

@@ -5,8 +5,11 @@ ending with ``data: [DONE]`` when ``stream`` is true), ``GET /v1/models``, ``GET
 ``GET /metrics`` (Prometheus text). Errors use OpenAI's shape ``{"error": {message, type, param, code}}``:
 400 for invalid values (a schema or grammar that does not compile, clashing tool names, a tool_choice
 naming no tool) and context overflow, 401 for a bad API key, 404 for unknown models and routes,
-422 for valid requests asking for something unsupported. A client that disconnects aborts its
-request, which frees its KV-cache pages.
+413 for a body over ``max_body_bytes``, 422 for valid requests asking for something unsupported,
+429 (``rate_limit_exceeded``) when ``max_queue`` requests already wait beyond the running batch,
+500 when generation fails in the engine, 503 when the engine is not running, 504 when a request
+runs past ``request_timeout`` (its generation is stopped; a stream ends with an error event).
+A client that disconnects aborts its request, which frees its KV-cache pages.
 """
 
 from __future__ import annotations
@@ -17,24 +20,33 @@ import logging
 import os
 import re
 import threading
+import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import protocol as p
 from .api import AsyncMLCEngine, EngineError
 from .conversation import TemplateError
-from .engine import ContextWindowError
+from .engine import ContextWindowError, EngineClosedError
 
 logger = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.2
+# A 128k-token context is ~0.5 MB of text (or of token ids as JSON): 4 MiB leaves room for long histories
+# while a client cannot make the server buffer and parse arbitrarily large bodies.
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 class APIError(Exception):
@@ -124,15 +136,113 @@ def prometheus_text(stats: dict[str, Any], http: Counter, model: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Admission: the bounded queue
+# ----------------------------------------------------------------------------------------------
+
+
+class InFlight:
+    """The count of generation requests in flight, shared by :class:`Admission` and ``/metrics``."""
+
+    count = 0
+
+
+class Admission:
+    """Pure ASGI middleware (a ``BaseHTTPMiddleware`` returns before a stream ends, so it cannot count
+    streams) that turns requests away before they cost anything:
+
+    * a body over ``max_body_bytes`` gets 413: from its Content-Length before it is read, or as a
+      chunked body grows past the limit (FastAPI's own ``max_body_size`` answers in plain text, not in
+      OpenAI's shape, so it is not used);
+    * at most ``capacity`` generation requests (the engine's running batch plus ``--max-queue``
+      waiting) are in flight, each from its arrival until its response, a whole stream included, is
+      complete or its client has gone; the next ones get 429 at once in OpenAI's
+      ``rate_limit_exceeded`` shape with ``Retry-After``, instead of queueing without bound.
+    """
+
+    def __init__(self, app: ASGIApp, capacity: int | None, max_body_bytes: int | None, in_flight: InFlight):
+        self.app = app
+        self.capacity = capacity
+        self.max_body_bytes = max_body_bytes
+        self.in_flight = in_flight
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        if limit is not None:
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > limit:
+                response = body_too_large(limit)
+                response.headers["Connection"] = "close"  # the body is left unread
+                await response(scope, receive, send)
+                return
+            receive = self._limited(receive, limit)
+        if scope["method"] != "POST" or scope["path"] not in GENERATION_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        if self.capacity is not None and self.in_flight.count >= self.capacity:
+            response = error_response(
+                429, f"The server is busy: {self.in_flight.count} requests are in flight, as many as it takes (its "
+                "running batch and waiting queue, mlcbuild serve --max-queue); retry later.",
+                type="requests", code="rate_limit_exceeded")
+            response.headers["Retry-After"] = "1"
+            await response(scope, receive, send)
+            return
+        self.in_flight.count += 1  # one event loop: no lock needed
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight.count -= 1
+
+    @staticmethod
+    def _limited(receive: Receive, limit: int) -> Receive:
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # an HTTPException passes through FastAPI's body reading to the 413 handler in create_app
+                    raise StarletteHTTPException(413)
+            return message
+
+        return limited_receive
+
+
+def body_too_large(limit: int | None) -> JSONResponse:
+    return error_response(413, f"The request body is larger than this server's limit of {limit} bytes "
+                          "(mlcbuild serve --max-body-bytes).", code="request_too_large")
+
+
+# ----------------------------------------------------------------------------------------------
 # The app
 # ----------------------------------------------------------------------------------------------
 
 
-def create_app(engine: AsyncMLCEngine, api_key: str | None = None, model_aliases: tuple[str, ...] = ()) -> FastAPI:
-    """The FastAPI app serving ``engine``. ``model_aliases``: other names accepted in ``model``."""
+def create_app(engine: AsyncMLCEngine, api_key: str | None = None, model_aliases: tuple[str, ...] = (), *,
+               max_queue: int | None = None, request_timeout: float | None = None,
+               max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES, allow_origins: Sequence[str] = ()) -> FastAPI:
+    """The FastAPI app serving ``engine``. ``model_aliases``: other names accepted in ``model``.
+
+    ``max_queue``: generation requests that may wait beyond the engine's running batch (more get 429;
+    None: unbounded). ``request_timeout``: seconds from arrival after which a request's generation is
+    stopped (504, or an error event ending its stream; None: no limit). ``max_body_bytes``: larger
+    bodies get 413. ``allow_origins``: browser origins allowed by CORS (``*`` for any; empty: no CORS).
+    """
+    if max_queue is not None and max_queue < 0:
+        raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+    if request_timeout is not None and not request_timeout > 0:
+        raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout}")
+    if max_body_bytes is not None and max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     app = FastAPI(title="mlcbuild", docs_url=None, redoc_url=None, openapi_url=None)
     served = {engine.model, *model_aliases}
     http_counts: Counter = Counter()
+    capacity = None if max_queue is None else engine.frontend.engine.max_batch_size + max_queue
+    in_flight = InFlight()
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -149,10 +259,26 @@ def create_app(engine: AsyncMLCEngine, api_key: str | None = None, model_aliases
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 413:
+            return body_too_large(max_body_bytes)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(exc.status_code, str(exc.detail), kind)
 
-    @app.middleware("http")
+    # Whatever fails while generating answers in OpenAI's shape, never starlette's plain-text 500.
+    @app.exception_handler(EngineError)
+    async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
+        return error_response(500, str(exc), "server_error", code="engine_error")
+
+    @app.exception_handler(EngineClosedError)
+    async def _engine_closed(_: Request, exc: EngineClosedError) -> JSONResponse:
+        return error_response(503, f"The engine is not running: {exc}", "server_error", code="engine_unavailable")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.error("request failed", exc_info=exc)
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error",
+                              code="internal_error")
+
     async def _count_and_authorize(request: Request, call_next: Any) -> Response:
         path = request.url.path
         if api_key is not None and path.startswith("/v1/"):
@@ -173,8 +299,17 @@ def create_app(engine: AsyncMLCEngine, api_key: str | None = None, model_aliases
 
     async def run(request: p.ChatCompletionRequest | p.CompletionRequest, create: Any) -> Response:
         check_model(request.model)
+        dead = engine.health()
+        if dead is not None:  # a dead engine thread would leave the request waiting forever
+            raise APIError(503, f"The engine is not running: {dead}.", "server_error", code="engine_unavailable")
+        deadline = None if request_timeout is None else time.monotonic() + request_timeout
         try:
-            result = await create(_request=request)
+            # Prompt rendering and tokenization run in a worker thread (AsyncMLCEngine's create), so a long
+            # prompt does not stall the event loop and the other streams.
+            with anyio.fail_after(_time_left(deadline)):
+                result = await create(_request=request)
+        except TimeoutError:
+            raise APIError(504, _timeout_message(request_timeout), "timeout_error", code="request_timeout") from None
         except ContextWindowError as exc:
             param = "prompt" if exc.param == "messages" and isinstance(request, p.CompletionRequest) else exc.param
             raise APIError(400, str(exc), param=param, code=exc.code) from None
@@ -183,7 +318,7 @@ def create_app(engine: AsyncMLCEngine, api_key: str | None = None, model_aliases
         except TemplateError as exc:
             raise APIError(400, str(exc), param="messages", code="invalid_messages") from None
         if request.stream:
-            return StreamingResponse(sse(result), media_type="text/event-stream",
+            return StreamingResponse(sse(result, deadline, request_timeout), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return JSONResponse(result.model_dump())
 
@@ -205,14 +340,28 @@ def create_app(engine: AsyncMLCEngine, api_key: str | None = None, model_aliases
         return p.Model(id=engine.model).model_dump()
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        # 503 tells a load balancer or orchestrator to route elsewhere (or restart us) when the engine is gone
+        dead = engine.health()
+        if dead is not None:
+            return JSONResponse({"status": "dead", "reason": dead}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(prometheus_text(engine.stats(), http_counts, engine.model),
-                                 media_type="text/plain; version=0.0.4")
+        text = prometheus_text(engine.stats(), http_counts, engine.model)
+        text += ("# HELP mlcbuild_http_in_flight Generation requests in flight (running or waiting).\n"
+                 "# TYPE mlcbuild_http_in_flight gauge\n"
+                 f'mlcbuild_http_in_flight{{model="{engine.model}"}} {in_flight.count}\n')
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
+    # Middleware added last runs first: CORS answers preflights before the API key is asked for, and
+    # requests are counted (and turned away with 429) only once authorized.
+    app.add_middleware(Admission, capacity=capacity, max_body_bytes=max_body_bytes, in_flight=in_flight)
+    app.add_middleware(BaseHTTPMiddleware, dispatch=_count_and_authorize)
+    if allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["*"],
+                           allow_headers=["*"])
     return app
 
 
@@ -228,16 +377,39 @@ async def watched(http_request: Request, work: Any) -> Response:
             return Response(status_code=499)
 
 
-async def sse(chunks: AsyncIterator[Any]) -> AsyncIterator[str]:
-    """Server-sent events: one ``data:`` line per chunk, then ``data: [DONE]``."""
+def _time_left(deadline: float | None) -> float | None:
+    """Seconds until a ``time.monotonic()`` deadline, as ``anyio.fail_after`` takes them (None: no limit)."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _timeout_message(timeout: float | None) -> str:
+    return (f"The request did not finish within the server's request timeout of {timeout:g} s "
+            "(mlcbuild serve --request-timeout); its generation was stopped.")
+
+
+async def sse(chunks: AsyncIterator[Any], deadline: float | None = None,
+              timeout: float | None = None) -> AsyncIterator[str]:
+    """Server-sent events: one ``data:`` line per chunk, then ``data: [DONE]``. An engine failure or the
+    request's ``deadline`` (``time.monotonic()``) ends the stream with an error event in OpenAI's shape."""
+    error: p.ErrorInfo | None = None
     try:
-        async for chunk in chunks:
+        while True:
+            # The timeout wraps only the wait for the next chunk, never the yield: the cancellation it
+            # causes then lands inside the engine stream, whose cleanup aborts the engine request.
+            try:
+                with anyio.fail_after(_time_left(deadline)):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
             yield f"data: {chunk.model_dump_json()}\n\n"
+    except TimeoutError:
+        error = p.ErrorInfo(message=_timeout_message(timeout), type="timeout_error", code="request_timeout")
     except EngineError as exc:
-        body = p.ErrorResponse(error=p.ErrorInfo(message=str(exc), type="server_error"))
-        yield f"data: {body.model_dump_json()}\n\n"
+        error = p.ErrorInfo(message=str(exc), type="server_error", code="engine_error")
     finally:
         await chunks.aclose()  # aborts the request if the client went away mid-stream
+    if error is not None:
+        yield f"data: {p.ErrorResponse(error=error).model_dump_json()}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -248,12 +420,46 @@ def _warm_grammars(engine: AsyncMLCEngine) -> None:
         logger.exception("could not load xgrammar; structured output is unavailable")
 
 
+# MLC LLM's ``--overrides`` keys (EngineConfig's names) and ours, as the engine options they set.
+OVERRIDE_KEYS = {
+    "context_window_size": "context_window_size",
+    "prefill_chunk_size": "prefill_chunk_size",
+    "max_num_sequence": "max_batch_size",
+    "max_batch_size": "max_batch_size",
+    "max_total_seq_length": "kv_cache_tokens",
+    "kv_cache_tokens": "kv_cache_tokens",
+}
+
+
+def parse_overrides(text: str) -> dict[str, int]:
+    """MLC LLM's ``--overrides "context_window_size=1024;max_num_sequence=8"`` as engine options
+    (``{"context_window_size": 1024, "max_batch_size": 8}``); a ValueError names what is wrong."""
+    options: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        key, sep, value = (x.strip() for x in item.partition("="))
+        if not sep:
+            raise ValueError(f"--overrides: {item!r} is not KEY=VALUE")
+        if key not in OVERRIDE_KEYS:
+            raise ValueError(f"--overrides: unknown key {key!r}; known: {', '.join(OVERRIDE_KEYS)}")
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"--overrides: {key}={value!r} is not an integer") from None
+        if number < 1:
+            raise ValueError(f"--overrides: {key} must be >= 1, got {number}")
+        options[OVERRIDE_KEYS[key]] = number
+    return options
+
+
 def serve(bundle_or_recipe: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          device: str = "auto", **engine_options: Any) -> None:
+          device: str = "auto", *, max_queue: int | None = None, request_timeout: float | None = None,
+          max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES, allow_origins: Sequence[str] = (),
+          **engine_options: Any) -> None:
     """Run the OpenAI-compatible server until interrupted (``mlcbuild serve``).
 
     ``engine_options`` go to :class:`~.api.AsyncMLCEngine` (max_batch_size, context_window_size,
-    prefill_chunk_size, kv_cache_tokens, conv_template, verify, quantization).
+    prefill_chunk_size, kv_cache_tokens, conv_template, verify, quantization); the serving limits
+    (``max_queue``, ``request_timeout``, ``max_body_bytes``, ``allow_origins``) to :func:`create_app`.
     """
     import uvicorn
 
@@ -261,8 +467,9 @@ def serve(bundle_or_recipe: str | os.PathLike, host: str = "127.0.0.1", port: in
     # xgrammar (with torch) loads in seconds: do it while the server starts, not on the first constrained request
     threading.Thread(target=_warm_grammars, args=(engine,), name="mlcbuild-warm-grammars", daemon=True).start()
     aliases = (str(bundle_or_recipe), Path(bundle_or_recipe).name, Path(bundle_or_recipe).stem)
-    app = create_app(engine, api_key=api_key, model_aliases=aliases)
     try:
+        app = create_app(engine, api_key=api_key, model_aliases=aliases, max_queue=max_queue,
+                         request_timeout=request_timeout, max_body_bytes=max_body_bytes, allow_origins=allow_origins)
         uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     finally:
         engine.terminate()

@@ -1,0 +1,195 @@
+"""The server under load and faults: bounded queue (429), request timeout (504), body limit (413), CORS,
+/health of a dead engine, and engine failures as OpenAI error JSON. A real server on 127.0.0.1 and a
+real HTTP client; faults are injected into the real engine's compiled model (a slow or failing step)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from runtime_support import ServerThread, tiny  # noqa: F401 (shared fixture)
+
+from mlcbuild import AsyncMLCEngine
+from mlcbuild.runtime.server import create_app, parse_overrides
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+ORIGIN = "http://ui.example"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny) -> Iterator[AsyncMLCEngine]:
+    engine = AsyncMLCEngine(tiny.recipe)
+    yield engine
+    engine.terminate()
+
+
+@pytest.fixture(scope="module")
+def limited(engine) -> Iterator[ServerThread]:
+    """Queue of 32 beyond the batch, a 64 KiB body limit, CORS for one origin."""
+    app = create_app(engine, max_queue=32, max_body_bytes=64 << 10, allow_origins=(ORIGIN,))
+    with ServerThread(app) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def slow_steps(engine) -> Iterator[None]:
+    """Every decode step of the engine takes 20 ms longer (a slow model), for as long as the test runs."""
+    model = engine.frontend.engine.model
+    real = model.forward_decode
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.02)
+        return real(*args, **kwargs)
+
+    model.forward_decode = slow
+    yield
+    del model.forward_decode  # the class's method again
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def wait_idle(url: str) -> None:
+    """Aborts are applied on the engine thread: wait until nothing is running or holds pages."""
+    deadline = time.monotonic() + 10
+    while (metric(url, "mlcbuild_running") or metric(url, "mlcbuild_kv_pages_in_use")
+           or metric(url, "mlcbuild_http_in_flight")):
+        assert time.monotonic() < deadline, "the engine did not go idle"
+        time.sleep(0.05)
+
+
+def test_flood_of_200_against_a_queue_of_32(limited, engine):
+    """All 200 at once: the excess gets 429 (OpenAI's rate_limit_exceeded), every other one completes."""
+    body = {"messages": MESSAGES, "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    reference = httpx.post(limited.url + "/v1/chat/completions", json=body, timeout=60).json()
+    expected = reference["choices"][0]["message"]["content"]
+    capacity = engine.frontend.engine.max_batch_size + 32
+
+    async def flood() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=250, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=limited.url, limits=limits, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(200)))
+
+    responses = asyncio.run(flood())
+    statuses = Counter(r.status_code for r in responses)
+    assert set(statuses) == {200, 429}, statuses
+    assert capacity <= statuses[200] < 200, statuses
+    for r in responses:
+        if r.status_code == 429:
+            assert r.headers["retry-after"] == "1"
+            error = r.json()["error"]
+            assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests" and "--max-queue" in error[
+                "message"]
+        else:
+            out = r.json()
+            assert out["choices"][0]["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 48
+            assert out["choices"][0]["message"]["content"] == expected  # greedy: each one as served alone
+    wait_idle(limited.url)
+    text = httpx.get(limited.url + "/metrics").text
+    assert f'mlcbuild_http_requests_total{{path="/v1/chat/completions",status="429"}} {statuses[429]}' in text
+
+
+def test_body_limit_413_and_cors(limited):
+    big = {"messages": [{"role": "user", "content": "x" * (70 << 10)}]}
+    resp = httpx.post(limited.url + "/v1/chat/completions", json=big)
+    assert resp.status_code == 413
+    error = resp.json()["error"]
+    assert error["code"] == "request_too_large" and "65536 bytes" in error["message"]
+
+    # a chunked body (no Content-Length) is cut off as it grows past the limit
+    def chunks() -> Iterator[bytes]:
+        yield json.dumps(big).encode()
+
+    resp = httpx.post(limited.url + "/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large"
+
+    preflight = httpx.options(limited.url + "/v1/chat/completions", headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == ORIGIN
+    resp = httpx.get(limited.url + "/v1/models", headers={"Origin": ORIGIN})
+    assert resp.headers["access-control-allow-origin"] == ORIGIN
+    other = httpx.get(limited.url + "/v1/models", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_no_cors_headers_unless_configured(engine):
+    with ServerThread(create_app(engine)) as srv:
+        resp = httpx.get(srv.url + "/v1/models", headers={"Origin": ORIGIN})
+        assert resp.status_code == 200 and "access-control-allow-origin" not in resp.headers
+
+
+def test_request_timeout_stops_generation(engine, slow_steps):
+    """A 0.5 s timeout on a request that would take >= 4 s (200 steps of >= 20 ms): 504 in OpenAI's shape
+    (or, for a stream, an error event and [DONE]) and the engine request is aborted, its pages freed."""
+    with ServerThread(create_app(engine, request_timeout=0.5)) as srv:
+        aborted = metric(srv.url, "mlcbuild_aborted_total")
+        body = {"messages": MESSAGES, "max_tokens": 200, "ignore_eos": True}
+        start = time.monotonic()
+        resp = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30)
+        assert resp.status_code == 504 and time.monotonic() - start < 3
+        error = resp.json()["error"]
+        assert error["code"] == "request_timeout" and error["type"] == "timeout_error"
+        assert "--request-timeout" in error["message"]
+
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30) as r:
+            assert r.status_code == 200
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == "request_timeout"
+        assert any(json.loads(e).get("choices") for e in events[:-2])  # it had streamed some tokens
+        wait_idle(srv.url)
+        assert metric(srv.url, "mlcbuild_aborted_total") - aborted == 2
+
+
+def test_engine_failure_is_openai_json_and_dead_engine_is_503(tiny):
+    """A failing model step fails the request with a 500 in OpenAI's shape (never a plain-text 500); the
+    engine goes on serving; after it is terminated /health and requests answer 503."""
+    engine = AsyncMLCEngine(tiny.recipe)
+    try:
+        with ServerThread(create_app(engine)) as srv:
+            model = engine.frontend.engine.model
+
+            def broken(*args: Any, **kwargs: Any) -> Any:
+                raise RuntimeError("injected prefill failure")
+
+            model.forward_prefill = broken
+            body = {"messages": MESSAGES, "max_tokens": 4}
+            resp = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30)
+            assert resp.status_code == 500 and resp.headers["content-type"] == "application/json"
+            error = resp.json()["error"]
+            assert error["type"] == "server_error" and "injected prefill failure" in error["message"]
+            with httpx.stream("POST", srv.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 4,
+                                                                          "stream": True}, timeout=30) as r:
+                events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "server_error"
+            del model.forward_prefill
+            assert httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+            assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
+
+            engine.terminate()
+            health = httpx.get(srv.url + "/health")
+            assert health.status_code == 503 and health.json()["status"] == "dead"
+            resp = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30)
+            assert resp.status_code == 503 and resp.json()["error"]["code"] == "engine_unavailable"
+    finally:
+        engine.terminate()
+
+
+def test_overrides_string():
+    assert parse_overrides("context_window_size=1024; max_num_sequence=4;max_total_seq_length=4096;") == {
+        "context_window_size": 1024, "max_batch_size": 4, "kv_cache_tokens": 4096}
+    for text, needle in (("gpu_memory=3", "unknown key 'gpu_memory'"), ("prefill_chunk_size", "not KEY=VALUE"),
+                         ("context_window_size=big", "not an integer"), ("max_batch_size=0", "must be >= 1")):
+        with pytest.raises(ValueError, match=needle):
+            parse_overrides(text)
