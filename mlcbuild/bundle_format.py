@@ -171,9 +171,11 @@ def device_dirname(device: str) -> str:
     return device.replace(":", "-")
 
 
-def bundle_dirname(quantization: str, device: str) -> str:
-    """The directory of one (quantization, device) bundle inside a recipe's output directory."""
-    return f"{quantization}-{device_dirname(device)}"
+def bundle_dirname(quantization: str, device: str, tensor_parallel_shards: int = 1) -> str:
+    """The directory of one (quantization, device) bundle inside a recipe's output directory; a
+    sharded bundle's ends in ``-tp<N>``."""
+    suffix = f"-tp{tensor_parallel_shards}" if tensor_parallel_shards > 1 else ""
+    return f"{quantization}-{device_dirname(device)}{suffix}"
 
 
 def tvm_abi(version: str) -> str:
@@ -347,6 +349,9 @@ class TensorRecord(BaseModel):
     offset: int  # byte offset inside the shard
     nbytes: int
     digest: str  # xxh3-128 hex of the tensor's bytes
+    # Sharded weights (tensor_parallel_shards > 1): the shard (disco worker) that loads this tensor;
+    # None in a single-shard index (written without the field, so those indexes are unchanged).
+    rank: int | None = None
 
 
 class TensorCacheIndex(BaseModel):
@@ -360,6 +365,9 @@ class TensorCacheIndex(BaseModel):
     model_type: str
     shards: list[str]  # shard file names inside params/, in order
     tensors: list[TensorRecord]
+    # >1: every tensor has a rank and each rank's tensors are in files of their own, so a worker reads
+    # only its slice (None: one shard; written without the field).
+    tensor_parallel_shards: int | None = None
 
 
 SOURCE_INFO_FILE = "mlcbuild-source.json"  # written by the download stage: where weights came from

@@ -27,15 +27,22 @@ class Overrides(BaseModel):
     context_window_size: PositiveInt | None = None
     prefill_chunk_size: PositiveInt | None = None
     sliding_window_size: PositiveInt | None = None
-    tensor_parallel_shards: PositiveInt | None = None
+    # One shard count, or several to fan out over (``[1, 2]``: a bundle per count and device, one
+    # weight conversion per (quantization, count)).
+    tensor_parallel_shards: PositiveInt | Annotated[list[PositiveInt], Field(min_length=1)] | None = None
     max_batch_size: PositiveInt | None = None
 
     @field_validator("tensor_parallel_shards")
     @classmethod
-    def _single_shard(cls, value: int | None) -> int | None:
-        if value is not None and value != 1:
-            raise ValueError("only 1 is supported (tensor parallelism is not implemented)")
+    def _distinct_shard_counts(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(set(value)) != len(value):
+            raise ValueError(f"a shard count is listed twice: {value}")
         return value
+
+    def shard_counts(self) -> list[int]:
+        """The shard counts to build for ([1] unless the recipe says otherwise)."""
+        value = self.tensor_parallel_shards
+        return [1] if value is None else ([value] if isinstance(value, int) else list(value))
 
 
 class Kernels(BaseModel):

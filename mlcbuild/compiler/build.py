@@ -35,7 +35,8 @@ def build_library(chat: dict[str, Any], device: DeviceSpec, out: Path, kernels: 
     config = config_from_normalized(chat["model_config"])
     if chat["sliding_window_size"] > 0:  # the window the runtime slides by (a recipe may override the model's)
         config = config.model_copy(update={"sliding_window": chat["sliding_window_size"]})
-    model, _ = build_quantized_model(config, chat["quantization"], target)
+    shards = int(chat.get("tensor_parallel_shards", 1))
+    model, _ = build_quantized_model(config, chat["quantization"], target, shards)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     metadata = {
         "model_type": chat["model_type"],
@@ -48,16 +49,20 @@ def build_library(chat: dict[str, Any], device: DeviceSpec, out: Path, kernels: 
         # the chat config's page size (gen_config writes bundle_format.PAGE_SIZE): library and
         # runtime read the one value the bundle carries
         "page_size": chat.get("page_size", PAGE_SIZE),
-        "kv_cache": {
+        "kv_cache": {  # one shard's
             "num_hidden_layers": config.num_hidden_layers,
-            "num_attention_heads": config.num_attention_heads,
-            "num_key_value_heads": config.num_key_value_heads,
+            "num_attention_heads": config.num_attention_heads // shards,
+            "num_key_value_heads": max(config.num_key_value_heads // shards, 1),
             "head_dim": config.head_dim,
         },
         "params": [
             {"name": name, "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)} for name, p in named_params
         ],
     }
+    if shards > 1:
+        # the library is one shard's model: the runtime runs a copy per shard (disco workers), each with
+        # its own weights (convert_weight's rank) and KV heads, joined by all-reduces
+        metadata["tensor_parallel_shards"] = shards
     bounds = {"seq_len": chat["prefill_chunk_size"], "batch_size": chat["max_batch_size"]}
     # CUDA: decode steps replay CUDA graphs (RewriteCUDAGraph, in the pipeline) instead of
     # launching each of the ~10 kernels per layer from the host.

@@ -30,11 +30,25 @@ class Linear(nn.Linear):
     activation dtype), as torch does for half types: a float16/bfloat16 accumulator loses most
     of the sum's bits."""
 
+    # Set on a row-parallel projection of a sharded model (``build_quantized_model``): its partial
+    # sums are added across shards before the bias, which every shard holds whole.
+    tp_allreduce = False
+
     def forward(self, x: Tensor) -> Tensor:
         y = op.matmul(x, op.permute_dims(self.weight), out_dtype="float32")
+        y = allreduce_partial_sums(self, y)
         if self.bias is not None:
             y = y + self.bias.astype("float32")
         return accumulate_f32(y, self.out_dtype or x.dtype)
+
+
+def allreduce_partial_sums(linear: nn.Module, y_f32: Tensor) -> Tensor:
+    """The all-reduce of a row-parallel projection (identity elsewhere). It sums the float32
+    accumulator, before the one rounding to the activation dtype, so that float16 shards round once
+    as a single device does (MLC LLM reduces float16 partial sums; that costs a rounding per shard)."""
+    if getattr(linear, "tp_allreduce", False):
+        return op.ccl_allreduce(y_f32, "sum")
+    return y_f32
 
 
 class RMSNorm(nn.RMSNorm):
@@ -258,14 +272,30 @@ class CausalLM(nn.Module):
         return nn.spec.ModuleSpec.from_raw(spec, self)
 
 
-def build_quantized_model(config: ArchConfig, quantization: str, target: Target | None = None) -> tuple[CausalLM, dict[str, tuple[str, ...]]]:
-    """The architecture's module, cast to the scheme's dtype with its linear layers and
-    embeddings replaced by the scheme's modules. Returns (model, float weight -> stored names)."""
+def build_quantized_model(config: ArchConfig, quantization: str, target: Target | None = None,
+                          tensor_parallel_shards: int = 1) -> tuple[CausalLM, dict[str, tuple[str, ...]]]:
+    """The architecture's module (one shard's, when ``tensor_parallel_shards`` > 1: see
+    ``models.sharding``), cast to the scheme's dtype with its linear layers and embeddings replaced
+    by the scheme's modules. Returns (model, float weight -> stored names)."""
     from mlcbuild.models import get_architecture
+    from mlcbuild.models.sharding import ROW_PARALLEL, check_plan, local_config
     from mlcbuild.quantization import get_quantization
     from mlcbuild.quantization.scheme import family
 
     spec = get_quantization(quantization)
-    model = get_architecture(config.model_type).build_model(config, target)
+    shards = tensor_parallel_shards
+    check_plan(config, shards, spec.group_size if spec.kind == "group" else 0)
+    model = get_architecture(config.model_type).build_model(local_config(config, shards), target)
+    if shards > 1:
+        model.tensor_parallel_shards = shards
+
+        class _MarkRowParallel(nn.Mutator):
+            def visit_module(self, name: str, node: nn.Module) -> Any:
+                if isinstance(node, nn.Linear) and any(name.endswith(row) for row in ROW_PARALLEL):
+                    node.tp_allreduce = True
+                    return node
+                return self.visit(name, node)
+
+        _MarkRowParallel().visit("", model)
     qmap = family(spec).quantize_model(model, spec)
     return model, qmap

@@ -143,6 +143,8 @@ def _make_modules() -> tuple[type, type]:
             )
             # float32 accumulation, one rounding to the activation dtype (see base_nn.Linear)
             y = op.matmul(x, w, out_dtype="float32")
+            if getattr(self, "tp_allreduce", False):  # a row-parallel shard: sum across shards first
+                y = op.ccl_allreduce(y, "sum")
             if self.bias is not None:
                 y = y + self.bias.astype("float32")
             dtype = self.out_dtype or x.dtype
@@ -207,7 +209,9 @@ def quantize_model(model: Any, spec: QuantizationSpec) -> QuantizeMap:
             if isinstance(node, nn.Linear):
                 out_features, in_features = (int(s) for s in node.weight.shape)
                 qmap[f"{name}.weight"] = (f"{name}.q_weight", f"{name}.q_scale")
-                return linear_cls(in_features, out_features, node.bias is not None, node.out_dtype, spec)
+                replacement = linear_cls(in_features, out_features, node.bias is not None, node.out_dtype, spec)
+                replacement.tp_allreduce = getattr(node, "tp_allreduce", False)  # a row-parallel shard's
+                return replacement
             if isinstance(node, nn.Embedding):
                 num, dim = (int(s) for s in node.weight.shape)
                 qmap[f"{name}.weight"] = (f"{name}.q_weight", f"{name}.q_scale")

@@ -36,13 +36,33 @@ LLM_TEMPLATE: tuple[StageTemplate, ...] = (
         "package",
         axes=("quantization", "device"),
         inputs={"source": "download", "config": "gen_config", "weights": "convert_weight", "library": "compile"},
-        materialize=lambda axes: bundle_dirname(axes["quantization"], axes["device"]),
+        materialize=lambda axes: bundle_dirname(axes["quantization"], axes["device"],
+                                                int(axes.get("tensor_parallel_shards") or 1)),
     ),
 )
 
-def bundle_dirname(quantization: str, device: str) -> str:
-    """The bundle directory of one (quantization, device) inside the recipe's output dir."""
-    return bundle_format.bundle_dirname(quantization, parse_device(device).name)
+# The shard-count axis joins every stage from gen_config on when a recipe asks for more than one
+# shard: one gen_config and convert_weight per (quantization, shards), one compile and package per
+# (quantization, shards, device). Recipes without it keep the template above (and their labels).
+SHARDED_TEMPLATE: tuple[StageTemplate, ...] = tuple(
+    step if not step.axes else StageTemplate(
+        step.stage, axes=(step.axes[0], "tensor_parallel_shards", *step.axes[1:]), inputs=step.inputs,
+        materialize=step.materialize)
+    for step in LLM_TEMPLATE
+)
+
+def key_params_sharded(params: Any) -> dict[str, Any]:
+    """``Stage.key_params`` of a stage with a ``tensor_parallel_shards`` param: left out of the key when
+    1, so that single-shard nodes keep the keys they had before sharding existed (their cache stays valid)."""
+    data = params.model_dump(mode="json")
+    if data.get("tensor_parallel_shards") == 1:
+        del data["tensor_parallel_shards"]
+    return data
+
+
+def bundle_dirname(quantization: str, device: str, tensor_parallel_shards: int = 1) -> str:
+    """The bundle directory of one (quantization, device[, shards]) inside the recipe's output dir."""
+    return bundle_format.bundle_dirname(quantization, parse_device(device).name, tensor_parallel_shards)
 
 
 _REGISTRY: dict[str, type[Stage]] = {}
@@ -89,11 +109,16 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
     convert_weight; per (quantization, device) one compile and one package."""
     recipe = loaded.recipe
     axes = {"quantization": list(recipe.quantization), "device": list(recipe.devices)}
+    shards = recipe.overrides.shard_counts()
+    template = LLM_TEMPLATE
+    if shards != [1]:
+        axes["tensor_parallel_shards"] = [str(n) for n in shards]
+        template = SHARDED_TEMPLATE
 
     def make_params(stage: str, values: dict[str, str]) -> Any:
         return stage_class(stage).params_for(loaded, dict(values))  # type: ignore[attr-defined]
 
-    graph = expand(LLM_TEMPLATE, axes, make_params, namespace=str(loaded.path))
+    graph = expand(template, axes, make_params, namespace=str(loaded.path))
     # Outputs land in this recipe's output dir whatever the run's other recipes are.
     for node in graph.nodes:
         node.materialize = [str(loaded.output_dir / sub) for sub in node.materialize]

@@ -17,7 +17,7 @@ from mlcbuild.bundle_format import CHAT_CONFIG_FILE, SCHEDULE_REPORT_FILE, Sched
 from mlcbuild.devices import build_problems, parse_device, tool_files, toolchain_facts
 from mlcbuild.pipeline.stage import Resources, Stage, StageContext, StageError, StageParams
 from mlcbuild.recipe import Kernels, LoadedRecipe
-from mlcbuild.stages import register_stage
+from mlcbuild.stages import key_params_sharded, register_stage
 
 # What a compile node asks a cluster for (see Compile.resources): about twice the peak RSS that
 # benchmarks/distributed.py measures (0.9 GiB with nvcc, alike for a 2-layer model and
@@ -30,6 +30,7 @@ class CompileParams(StageParams):
     quantization: str
     device: str
     kernels: Kernels = Kernels()  # the recipe's kernel switches, those of other devices left at default
+    tensor_parallel_shards: int = 1  # one shard's model, with the all-reduces between shards (models/sharding.py)
 
 
 @register_stage
@@ -47,7 +48,11 @@ class Compile(Stage):
         # A switch enters only the keys of the devices it concerns: flipping a CUDA kernel on
         # rebuilds no CPU library.
         kernels = loaded.recipe.kernels if device.kind == "cuda" else Kernels()
-        return CompileParams(quantization=axes["quantization"], device=device.name, kernels=kernels)
+        return CompileParams(quantization=axes["quantization"], device=device.name, kernels=kernels,
+                             tensor_parallel_shards=int(axes.get("tensor_parallel_shards") or 1))
+
+    def key_params(self, params: CompileParams) -> dict:
+        return key_params_sharded(params)
 
     @classmethod
     def preflight(cls, params: CompileParams) -> list[str]:
@@ -78,6 +83,9 @@ class Compile(Stage):
         chat = json.loads((ctx.inputs["config"] / CHAT_CONFIG_FILE).read_text(encoding="utf-8"))
         if chat["quantization"] != ctx.params.quantization:
             raise StageError(f"config was generated for {chat['quantization']}, not {ctx.params.quantization}")
+        if chat.get("tensor_parallel_shards", 1) != ctx.params.tensor_parallel_shards:
+            raise StageError(f"config was generated for {chat.get('tensor_parallel_shards', 1)} shard(s), "
+                             f"not {ctx.params.tensor_parallel_shards}")
         device = parse_device(ctx.params.device)
         out = ctx.out / device.spec.library.file
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from mlcbuild.bundle_format import CHAT_CONFIG_FILE, TENSOR_CACHE_FILE, TensorCacheIndex, TensorRecord
 from mlcbuild.pipeline.stage import Resources, Stage, StageContext, StageError, StageParams
 from mlcbuild.recipe import LoadedRecipe
-from mlcbuild.stages import register_stage
+from mlcbuild.stages import key_params_sharded, register_stage
 
 if TYPE_CHECKING:  # numpy is imported where arrays are made: a no-op `mlcbuild run` imports every
     import numpy as np  # stage module to key its nodes, and numpy alone is ~0.1 s of that
@@ -28,6 +28,8 @@ CONVERT_BASE_MEMORY = 1 << 30  # see ConvertWeight.resources
 class ConvertWeightParams(StageParams):
     quantization: str
     shard_bytes: int = SHARD_BYTES
+    # >1: each tensor-parallel shard's slice of every weight, in files of its own (models/sharding.py)
+    tensor_parallel_shards: int = 1
 
 
 @register_stage
@@ -38,7 +40,11 @@ class ConvertWeight(Stage):
 
     @classmethod
     def params_for(cls, loaded: LoadedRecipe, axes: dict[str, str]) -> ConvertWeightParams:
-        return ConvertWeightParams(quantization=axes["quantization"])
+        return ConvertWeightParams(quantization=axes["quantization"],
+                                   tensor_parallel_shards=int(axes.get("tensor_parallel_shards") or 1))
+
+    def key_params(self, params: ConvertWeightParams) -> dict:
+        return key_params_sharded(params)
 
     def toolchain(self, params: ConvertWeightParams) -> dict[str, str]:
         from importlib.metadata import version
@@ -58,7 +64,11 @@ class ConvertWeight(Stage):
             raise StageError(
                 f"config was generated for {chat['quantization']}, not {ctx.params.quantization}"
             )
-        index = convert(ctx.inputs["source"], chat["model_config"], ctx.params.quantization, ctx.out, ctx.params.shard_bytes, ctx.log)
+        shards = ctx.params.tensor_parallel_shards
+        if chat.get("tensor_parallel_shards", 1) != shards:
+            raise StageError(f"config was generated for {chat.get('tensor_parallel_shards', 1)} shard(s), not {shards}")
+        index = convert(ctx.inputs["source"], chat["model_config"], ctx.params.quantization, ctx.out, ctx.params.shard_bytes,
+                        ctx.log, shards)
         total = sum(t.nbytes for t in index.tensors)
         ctx.log(f"convert_weight: {len(index.tensors)} tensors, {total / 2**20:.1f} MiB in {len(index.shards)} shard(s)")
 
@@ -135,8 +145,8 @@ class ShardWriter:
     """Appends tensors to params_shard_<N>.bin files of about ``limit`` bytes (a larger tensor
     gets a shard of its own) and records where each went."""
 
-    def __init__(self, directory: Path, limit: int):
-        self.directory, self.limit = directory, limit
+    def __init__(self, directory: Path, limit: int, prefix: str = "params_shard_", rank: int | None = None):
+        self.directory, self.limit, self.prefix, self.rank = directory, limit, prefix, rank
         self.shards: list[str] = []
         self.records: list[TensorRecord] = []
         self._file: Any = None
@@ -162,12 +172,13 @@ class ShardWriter:
                 offset=offset,
                 nbytes=len(payload),
                 digest=xxhash.xxh3_128_hexdigest(payload),
+                rank=self.rank,
             )
         )
 
     def _open_next(self) -> None:
         self.close()
-        name = f"params_shard_{len(self.shards)}.bin"
+        name = f"{self.prefix}{len(self.shards)}.bin"
         self.shards.append(name)
         self._file = open(self.directory / name, "wb")
         self._size = 0
@@ -179,19 +190,33 @@ class ShardWriter:
 
 
 def mapped_tensors(source: SafetensorsSource, model_config: dict[str, Any], quantization: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(stored name, array) for every parameter of the compiled model, in parameter order:
-    the architecture's mapping gives each float parameter, the scheme turns it into the stored
-    tensors. Shapes and dtypes are checked against the model the compile stage builds."""
+    """(stored name, array) for every parameter of the compiled (single-shard) model, in parameter order."""
+    for _, name, array in sharded_tensors(source, model_config, quantization, 1):
+        yield name, array
+
+
+def sharded_tensors(source: SafetensorsSource, model_config: dict[str, Any], quantization: str,
+                    shards: int) -> Iterator[tuple[int, str, np.ndarray]]:
+    """(rank, stored name, array) for every parameter of each shard's compiled model, in parameter
+    order: the architecture's mapping gives each float parameter (read once for all shards), the
+    shard plan slices it (models/sharding.py; a float weight is sliced before it is quantized, and
+    the plan makes row-parallel slices whole quantization groups, so each slice is exactly the
+    quantized full tensor's), the scheme turns each slice into the stored tensors. Shapes and
+    dtypes are checked against the model the compile stage builds."""
     import numpy as np
 
     from mlcbuild.models import config_from_normalized, get_architecture
     from mlcbuild.models.base_nn import build_quantized_model
+    from mlcbuild.models.sharding import ShardingError, shard_tensor
     from mlcbuild.quantization import get_quantization
     from mlcbuild.quantization.scheme import family, numpy_dtype
 
     config = config_from_normalized(model_config)
     spec = get_quantization(quantization)
-    model, qmap = build_quantized_model(config, quantization, target=None)
+    try:
+        model, qmap = build_quantized_model(config, quantization, target=None, tensor_parallel_shards=shards)
+    except ShardingError as exc:
+        raise StageError(str(exc)) from None
     expected = {name: (tuple(int(s) for s in p.shape), str(p.dtype)) for name, p in model.named_parameters()}
     mapping = get_architecture(config.model_type).weight_mapping(config)
     stored_from = {stored: float_name for float_name, names in qmap.items() for stored in names}
@@ -206,39 +231,51 @@ def mapped_tensors(source: SafetensorsSource, model_config: dict[str, Any], quan
         if float_name not in mapping:
             raise StageError(f"no weight mapping for parameter {float_name!r}")
         src = mapping[float_name]
-        array = src.apply([source.get(n).astype(np.float32, copy=False) for n in src.hf_names])
-        if float_name in qmap:
-            outputs = zip(qmap[float_name], quantizer.quantize_tensor(array, spec))
-        else:  # norms, biases, unquantized weights: stored in the dtype the model declares
-            outputs = zip((float_name,), [np.ascontiguousarray(array.astype(numpy_dtype(expected[float_name][1])))])
-        for name, out in outputs:
-            shape, dtype = expected[name]
-            if tuple(out.shape) != shape or out.dtype.name != dtype:
-                raise StageError(
-                    f"{name}: mapped tensor is {out.dtype.name}{list(out.shape)}, the model expects "
-                    f"{dtype}{list(shape)} (from HF {', '.join(src.hf_names)})"
-                )
-            yield name, out
+        full = src.apply([source.get(n).astype(np.float32, copy=False) for n in src.hf_names])
+        for rank in range(shards):
+            array = shard_tensor(config, float_name, full, shards, rank)
+            if float_name in qmap:
+                outputs = zip(qmap[float_name], quantizer.quantize_tensor(array, spec))
+            else:  # norms, biases, unquantized weights: stored in the dtype the model declares
+                outputs = zip((float_name,), [np.ascontiguousarray(array.astype(numpy_dtype(expected[float_name][1])))])
+            for name, out in outputs:
+                shape, dtype = expected[name]
+                if tuple(out.shape) != shape or out.dtype.name != dtype:
+                    raise StageError(
+                        f"{name}: mapped tensor is {out.dtype.name}{list(out.shape)}, the model expects "
+                        f"{dtype}{list(shape)} (from HF {', '.join(src.hf_names)})"
+                    )
+                yield rank, name, out
 
 
-def convert(source_dir: Path, model_config: dict[str, Any], quantization: str, out: Path, shard_bytes: int = SHARD_BYTES, log: Any = print) -> TensorCacheIndex:
+def convert(source_dir: Path, model_config: dict[str, Any], quantization: str, out: Path, shard_bytes: int = SHARD_BYTES,
+            log: Any = print, tensor_parallel_shards: int = 1) -> TensorCacheIndex:
+    """Write the weights as ``params/`` (TENSOR_CACHE_FILE and its files). With tensor_parallel_shards
+    > 1, pre-sharded: each rank's slices in files of its own (``params_rank<R>_shard_<N>.bin``), so
+    that a worker maps only its slice of the model (see .notes or the report for why not a shard map
+    applied at load)."""
     source = SafetensorsSource(source_dir)
     params_dir = out / Path(TENSOR_CACHE_FILE).parent
     params_dir.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(params_dir, shard_bytes)
+    shards = tensor_parallel_shards
+    writers = [ShardWriter(params_dir, shard_bytes)] if shards == 1 else \
+        [ShardWriter(params_dir, shard_bytes, prefix=f"params_rank{r}_shard_", rank=r) for r in range(shards)]
     try:
-        for name, array in mapped_tensors(source, model_config, quantization):
-            writer.add(name, array)
+        for rank, name, array in sharded_tensors(source, model_config, quantization, shards):
+            writers[rank].add(name, array)
     finally:
-        writer.close()
+        for writer in writers:
+            writer.close()
     unread = source.unread()
     if unread:
         log(f"convert_weight: {len(unread)} checkpoint tensor(s) not used: {', '.join(unread[:8])}")
     index = TensorCacheIndex(
         quantization=quantization,
         model_type=model_config["model_type"],
-        shards=writer.shards,
-        tensors=writer.records,
+        shards=[name for w in writers for name in w.shards],
+        tensors=[record for w in writers for record in w.records],
+        tensor_parallel_shards=shards if shards > 1 else None,
     )
-    (out / TENSOR_CACHE_FILE).write_text(index.model_dump_json(indent=1) + "\n", encoding="utf-8")
+    # exclude_none: a single-shard index is written as before sharding existed (same bytes, same digests)
+    (out / TENSOR_CACHE_FILE).write_text(index.model_dump_json(indent=1, exclude_none=True) + "\n", encoding="utf-8")
     return index

@@ -66,7 +66,7 @@ class GenConfig(Stage):
             prefill_chunk_size=o.prefill_chunk_size,
             sliding_window_size=o.sliding_window_size,
             max_batch_size=o.max_batch_size,
-            tensor_parallel_shards=o.tensor_parallel_shards or 1,
+            tensor_parallel_shards=int(axes.get("tensor_parallel_shards") or o.shard_counts()[0]),
         )
 
     def run(self, ctx: StageContext) -> None:
@@ -124,8 +124,14 @@ def make_chat_config(source: Path, params: GenConfigParams) -> ChatConfig:
     except UnsupportedConfigError as exc:
         raise StageError(str(exc)) from None
     spec = get_quantization(params.quantization)
-    if params.tensor_parallel_shards != 1:
-        raise StageError("tensor_parallel_shards other than 1 is not implemented")
+    # The first point where the model's shape is known: a shard count it cannot be split into fails
+    # here, before any weight is converted or library compiled (models/sharding.py says why).
+    from mlcbuild.models.sharding import ShardingError, check_plan
+
+    try:
+        check_plan(config, params.tensor_parallel_shards, spec.group_size if spec.kind == "group" else 0)
+    except ShardingError as exc:
+        raise StageError(str(exc)) from None
 
     context = params.context_window_size or config.max_position_embeddings
     sliding = params.sliding_window_size or config.sliding_window or -1

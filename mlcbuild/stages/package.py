@@ -71,6 +71,9 @@ class Package(Stage):
                 "device": axes["device"],
                 "overrides": r.overrides.model_dump(exclude_none=True),
                 **({"generation": generation} if generation else {}),
+                # the shard count of this bundle (its library is one shard's model; see models/sharding.py)
+                **({"tensor_parallel_shards": int(axes["tensor_parallel_shards"])}
+                   if int(axes.get("tensor_parallel_shards") or 1) > 1 else {}),
             },
             recipe_files=_recipe_files(loaded),
             generation=generation,

@@ -1,0 +1,205 @@
+"""A tensor-parallel bundle driven like :class:`~mlcbuild.runtime.engine.CompiledModel`: one TVM disco
+worker per shard, each running the shard's library with its own weights and KV heads.
+
+The engine sees the same methods (``add_sequence``, ``fork_sequence``, ``remove_sequence``,
+``available_pages``, ``forward_prefill``, ``forward_prefill_at``, ``forward_decode``, ``page_size``,
+``total_pages``, ``max_chunk_tokens``): every call is broadcast to all shards (token ids, sequence ids
+and lengths travel as shape tuples, so no tensor is copied to the workers), the shards' all-reduces
+meet in the compiled model, and shard 0's logits come back for sampling on the engine's side, which
+is worker 0's process. What the shards run is :mod:`.tp_worker`.
+
+Workers: TVM's ``ProcessSession`` (worker 0 a thread of this process, the others processes), so that a
+worker process that dies is an error of the step in flight (its socket closes under shard 0's
+all-reduce, or the next command finds its pipe closed), raised as :class:`TensorParallelError`, and
+every later call fails at once: the engine fails the requests in flight instead of hanging.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import json
+import os
+import socket
+import weakref
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle, BundleError
+
+_ADDRESSES = itertools.count()
+# Models still open: closed at exit, while Python can still run the session's process-pool callback
+# (TVM calls it from the session's destructor; at interpreter teardown that aborts the process).
+_OPEN: "weakref.WeakSet[ShardedModel]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for model in list(_OPEN):
+        model.close()
+
+
+class TensorParallelError(RuntimeError):
+    """A shard failed (its worker died or raised); the sharded model cannot be used any more."""
+
+
+def _disco_session_module() -> Any:
+    """``tvm.runtime.disco.session`` with its FFI functions bound. TVM 0.27 loads the disco library
+    (libtvm_runtime_extra) at the end of ``import tvm``, after ``tvm.runtime`` tried to bind them,
+    so ``tvm.runtime.disco`` is None and its ``_ffi_api`` empty until bound again here."""
+    import importlib
+
+    import tvm  # noqa: F401  (loads libtvm_runtime_extra)
+    import tvm_ffi
+
+    session = importlib.import_module("tvm.runtime.disco.session")
+    api = importlib.import_module("tvm.runtime.disco._ffi_api")
+    if not hasattr(api, "SessionProcess"):
+        tvm_ffi.init_ffi_api("runtime.disco", api.__name__)
+    return session
+
+
+class ShardedModel:
+    """A bundle built with ``tensor_parallel_shards`` > 1, on CPU, one disco worker per shard."""
+
+    def __init__(self, bundle: Bundle, max_batch_size: int, kv_cache_tokens: int, prefill_chunk_size: int,
+                 page_size: int):
+        from . import tp_worker  # registers worker 0's functions (and the CPU all-reduce) in this process
+
+        self.shards = int(bundle.chat_config.tensor_parallel_shards)
+        if bundle.device.kind != "cpu":
+            raise BundleError(f"{bundle.path}: tensor-parallel bundles run on CPU here (disco with the CPU "
+                              f"all-reduce); {bundle.device} would need NCCL, which this runtime does not start")
+        self._worker = tp_worker
+        cc = bundle.chat_config
+        self.page_size = page_size
+        self.sliding_window = cc.sliding_window_size if cc.sliding_window_size and cc.sliding_window_size > 0 else 0
+        self.max_chunk_tokens = max(1, min(prefill_chunk_size, self.sliding_window - 1)) if self.sliding_window \
+            else prefill_chunk_size
+        # One TVM thread pool per shard: the shards share the machine's cores (each worker process
+        # reads this at start; shard 0 uses this process's pool, sized by the first model loaded).
+        cores = len(os.sched_getaffinity(0))
+        os.environ["TVM_NUM_THREADS"] = str(max(1, cores // self.shards))
+        self._failed: str | None = None
+        address = f"\0mlcbuild-tp-{os.getpid()}-{next(_ADDRESSES)}"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(address)
+        listener.listen(self.shards)
+        tp_worker.LISTENERS[address] = listener
+        others = set(self._pids_or_empty())
+        session_module = _disco_session_module()
+        # TVM's ProcessSession with our process pool (tp_worker.create_process_pool says why)
+        self._session = session_module.ProcessSession.__new__(session_module.ProcessSession)
+        self._session.__init_handle_by_constructor__(
+            session_module._ffi_api.SessionProcess, self.shards, 1, "mlcbuild.tp.create_process_pool",
+            "mlcbuild.runtime.tp_worker")
+        get = self._session.get_global_func
+        self._init, self._kv, self._forward, self._close = (get(f"mlcbuild.tp.{n}") for n in ("init", "kv", "forward",
+                                                                                                 "close"))
+        limits = {"max_batch_size": max_batch_size, "kv_cache_tokens": kv_cache_tokens,
+                  "prefill_chunk_size": prefill_chunk_size, "page_size": page_size,
+                  "sliding_window": self.sliding_window, "attention_sink": max(cc.attention_sink_size or 0, 0)}
+        library = bundle.path / (bundle.manifest.library.file if bundle.manifest.library else "lib/model.so")
+        self._call(self._init, str(bundle.path), str(library), address, self.shards, json.dumps(limits))
+        self._pids = sorted(set(self._pids_or_empty()) - others)
+        _OPEN.add(self)
+        self.total_pages = self.available_pages()
+
+    # --- one step on every shard ---------------------------------------------------------------------
+    def _call(self, func: Any, *args: Any) -> Any:
+        """Run ``func`` on every shard and wait for shard 0 (which waits for the rest in its all-reduces)."""
+        if self._failed is not None:
+            raise TensorParallelError(self._failed)
+        state = self._worker.STATE.setdefault(0, {})
+        state.pop("result", None)
+        try:
+            func(*args)
+            self._session.sync_worker_0()
+        except Exception as exc:  # a worker's pipe closed under the broadcast: it died
+            self._fail(f"a tensor-parallel worker is gone ({type(exc).__name__}: {exc})")
+        if "error" in state:
+            self._fail(f"tensor-parallel shard failed: {state['error']}")
+        return state.get("result")
+
+    def _fail(self, message: str) -> None:
+        self._failed = message
+        raise TensorParallelError(message)
+
+    # --- KV cache --------------------------------------------------------------------------------------
+    def available_pages(self) -> int:
+        return int(self._call(self._kv, "pages", 0, 0))
+
+    def add_sequence(self, seq_id: int) -> None:
+        self._call(self._kv, "add", seq_id, 0)
+
+    def fork_sequence(self, parent: int, child: int) -> None:
+        self._call(self._kv, "fork", parent, child)
+
+    def remove_sequence(self, seq_id: int) -> None:
+        self._call(self._kv, "remove", seq_id, 0)
+
+    # --- forward passes ------------------------------------------------------------------------------------
+    def _run(self, kind: str, seq_ids: list[int], lengths: list[int], tokens: list[int], positions: list[int]) -> np.ndarray:
+        shape = self._worker_shape
+        logits = self._call(self._forward, kind, shape(seq_ids), shape(lengths), shape(tokens), shape(positions))
+        return np.asarray(logits, dtype=np.float32)
+
+    @staticmethod
+    def _worker_shape(values: list[int]) -> Any:
+        from tvm.runtime import ShapeTuple
+
+        return ShapeTuple([int(v) for v in values])
+
+    def forward_prefill(self, seq_ids: list[int], chunks: list[list[int]]) -> np.ndarray:
+        """Append each sequence's chunk to the cache; logits [len(seq_ids), vocab] at each chunk's end."""
+        ends = (np.cumsum([len(c) for c in chunks]) - 1).tolist()
+        return self._run("prefill", seq_ids, [len(c) for c in chunks], [t for c in chunks for t in c], ends)
+
+    def forward_prefill_at(self, seq_id: int, token_ids: list[int], positions: list[int]) -> np.ndarray:
+        """One sequence's chunk; logits [len(positions), vocab] at those positions of the chunk."""
+        return self._run("prefill", [seq_id], [len(token_ids)], token_ids, positions)
+
+    def forward_decode(self, seq_ids: list[int], token_ids: list[int]) -> np.ndarray:
+        """One new token per sequence; logits [len(seq_ids), vocab]."""
+        return self._run("decode", seq_ids, [1] * len(seq_ids), token_ids, [])
+
+    # --- lifetime --------------------------------------------------------------------------------------
+    def worker_pids(self) -> list[int]:
+        """This model's worker processes (shards 1..N-1; shard 0 is a thread of this process)."""
+        return list(self._pids)
+
+    @staticmethod
+    def _all_worker_pids() -> list[int]:
+        import psutil
+
+        return [p.pid for p in psutil.Process().children()
+                if "mlcbuild.runtime.tp_worker" in " ".join(p.cmdline())]
+
+    def close(self) -> None:
+        if self._session is None:
+            return
+        session, self._session = self._session, None
+        _OPEN.discard(self)
+        if self._failed is None:
+            try:
+                session.get_global_func("mlcbuild.tp.close")()
+                session.sync_worker_0()
+            except Exception:  # noqa: BLE001  (closing after a failure: nothing to keep)
+                pass
+        # the destructor shuts the workers down (a dead one's pipe still has a reader: tp_worker) and
+        # joins worker 0's thread: drop every reference to the session (its functions hold one) now
+        self._init = self._kv = self._forward = self._close = None
+        getattr(session, "_cache", {}).clear()
+        del session
+        for pid in self._pids:
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+
+    def _pids_or_empty(self) -> list[int]:
+        try:
+            return self._all_worker_pids()
+        except Exception:  # noqa: BLE001
+            return []
