@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from runtime_support import ServerThread, tiny  # noqa: F401 (shared fixture)
+from runtime_support import cli_server as start_cli_server
 
 from mlcbuild import AsyncMLCEngine
 from mlcbuild.runtime.server import create_app, parse_overrides
@@ -193,3 +196,27 @@ def test_overrides_string():
                          ("context_window_size=big", "not an integer"), ("max_batch_size=0", "must be >= 1")):
         with pytest.raises(ValueError, match=needle):
             parse_overrides(text)
+
+
+def test_serve_cli_engine_options_and_limits(tiny, engine):
+    """``mlcbuild serve`` passes --overrides / --kv-cache-tokens to the engine and its limits to the app."""
+    args = ("--overrides", "context_window_size=128;max_total_seq_length=512", "--max-queue", "4",
+            "--request-timeout", "30", "--max-body-bytes", "4096", "--allow-origins", ORIGIN)
+    with start_cli_server(str(tiny.recipe), *args) as url:
+        assert metric(url, "mlcbuild_kv_pages_total") < engine.stats()["kv_pages_total"]  # 512 tokens, not 2048
+        resp = httpx.post(url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 150})
+        assert resp.status_code == 400 and "maximum context length is 128" in resp.json()["error"]["message"]
+        big = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 5000}]})
+        assert big.status_code == 413
+        assert httpx.get(url + "/v1/models", headers={"Origin": ORIGIN}).headers["access-control-allow-origin"] == ORIGIN
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--overrides", "gpu_mem=1"), "--overrides: unknown key 'gpu_mem'"),
+    (("--overrides", "max_num_sequence=4", "--max-batch-size", "2"), "--max-batch-size 2 contradicts --overrides"),
+    (("--max-queue", "-1"), "--max-queue"),
+])
+def test_serve_cli_bad_options(tiny, args, message):
+    done = subprocess.run([sys.executable, "-c", "from mlcbuild.cli import main; main()", "serve", str(tiny.recipe),
+                           "--no-build", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stdout + done.stderr, done.stdout + done.stderr
