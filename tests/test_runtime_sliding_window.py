@@ -133,3 +133,30 @@ def test_engine_batch_of_long_prompts_equals_transformers(sliding_bundle, transf
     steps = 12
     ours = run_engine(sliding_bundle[0], prompts, steps, None)
     assert ours == [reference_greedy(transformers_model, p, steps) for p in prompts]
+
+
+def test_prefix_cache_is_off_for_sliding_window_models(sliding_bundle, transformers_model):
+    """TVM's PagedKVCache cannot fork a sliding sequence: the engine turns its prefix cache off for such
+    models, and a prompt extending the last one still gets transformers' tokens."""
+    from mlcbuild.runtime.bundle import Bundle
+    from mlcbuild.runtime.engine import Engine, GenerationConfig
+    from mlcbuild.runtime.sampling import SamplingParams
+
+    engine = Engine(Bundle.open(sliding_bundle[0], "cpu"), prefix_cache=True)
+    try:
+        assert engine.prefix_cache is None and engine.stats()["prefix_cache"] is False
+        first = prompt_of(40, seed=4)
+        for prompt in (first, first + prompt_of(20, seed=5)):
+            out: queue.Queue = queue.Queue()
+            engine.submit(prompt, GenerationConfig(SamplingParams(temperature=0.0), max_tokens=6, ignore_eos=True),
+                          out.put)
+            got: list[int] = []
+            while True:
+                result = out.get(timeout=120)
+                got += [t for d in result.deltas for t in d.token_ids]
+                if result.finished:
+                    break
+            assert got == reference_greedy(transformers_model, prompt, 6)
+        assert engine.stats()["prefix_cache_hit_tokens"] == 0 and engine.stats()["kv_pages_in_use"] == 0
+    finally:
+        engine.shutdown()

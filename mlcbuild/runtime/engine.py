@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import Bundle
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, TokenHistory, apply_penalties, make_rng, sample, token_logprobs
 from .structured import TokenMasker, new_matcher
 from .tokenizer import IncrementalDecoder, StopStringMatcher, Tokenizer
@@ -48,8 +49,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = 8  # when neither the caller nor the bundle's chat config says more than 1
 DEFAULT_KV_CACHE_TOKENS_CAP = 1 << 15  # KV capacity by default: a full context per slot, up to this
+DEFAULT_MEMORY_UTILIZATION = 0.9  # of the free device memory (available RAM on CPU), as MLC LLM's default
 COUNTERS = ("requests", "finished", "aborted", "failed", "prompt_tokens", "completion_tokens", "prefill_steps",
-            "prefill_tokens", "decode_steps", "decode_sequences")
+            "prefill_tokens", "decode_steps", "decode_sequences", "preemptions", "prefix_cache_lookup_tokens",
+            "prefix_cache_hit_tokens", "prefix_cache_evictions")
 
 
 class ContextWindowError(ValueError):
@@ -61,6 +64,47 @@ class ContextWindowError(ValueError):
 
 class EngineClosedError(RuntimeError):
     """The engine was terminated."""
+
+
+def kv_bytes_per_token(bundle: Bundle) -> int:
+    """Bytes one token takes in the KV cache: keys and values of every layer's KV heads."""
+    arch = bundle.chat_config.arch_config
+    layers = arch.get("num_hidden_layers") or arch.get("n_layer") or arch.get("num_layers")
+    heads = arch.get("num_attention_heads") or arch.get("n_head")
+    kv_heads = arch.get("num_key_value_heads") or heads
+    head_dim = arch.get("head_dim") or arch["hidden_size"] // heads
+    itemsize = 4 if bundle.chat_config.model_dtype == "float32" else 2
+    return 2 * int(layers) * int(kv_heads) * int(head_dim) * itemsize
+
+
+def free_memory_bytes(bundle: Bundle) -> int | None:
+    """Free memory where the KV cache will live: the GPU's (TVM's ``available_global_memory``) or, on CPU, the
+    host's available RAM (``MemAvailable``); None where it cannot be told."""
+    if bundle.device.kind != "cpu":
+        try:
+            free = bundle.device.tvm_device().available_global_memory
+            return int(free) if free else None
+        except Exception:  # an older TVM or a driver that does not say
+            return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def kv_tokens_in_memory(bundle: Bundle, fraction: float) -> int | None:
+    """KV-cache tokens that fit in ``fraction`` of the free memory once the weights are loaded (they are not
+    yet, so their size on disk is taken off)."""
+    free = free_memory_bytes(bundle)
+    if free is None:
+        return None
+    weights = sum(f.stat().st_size for f in (bundle.path / "params").glob("*") if f.is_file()) \
+        if bundle.device.kind != "cpu" else 0  # on CPU the shards are memory-mapped: MemAvailable counts them
+    return max(int((free * fraction - weights) // kv_bytes_per_token(bundle)), 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,6 +136,7 @@ class CompiledModel:
         self._add = builtin("vm.builtin.kv_state_add_sequence")
         self._remove = builtin("vm.builtin.kv_state_remove_sequence")
         self._fork = builtin("vm.builtin.kv_state_fork_sequence")
+        self._popn = builtin("vm.builtin.kv_state_popn")
         self._available = builtin("vm.builtin.attention_kv_cache_get_num_available_pages")
         self._reshape = builtin("vm.builtin.reshape")
         self.page_size = page_size
@@ -121,9 +166,15 @@ class CompiledModel:
         self._add(self.kv_cache, seq_id)
         self._slide(seq_id)
 
-    def fork_sequence(self, parent: int, child: int) -> None:
-        self._fork(self.kv_cache, parent, child, -1)
+    def fork_sequence(self, parent: int, child: int, fork_pos: int = -1) -> None:
+        """``child`` shares ``parent``'s first ``fork_pos`` tokens (all of them: -1) by page reference."""
+        self._fork(self.kv_cache, parent, child, fork_pos)
         self._slide(child)
+
+    def popn(self, seq_id: int, n: int) -> None:
+        """Drop the last ``n`` tokens of a sequence (rejected speculative tokens)."""
+        if n:
+            self._popn(self.kv_cache, seq_id, n)
 
     def _slide(self, seq_id: int) -> None:
         if self.sliding_window:
@@ -191,6 +242,9 @@ class GenerationConfig:
     ignore_eos: bool = False
     truncate_prompt_tokens: int | None = None  # keep the last k prompt tokens; -1: as many as fit
     grammar: Any = None  # a compiled grammar (``structured.GrammarCompiler.compile``): output must match it
+    # Test hook: this request's step raises once it has produced this many tokens (a fault confined to one
+    # request must fail that request alone; its batch-mates finish).
+    debug_fail_at_token: int | None = None
 
 
 @dataclass
@@ -262,6 +316,7 @@ class _Sequence:
     finish_reason: str | None = None
     pending: SequenceDelta | None = None
     matcher: Any = None  # the grammar matcher of a constrained request's sequence
+    kv_len: int = 0  # tokens of this sequence in the KV cache
 
 
 @dataclass
@@ -275,8 +330,12 @@ class _Request:
     stats: RequestStats
     prefilled: int = 0
     admitted: bool = False
-    seq_ids: list[int] = field(default_factory=list)  # reserved at admission, one per choice
     seqs: list[_Sequence] = field(default_factory=list)
+    # Tokens that must be in seq 0's KV before it decodes: the prompt, or after a pre-emption the prompt and
+    # every generated token but the last (recompute; the last one is fed by the next decode step).
+    fill: list[int] = field(default_factory=list)
+    order: int = 0  # admission order: pre-emption takes the newest
+    cache_hit: int = 0  # prompt tokens forked from the prefix cache at the first admission
 
     @property
     def live(self) -> list[_Sequence]:
@@ -290,11 +349,15 @@ class _Request:
 
 def prefill(model: CompiledModel, work: list[tuple[_Request, list[int]]]) -> np.ndarray:
     """One prefill call: each request's next chunk of prompt (into its first sequence's KV)."""
+    for request, chunk in work:
+        request.seqs[0].kv_len += len(chunk)
     return model.forward_prefill([r.seqs[0].seq_id for r, _ in work], [chunk for _, chunk in work])
 
 
 def decode_one_step(model: CompiledModel, seqs: list[_Sequence]) -> np.ndarray:
     """Feed every running sequence its last token; next-token logits for each."""
+    for seq in seqs:
+        seq.kv_len += 1
     return model.forward_decode([s.seq_id for s in seqs], [s.last_token for s in seqs])
 
 
@@ -319,10 +382,17 @@ def sample_next(seq: _Sequence, params: SamplingParams, logits: np.ndarray,
 
 
 class Engine:
-    """Continuous batching over one :class:`CompiledModel`; thread-safe ``submit``/``abort``/``stats``."""
+    """Continuous batching over one :class:`CompiledModel`; thread-safe ``submit``/``abort``/``stats``.
+
+    ``prefix_cache``: keep finished sequences in the KV cache and fork the longest cached prefix of each
+    new prompt (off for sliding-window models: TVM's PagedKVCache cannot fork a sliding sequence).
+    ``kv_cache_tokens``: the KV cache's size in tokens; when not given, a full context per batch slot
+    (capped), and no more than ``gpu_memory_utilization`` of the device's free memory (host RAM on CPU).
+    """
 
     def __init__(self, bundle: Bundle, *, max_batch_size: int | None = None, context_window_size: int | None = None,
-                 prefill_chunk_size: int | None = None, kv_cache_tokens: int | None = None):
+                 prefill_chunk_size: int | None = None, kv_cache_tokens: int | None = None,
+                 prefix_cache: bool = True, gpu_memory_utilization: float = DEFAULT_MEMORY_UTILIZATION):
         cc = bundle.chat_config
         self.bundle = bundle
         self.tokenizer = Tokenizer(bundle.path)
@@ -334,11 +404,22 @@ class Engine:
         if kv_cache_tokens is None:
             kv_cache_tokens = min(self.context_window_size * self.max_batch_size,
                                   max(DEFAULT_KV_CACHE_TOKENS_CAP, self.context_window_size))
-        self.model = CompiledModel(bundle, self.max_batch_size, kv_cache_tokens, self.prefill_chunk_size,
-                                   cc.page_size)
+            fits = kv_tokens_in_memory(bundle, gpu_memory_utilization)
+            if fits is not None:  # never below one context: a request of a full context must fit alone
+                kv_cache_tokens = max(min(kv_cache_tokens, fits), self.context_window_size)
+        self.kv_cache_tokens = kv_cache_tokens
+        model_class: Any = CompiledModel
+        if cc.tensor_parallel_shards > 1:  # one disco worker per shard, same interface (sharded_model.py)
+            from .sharded_model import ShardedModel as model_class
+        self.model = model_class(bundle, self.max_batch_size, kv_cache_tokens, self.prefill_chunk_size,
+                                 cc.page_size)
         self.prefill_chunk_size = self.model.max_chunk_tokens
         eos = list(cc.eos_token_id) or [t for t in [self.tokenizer.eos_token_id] if t is not None]
         self.eos_token_ids: tuple[int, ...] = tuple(eos)
+        # TVM's PagedKVCache refuses to fork a sequence with a sliding window: no prefix cache for those models.
+        # A sharded model's workers fork whole sequences only (no fork position yet): none for those either.
+        self.prefix_cache: PrefixCache | None = PrefixCache() \
+            if prefix_cache and not self.model.sliding_window and cc.tensor_parallel_shards <= 1 else None
 
         self._lock = threading.Condition()
         self._incoming: deque[_Request] = deque()
@@ -346,13 +427,16 @@ class Engine:
         self._waiting: deque[_Request] = deque()
         self._prefilling: list[_Request] = []
         self._running: list[_Request] = []
-        self._free_seq_ids = list(range(self.max_batch_size))[::-1]
-        self._reserved_pages = 0
+        self._free_slots = self.max_batch_size  # sequences that may be live at once
+        # KV sequence ids are never reused, so a finished sequence can stay in the prefix cache under its id
+        self._seq_ids = itertools.count()
+        self._order = itertools.count()
         self._ids = itertools.count()
         self._closed = False
         self._counters: Counter = Counter()
         self._batch_sizes: Counter = Counter()
         self._pages_in_use = 0  # read by stats() from other threads; updated by the engine thread
+        self._pages_cached = 0
         self._masker: TokenMasker | None = None  # made on the first constrained request
         self._thread = threading.Thread(target=self._loop, name="mlcbuild-engine", daemon=True)
         self._thread.start()
@@ -401,7 +485,7 @@ class Engine:
             )
         request_id = request_id or f"req-{next(self._ids)}"
         request = _Request(request_id, prompt, config, callback, max_tokens, pages,
-                           RequestStats(prompt_tokens=len(prompt), arrival=time.perf_counter()))
+                           RequestStats(prompt_tokens=len(prompt), arrival=time.perf_counter()), fill=prompt)
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine was terminated")
@@ -417,9 +501,10 @@ class Engine:
             self._lock.notify()
 
     def stats(self) -> dict[str, Any]:
-        """Live counts: requests, tokens, decode steps and their batch sizes, KV pages."""
+        """Live counts: requests, tokens, decode steps and their batch sizes, KV pages, prefix cache."""
         with self._lock:
             counters = {k: self._counters[k] for k in COUNTERS}
+            looked_up = counters["prefix_cache_lookup_tokens"]
             return {
                 "running": len(self._running),
                 "prefilling": len(self._prefilling),
@@ -427,6 +512,10 @@ class Engine:
                 "running_sequences": sum(len(r.live) for r in list(self._running)),
                 "kv_pages_total": self.model.total_pages,
                 "kv_pages_in_use": self._pages_in_use,
+                "kv_pages_cached": self._pages_cached,
+                "prefix_cache": self.prefix_cache is not None,
+                "prefix_cache_entries": len(self.prefix_cache) if self.prefix_cache is not None else 0,
+                "prefix_cache_hit_rate": counters["prefix_cache_hit_tokens"] / looked_up if looked_up else 0.0,
                 "decode_batch_sizes": dict(sorted(self._batch_sizes.items())),
                 **counters,
             }
@@ -456,7 +545,7 @@ class Engine:
                 self._admit()
                 self._prefill_step()
                 self._decode_step()
-            except Exception as exc:  # a failing step fails its requests, not the engine
+            except Exception as exc:  # a failing model call fails the requests in flight, not the engine
                 logger.exception("engine step failed")
                 self._fail_all(exc)
             self._refresh_pages()
@@ -474,27 +563,100 @@ class Engine:
             (self._prefilling if request in self._prefilling else self._running).remove(request)
             self._finish_request(request, "abort")
 
+    # --- admission, pages, pre-emption --------------------------------------------------------------
     def _admit(self) -> None:
-        """Start waiting requests (first come, first served) while sequence slots and KV pages last."""
+        """Start waiting requests (first come, first served) while sequence slots and the KV pages their
+        prompts need now last (not their worst case: a request that outgrows the cache later pre-empts
+        the newest one). Cached prefixes are forked; evicting the cache makes room."""
         while self._waiting:
             request = self._waiting[0]
-            if request.config.n > len(self._free_seq_ids) or \
-                    self._reserved_pages + request.reserved_pages > self.model.total_pages:
+            if request.config.n > self._free_slots:
+                break
+            parent, hit = self._lookup(request)
+            # the prompt's pages (a fork copies at most one partial page), one page per extra choice, and a
+            # page for each running sequence's next decode step so admission does not force a pre-emption
+            need = -(-(len(request.fill) - hit) // self.model.page_size) + 1 + (request.config.n - 1) \
+                + sum(len(r.live) for r in self._running)
+            if not self._evict_for(need, keep=parent):
                 break
             self._waiting.popleft()
+            if request.fill is request.prompt and not request.admitted:
+                request.cache_hit = hit
+                self._counters["prefix_cache_lookup_tokens"] += len(request.prompt)
+                self._counters["prefix_cache_hit_tokens"] += hit
             request.admitted = True
-            self._reserved_pages += request.reserved_pages
-            request.seq_ids = [self._free_seq_ids.pop() for _ in range(request.config.n)]
-            request.stats.prefill_start = time.perf_counter()
-            self._new_sequence(request, index=0)
-            self.model.add_sequence(request.seqs[0].seq_id)
+            request.order = next(self._order)
+            self._free_slots -= request.config.n
+            if request.stats.prefill_start is None:
+                request.stats.prefill_start = time.perf_counter()
+            if not request.seqs:
+                self._new_sequence(request, index=0)
+            seq = request.seqs[0]
+            seq.seq_id = next(self._seq_ids)
+            if parent is not None:
+                self.model.fork_sequence(parent, seq.seq_id, hit)
+                self.prefix_cache.touch(parent)
+            else:
+                self.model.add_sequence(seq.seq_id)
+            seq.kv_len = request.prefilled = hit
             self._prefilling.append(request)
+
+    def _lookup(self, request: _Request) -> tuple[int | None, int]:
+        """The cached sequence to fork for this request and how many of its tokens to share."""
+        if self.prefix_cache is None:
+            return None, 0
+        parent, hit = self.prefix_cache.match(request.fill)
+        # Fork strictly inside the parent (TVM cannot remove a sequence whose last block a child references,
+        # which a fork at its very end would make it) and leave at least one token to prefill (its logits
+        # give the first new token); a hit shorter than a page is not worth a fork.
+        if parent is not None:
+            hit = min(hit, len(self.prefix_cache.tokens(parent)) - 1, len(request.fill) - 1)
+        return (parent, hit) if parent is not None and hit >= self.model.page_size else (None, 0)
+
+    def _evict_for(self, pages: int, keep: int | None = None) -> bool:
+        """Evict least recently used cached sequences until ``pages`` are free (never ``keep``). Pages a
+        running sequence forked from an evicted one stay: TVM counts their references."""
+        while self.model.available_pages() < pages:
+            victim = self.prefix_cache.oldest(exclude=keep) if self.prefix_cache is not None else None
+            if victim is None:
+                return False
+            self.prefix_cache.remove(victim)
+            self.model.remove_sequence(victim)
+            self._counters["prefix_cache_evictions"] += 1
+        return True
+
+    def _make_room(self, pages: int, newer_than: int, protect: set[int]) -> bool:
+        """Free ``pages``: evict the cache, then pre-empt the newest admitted requests admitted after
+        ``newer_than`` and not in ``protect`` (they recompute what they had later). False if not enough."""
+        while not self._evict_for(pages):
+            victims = [r for r in self._prefilling + self._running if r.order > newer_than and r.order not in protect]
+            if not victims:
+                return False
+            self._preempt(max(victims, key=lambda r: r.order))
+        return True
+
+    def _preempt(self, request: _Request) -> None:
+        """Take a request's pages back; it waits at the head of the queue and recomputes its KV (the prompt and
+        the tokens generated so far: outputs do not change) when it is admitted again."""
+        (self._prefilling if request in self._prefilling else self._running).remove(request)
+        if request.config.n > 1:  # its choices diverged: recomputing them is not supported, fail it alone
+            self._fail_request(request, RuntimeError("the KV cache ran out of pages for a request with n > 1"))
+            return
+        seq = request.seqs[0]
+        self.model.remove_sequence(seq.seq_id)
+        seq.kv_len = 0
+        request.fill = request.prompt + seq.tokens[:-1]
+        request.prefilled = 0
+        request.admitted = False
+        self._free_slots += 1
+        self._counters["preemptions"] += 1
+        self._waiting.appendleft(request)
 
     def _new_sequence(self, request: _Request, index: int) -> _Sequence:
         params = request.config.sampling
         seq = _Sequence(
             index=index,
-            seq_id=request.seq_ids[index],
+            seq_id=next(self._seq_ids),
             history=TokenHistory.of_prompt(request.prompt),
             rng=make_rng(params.seed, index),
             decoder=IncrementalDecoder(self.tokenizer),
@@ -526,28 +688,44 @@ class Engine:
         masker = self._masker
         return lambda logits: masker.apply(logits, row)
 
+    # --- steps ---------------------------------------------------------------------------------------
     def _prefill_step(self) -> None:
         """Prefill up to ``prefill_chunk_size`` prompt tokens, across prefilling requests in order."""
         budget, work = self.prefill_chunk_size, []
-        for request in self._prefilling:
+        for request in list(self._prefilling):
             if budget <= 0:
                 break
-            chunk = request.prompt[request.prefilled : request.prefilled + budget]
+            chunk = request.fill[request.prefilled : request.prefilled + budget]
+            # pages for this chunk (plus a partial one); pre-empt requests newer than this one if needed
+            pages = sum(-(-len(c) // self.model.page_size) + 1 for _, c in work) \
+                + -(-len(chunk) // self.model.page_size) + 1
+            if not self._make_room(pages, request.order, {r.order for r, _ in work}):
+                break
+            if request not in self._prefilling:
+                continue
             work.append((request, chunk))
             budget -= len(chunk)
+        work = [(r, c) for r, c in work if r in self._prefilling]  # drop any pre-empted along the way
         if not work:
             return
         # the first token of a finishing prompt is constrained too (every choice starts where seq 0 is)
         masks = self._start_masks([(row, r.seqs[0]) for row, (r, chunk) in enumerate(work)
-                                   if r.prefilled + len(chunk) == len(r.prompt)])
+                                   if r.prefilled + len(chunk) == len(r.fill) and not r.seqs[0].tokens])
         logits = prefill(self.model, work)
+        self._refresh_pages()  # before any output: a client that saw a token sees the pages it holds
         self._counters["prefill_steps"] += 1
         self._counters["prefill_tokens"] += sum(len(c) for _, c in work)
         for row, (request, chunk) in enumerate(work):
             request.prefilled += len(chunk)
-            if request.prefilled == len(request.prompt):
+            if request.prefilled == len(request.fill):
                 self._prefilling.remove(request)
-                self._start_decoding(request, logits[row], self._mask_for(masks, row, request.seqs[0]))
+                if request.seqs[0].tokens:  # resumed after a pre-emption: its next token is sampled already
+                    self._running.append(request)
+                    continue
+                try:
+                    self._start_decoding(request, logits[row], self._mask_for(masks, row, request.seqs[0]))
+                except Exception as exc:  # this request's host-side work failed: it fails alone
+                    self._fail_request(request, exc)
 
     def _start_decoding(self, request: _Request, logits: np.ndarray,
                         mask: Callable[[np.ndarray], np.ndarray] | None) -> None:
@@ -555,12 +733,13 @@ class Engine:
         for index in range(1, request.config.n):
             seq = self._new_sequence(request, index)
             self.model.fork_sequence(request.seqs[0].seq_id, seq.seq_id)
+            seq.kv_len = request.seqs[0].kv_len
         request.stats.first_token = time.perf_counter()
         self._counters["prompt_tokens"] += len(request.prompt)
         if mask is not None:
             logits = mask(logits)
         for seq in request.seqs:
-            self._accept(request, seq, *sample_next(seq, request.config.sampling, logits))
+            self._accept(request, seq, *self._sample(request, seq, logits))
         self._emit(request)
         if request.live:
             self._running.append(request)
@@ -568,23 +747,55 @@ class Engine:
             self._finish_request(request)
 
     def _decode_step(self) -> None:
-        seqs = [(r, s) for r in self._running for s in r.live][: self.max_batch_size]
+        # Each sequence may start a new page this step: evict the cache, then pre-empt the newest request
+        # (prefilling or running) until that fits. The oldest always fits alone (submit checks it).
+        while True:
+            seqs = [(r, s) for r in self._running for s in r.live][: self.max_batch_size]
+            if not seqs or self._evict_for(len(seqs)):
+                break
+            oldest = min(r.order for r in self._running)
+            victims = [r for r in self._prefilling + self._running if r.order != oldest]
+            if not victims:
+                break
+            self._preempt(max(victims, key=lambda r: r.order))
         if not seqs:
             return
         masks = self._start_masks([(row, seq) for row, (_, seq) in enumerate(seqs)])
         logits = decode_one_step(self.model, [s for _, s in seqs])
+        self._refresh_pages()
         self._counters["decode_steps"] += 1
         self._counters["decode_sequences"] += len(seqs)
         self._batch_sizes[len(seqs)] += 1
+        failed: dict[int, tuple[_Request, BaseException]] = {}
         for row, (request, seq) in enumerate(seqs):
-            request.stats.decode_tokens += 1
-            mask = self._mask_for(masks, row, seq)
-            self._accept(request, seq, *sample_next(seq, request.config.sampling, logits[row], mask))
-        for request in {id(r): r for r, _ in seqs}.values():
-            self._emit(request)
+            if id(request) in failed:
+                continue
+            try:
+                request.stats.decode_tokens += 1
+                mask = self._mask_for(masks, row, seq)
+                self._accept(request, seq, *self._sample(request, seq, logits[row], mask))
+            except Exception as exc:  # this request's host-side work failed: it fails alone
+                failed[id(request)] = (request, exc)
+        for request, exc in failed.values():
+            self._running.remove(request)
+            self._fail_request(request, exc)
+        for request in {id(r): r for r, _ in seqs if id(r) not in failed}.values():
+            try:
+                self._emit(request)
+            except Exception as exc:
+                self._running.remove(request)
+                self._fail_request(request, exc)
+                continue
             if not request.live:
                 self._running.remove(request)
                 self._finish_request(request)
+
+    def _sample(self, request: _Request, seq: _Sequence, logits: np.ndarray,
+                mask: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[int, TokenLogprob | None]:
+        fail_at = request.config.debug_fail_at_token
+        if fail_at is not None and len(seq.tokens) >= fail_at:
+            raise RuntimeError(f"debug_fail_at_token={fail_at}: request {request.request_id} fails here")
+        return sample_next(seq, request.config.sampling, logits, mask)
 
     def _accept(self, request: _Request, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
         """Record a sampled token: stop tokens, text (held back at possible stop strings), limits."""
@@ -612,17 +823,33 @@ class Engine:
             self._end_sequence(request, seq, "length")
 
     def _end_sequence(self, request: _Request, seq: _Sequence, reason: str) -> None:
-        """Finish one choice and free its KV pages now."""
+        """Finish one choice: free its KV pages now, or keep them in the prefix cache."""
         delta = seq.pending = seq.pending or SequenceDelta(seq.index)
         if reason != "abort" and not seq.stopper.stopped:
             delta.text += seq.stopper.feed(seq.decoder.flush())
             delta.text += seq.stopper.flush()
         delta.finish_reason = seq.finish_reason = reason
-        self.model.remove_sequence(seq.seq_id)
+        self._release(request, seq, cache=reason != "abort")
         self._refresh_pages()
 
+    def _release(self, request: _Request, seq: _Sequence, cache: bool) -> None:
+        """Drop a sequence from the KV cache, or hand it to the prefix cache (what its KV holds: the prompt
+        and every generated token but the last, which was never fed). Choices of n > 1 share pages with a
+        fork at their very end, so they are not cached."""
+        tokens = request.prompt + seq.tokens[:-1]
+        if not cache or self.prefix_cache is None or request.config.n > 1 or seq.kv_len != len(tokens) \
+                or self.prefix_cache.match(tokens)[1] >= len(tokens):  # a longer cached one covers it
+            self.model.remove_sequence(seq.seq_id)
+            return
+        for redundant in self.prefix_cache.insert(seq.seq_id, tokens):
+            self.model.remove_sequence(redundant)
+
     def _refresh_pages(self) -> None:
-        self._pages_in_use = self.model.total_pages - self.model.available_pages()
+        held = self.model.total_pages - self.model.available_pages()
+        # pages of live sequences (an upper bound: forks share pages); the rest is held by the prefix cache
+        live = sum(-(-s.kv_len // self.model.page_size) for r in self._prefilling + self._running for s in r.live)
+        self._pages_in_use = min(held, live)
+        self._pages_cached = held - self._pages_in_use
 
     def _emit(self, request: _Request) -> None:
         deltas = [s.pending for s in request.seqs if s.pending is not None]
@@ -633,16 +860,33 @@ class Engine:
 
     def _finish_request(self, request: _Request, reason: str | None = None) -> None:
         if request.admitted:
-            self._reserved_pages -= request.reserved_pages
-            self._free_seq_ids.extend(request.seq_ids)
+            self._free_slots += request.config.n
         request.stats.finish = time.perf_counter()
         self._counters["completion_tokens"] += request.stats.completion_tokens
         self._counters["aborted" if reason == "abort" else "finished"] += 1
         deltas = [SequenceDelta(i, finish_reason="abort") for i in range(request.config.n)] if reason else []
         request.callback(RequestOutput(request.request_id, deltas, finished=True, stats=request.stats))
 
+    def _fail_request(self, request: _Request, exc: BaseException) -> None:
+        """Fail one request (already out of the prefilling/running lists) and free its pages."""
+        logger.error("request %s failed: %r", request.request_id, exc)
+        for seq in request.live:
+            try:
+                self.model.remove_sequence(seq.seq_id)
+            except Exception:  # not in the cache (failed before it was added)
+                pass
+            seq.finish_reason = "abort"
+        if request.admitted:
+            self._free_slots += request.config.n
+        request.stats.finish = time.perf_counter()
+        self._counters["failed"] += 1
+        try:
+            request.callback(RequestOutput(request.request_id, [], finished=True, stats=request.stats, error=exc))
+        except Exception:
+            logger.exception("request %s: callback failed", request.request_id)
+
     def _fail_all(self, exc: BaseException, aborted: bool = False) -> None:
-        """Fail every request in flight (after an error in a step, or at shutdown) and free the cache."""
+        """Fail every request in flight (after an error in a model call, or at shutdown) and free the cache."""
         with self._lock:
             self._waiting.extend(self._incoming)
             self._incoming.clear()
@@ -658,5 +902,11 @@ class Engine:
         self._waiting.clear()
         self._prefilling.clear()
         self._running.clear()
-        self._reserved_pages = 0
-        self._free_seq_ids = list(range(self.max_batch_size))[::-1]
+        if self.prefix_cache is not None:  # its sequences may be inconsistent too
+            for seq_id in self.prefix_cache.seq_ids():
+                self.prefix_cache.remove(seq_id)
+                try:
+                    self.model.remove_sequence(seq_id)
+                except Exception:
+                    pass
+        self._free_slots = self.max_batch_size

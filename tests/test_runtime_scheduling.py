@@ -1,0 +1,178 @@
+"""The engine's prefix cache, scheduling under KV-page pressure (pre-emption by recompute), per-request
+fault isolation and KV-cache sizing, on the tiny bundle (context 256, page 16, batch 8). Every check compares
+greedy token ids with a run that has no cache and no pressure: a wrong fork position, a page freed while a
+running sequence reads it, or a resumed sequence that recomputed the wrong tokens changes them."""
+
+from __future__ import annotations
+
+import queue
+
+import numpy as np
+import pytest
+from runtime_support import tiny  # noqa: F401  (the shared session fixture)
+
+from mlcbuild.runtime.bundle import Bundle
+from mlcbuild.runtime.engine import Engine, GenerationConfig, kv_bytes_per_token, kv_tokens_in_memory
+from mlcbuild.runtime.prefix_cache import PrefixCache
+from mlcbuild.runtime.sampling import SamplingParams
+
+
+def ids(length: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 300, size=length).tolist()
+
+
+SYSTEM = ids(50, 0)  # a shared "system prompt": three pages and a bit
+
+
+def run(engine: Engine, prompts: list[list[int]], max_tokens: int | None = 8,
+        configs: list[GenerationConfig] | None = None) -> list[list[int] | BaseException]:
+    """Submit all at once (one batch); each request's greedy tokens, or the error it failed with."""
+    configs = configs or [GenerationConfig(SamplingParams(temperature=0), max_tokens=max_tokens, ignore_eos=True)
+                          for _ in prompts]
+    outs = [queue.SimpleQueue() for _ in prompts]
+    for prompt, config, out in zip(prompts, configs, outs):
+        engine.submit(prompt, config, out.put)
+    results: list[list[int] | BaseException] = []
+    for out in outs:
+        got: list[int] = []
+        while True:
+            o = out.get(timeout=120)
+            got += [t for d in o.deltas for t in d.token_ids]
+            if o.finished:
+                results.append(o.error if o.error is not None else got)
+                break
+    return results
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny):
+    return Bundle.open(tiny.path, "cpu")
+
+
+@pytest.fixture(scope="module")
+def plain(bundle):
+    """The reference: no prefix cache, KV room for a full context per slot."""
+    engine = Engine(bundle, prefix_cache=False)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cached(bundle):
+    engine = Engine(bundle)
+    yield engine
+    engine.shutdown()
+
+
+def test_radix_tree_matches_longest_prefix_and_drops_covered_entries():
+    cache = PrefixCache()
+    assert cache.insert(1, [5, 6, 7, 8]) == []
+    assert cache.insert(2, [5, 6, 9]) == []
+    assert cache.match([5, 6, 7, 8, 1]) == (1, 4)
+    assert cache.match([5, 6, 9, 9]) == (2, 3)
+    assert cache.match([5, 6, 0])[1] == 2 and cache.match([4]) == (None, 0)
+    assert cache.insert(3, [5, 6, 7, 8, 10, 11]) == [1]  # 1 is a prefix of 3: 3 answers whatever 1 did
+    assert cache.match([5, 6, 7, 8]) == (3, 4) and 1 not in cache
+    assert cache.oldest() == 2
+    cache.touch(2)
+    assert cache.oldest() == 3 and cache.oldest(exclude=3) == 2
+    cache.remove(3)
+    assert cache.match([5, 6, 7]) == (2, 2) and len(cache) == 1
+
+
+def test_hits_and_misses_in_one_batch_equal_the_uncached_run(plain, cached):
+    first = [SYSTEM + ids(10, 1)]
+    batch = [SYSTEM + ids(12, 2),  # hit: the system prompt
+             ids(30, 3),  # miss
+             first[0] + ids(5, 4),  # hit past the system prompt
+             list(first[0]),  # the same prompt again: all but its last token
+             SYSTEM[:20] + ids(40, 5)]  # a hit of one page and a bit (the fork splits a page)
+    want = run(plain, first) + run(plain, batch)
+    before = cached.stats()
+    assert run(cached, first) + run(cached, batch) == want
+    stats = cached.stats()
+    hits = stats["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"]
+    assert hits >= 50 + 59 + 59 + 20, stats  # forks at most one token short of what was cached
+    assert 0 < stats["prefix_cache_hit_rate"] < 1 and stats["prefix_cache"] is True
+    assert stats["kv_pages_in_use"] == 0 and stats["kv_pages_cached"] > 0
+
+
+def test_multi_turn_chat_forks_each_turn_off_the_last(plain, cached):
+    """Six turns: each prompt is the last prompt, its answer and a new message, so each turn forks the
+    previous turn's sequence (a chain of forks six deep)."""
+    def converse(engine: Engine) -> list[list[int]]:
+        prompt, answers = SYSTEM + ids(7, 10), []
+        for turn in range(6):
+            answer = run(engine, [prompt])[0]
+            answers.append(answer)
+            prompt = prompt + answer + ids(9, 11 + turn)
+        return answers
+
+    before = cached.stats()["prefix_cache_hit_tokens"]
+    assert converse(cached) == converse(plain)
+    assert cached.stats()["prefix_cache_hit_tokens"] - before >= 5 * 57
+
+
+def test_eviction_under_page_pressure_keeps_outputs(bundle, plain):
+    """A cache of 320 tokens (20 pages): cached sequences are evicted for new ones, including the one a
+    running request forked from (its shared pages stay: TVM counts references)."""
+    engine = Engine(bundle, kv_cache_tokens=320)
+    try:
+        prompts = [SYSTEM + ids(20, 20 + i) for i in range(3)] + [ids(60, 30 + i) for i in range(3)]
+        want = [run(plain, [p], max_tokens=20)[0] for p in prompts]
+        got = [run(engine, [p], max_tokens=20)[0] for p in prompts]
+        got += run(engine, prompts, max_tokens=20)  # all at once: evictions and pre-emptions while running
+        assert got == want + want
+        stats = engine.stats()
+        assert stats["prefix_cache_evictions"] > 0 and stats["prefix_cache_hit_tokens"] > 0, stats
+        assert stats["kv_pages_in_use"] == 0
+    finally:
+        engine.shutdown()
+
+
+def test_preemption_when_pages_run_out_gives_the_unpressured_outputs(bundle, plain):
+    """8 requests with max_tokens unset (up to the 256-token context) on a cache of two contexts: admitted on
+    what their prompts need, the newest are pre-empted as the batch grows and recompute later."""
+    prompts = [ids(24 + 3 * i, 40 + i) for i in range(8)]
+    want = run(plain, prompts, max_tokens=None)
+    engine = Engine(bundle, kv_cache_tokens=512, prefix_cache=False)
+    try:
+        assert run(engine, prompts, max_tokens=None) == want
+        stats = engine.stats()
+        assert stats["preemptions"] > 0 and stats["kv_pages_in_use"] == 0 and stats["finished"] == 8, stats
+        assert max(stats["decode_batch_sizes"]) > 2  # admission did not wait for worst cases
+    finally:
+        engine.shutdown()
+
+
+def test_a_failing_request_fails_alone(cached, plain):
+    prompts = [ids(20, 50 + i) for i in range(4)]
+    want = run(plain, prompts, max_tokens=12)
+    greedy = SamplingParams(temperature=0)
+    configs = [GenerationConfig(greedy, max_tokens=12, ignore_eos=True,
+                                debug_fail_at_token=3 if i == 1 else (0 if i == 2 else None)) for i in range(4)]
+    failed_before = cached.stats()["failed"]
+    got = run(cached, prompts, configs=configs)
+    assert isinstance(got[1], RuntimeError) and "debug_fail_at_token=3" in str(got[1])
+    assert isinstance(got[2], RuntimeError)  # fails on its first token (sampled after prefill)
+    assert [got[0], got[3]] == [want[0], want[3]]
+    stats = cached.stats()
+    assert stats["failed"] == failed_before + 2 and stats["kv_pages_in_use"] == 0 and stats["running"] == 0
+    assert run(cached, prompts[1:2], max_tokens=12) == want[1:2]  # the engine goes on
+
+
+def test_kv_cache_size_from_free_memory_or_explicit(bundle, plain):
+    arch = bundle.chat_config.arch_config
+    assert kv_bytes_per_token(bundle) == 2 * arch["num_hidden_layers"] * arch["num_key_value_heads"] * \
+        (arch.get("head_dim") or arch["hidden_size"] // arch["num_attention_heads"]) * 4  # q0f32: float32
+    with open("/proc/meminfo") as f:
+        avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    assert abs(kv_tokens_in_memory(bundle, 0.5) - avail * 0.5 / kv_bytes_per_token(bundle)) < 0.01 * avail / \
+        kv_bytes_per_token(bundle)  # MemAvailable moves a little between the two reads
+    assert plain.kv_cache_tokens == 256 * 8  # plenty of RAM: a context per slot
+    small = Engine(bundle, gpu_memory_utilization=1e-9)  # room for nothing: one context, what a request needs
+    try:
+        assert small.kv_cache_tokens == 256
+        assert small.stats()["kv_pages_total"] < plain.stats()["kv_pages_total"] / 4  # TVM adds a spare page
+    finally:
+        small.shutdown()
