@@ -220,3 +220,36 @@ def test_serve_cli_bad_options(tiny, args, message):
     done = subprocess.run([sys.executable, "-c", "from mlcbuild.cli import main; main()", "serve", str(tiny.recipe),
                            "--no-build", *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_long_prompt_does_not_stall_other_streams(engine, slow_steps):
+    """A 1.7 MB prompt takes seconds to render and tokenize (then overflows the tiny context: 400); a
+    stream running meanwhile keeps its pace, as that work runs off the event loop without the GIL."""
+    long_body = {"messages": [{"role": "user", "content": "What is the capital of France? Tell me a story. " * 36000}]}
+
+    async def main() -> tuple[list[float], float, float, int]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+            arrivals: list[float] = []
+
+            async def stream() -> None:
+                body = {"messages": MESSAGES, "max_tokens": 200, "ignore_eos": True, "stream": True}
+                async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+                    async for line in resp.aiter_lines():
+                        if line.startswith("data: {"):
+                            arrivals.append(time.monotonic())
+
+            streaming = asyncio.create_task(stream())
+            while len(arrivals) < 5:
+                await asyncio.sleep(0.01)
+            start = time.monotonic()
+            resp = await client.post("/v1/chat/completions", json=long_body)
+            end = time.monotonic()
+            await streaming
+            return arrivals, start, end, resp.status_code
+
+    with ServerThread(create_app(engine)) as srv:
+        arrivals, start, end, status = asyncio.run(main())
+    assert status == 400  # longer than the tiny model's context, found out after tokenizing it
+    assert end - start > 1.0, "the long prompt was quick to process: the test shows nothing"
+    during = [b - a for a, b in zip(arrivals, arrivals[1:]) if start <= b <= end]
+    assert len(during) > 5 and max(during) < 0.5, (end - start, max(during, default=None))
