@@ -609,12 +609,14 @@ def chat(
     device: str = DeviceOption,
     overrides: Optional[str] = typer.Option(None, "--overrides", help="Initial settings, as /set takes them: temperature=0.5;max_gen_len=100"),
     quantization: Optional[str] = typer.Option(None, "--quantization", "-q", help="With a recipe: which of its quantizations."),
+    tensor_parallel_shards: Optional[int] = typer.Option(None, "--tensor-parallel-shards", min=1, help="The recipe's bundle built for this many shards (also --overrides tensor_parallel_shards=N)."),
     no_build: bool = NoBuildOption,
 ) -> None:
     """Chat with a model in the terminal (/help lists the commands)."""
     from mlcbuild.runtime.chat import chat as run_chat
 
-    _run_frontend(run_chat, model, no_build, device=device, overrides=overrides, **_quant(quantization))
+    shards = {"tensor_parallel_shards": tensor_parallel_shards} if tensor_parallel_shards else {}
+    _run_frontend(run_chat, model, no_build, device=device, overrides=overrides, **shards, **_quant(quantization))
 
 
 @app.command()

@@ -21,6 +21,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, PositiveInt
+
 from . import protocol as p
 from .bundle import Bundle, BuildHook
 from .conversation import ChatTemplate, load_chat_template
@@ -46,9 +48,12 @@ class Frontend:
     def __init__(self, model: str | os.PathLike, device: str = "auto", *, conv_template: str | None = None,
                  max_batch_size: int | None = None, context_window_size: int | None = None,
                  prefill_chunk_size: int | None = None, kv_cache_tokens: int | None = None, verify: bool = True,
-                 quantization: str | None = None, build: bool | BuildHook = True):
+                 quantization: str | None = None, build: bool | BuildHook = True,
+                 tensor_parallel_shards: int | None = None):
         # build: a recipe's bundle is built first when missing or stale (bundle.find_bundle), False: as is.
-        self.bundle = Bundle.open(model, device, verify=verify, quantization=quantization, build=build)
+        # tensor_parallel_shards: a recipe's bundle for that shard count (one disco worker per shard).
+        self.bundle = Bundle.open(model, device, verify=verify, quantization=quantization, build=build,
+                                  tensor_parallel_shards=tensor_parallel_shards)
         self.engine = Engine(self.bundle, max_batch_size=max_batch_size, context_window_size=context_window_size,
                              prefill_chunk_size=prefill_chunk_size, kv_cache_tokens=kv_cache_tokens)
         self.tokenizer: Tokenizer = self.engine.tokenizer
@@ -434,11 +439,29 @@ class _Namespace:
         self.__dict__.update(members)
 
 
+class EngineConfig(BaseModel):
+    """Engine options as MLC LLM's ``EngineConfig`` groups them: ``MLCEngine(model,
+    engine_config=EngineConfig(tensor_parallel_shards=2))``. Unset fields keep the bundle's values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tensor_parallel_shards: PositiveInt | None = None  # the recipe's bundle for this shard count
+    max_batch_size: PositiveInt | None = None
+    context_window_size: PositiveInt | None = None
+    prefill_chunk_size: PositiveInt | None = None
+    kv_cache_tokens: PositiveInt | None = None
+
+
 class _EngineBase:
-    def __init__(self, model: str | os.PathLike, device: str = "auto", **options: Any):
+    def __init__(self, model: str | os.PathLike, device: str = "auto", *, engine_config: EngineConfig | None = None,
+                 **options: Any):
         """``model``: a bundle directory, a directory of bundles, or a recipe (built first when its bundle is
         missing or stale, unless build=False). ``options``: conv_template, max_batch_size, context_window_size,
-        prefill_chunk_size, kv_cache_tokens, verify, quantization, build (see :class:`Frontend`)."""
+        prefill_chunk_size, kv_cache_tokens, tensor_parallel_shards, verify, quantization, build (see
+        :class:`Frontend`); ``engine_config`` sets the engine's among them, as in MLC LLM."""
+        for name, value in (engine_config.model_dump(exclude_none=True) if engine_config else {}).items():
+            if options.setdefault(name, value) != value:
+                raise ValueError(f"{name}={options[name]} contradicts engine_config.{name}={value}")
         self.frontend = Frontend(model, device, **options)
         self._terminated = False
 

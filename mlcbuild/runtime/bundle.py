@@ -191,8 +191,8 @@ def build_with_cli(recipe: Path, quantization: str, device: str) -> None:
                           "see the output above")
 
 
-def _recipe_bundles(recipe_path: Path, quantization: str | None) -> dict[str, Path]:
-    """The bundles a recipe names: ``<output>/<quantization>-<device with ':' as '-'>``."""
+def _recipe_bundles(recipe_path: Path, quantization: str | None, tensor_parallel_shards: int = 1) -> dict[str, Path]:
+    """The bundles a recipe names: ``<output>/<quantization>-<device with ':' as '-'>[-tp<N>]``."""
     recipe, quants, devices = _read_recipe(recipe_path)
     output = Path(recipe.get("output") or f"dist/{recipe['name']}")
     if not output.is_absolute():
@@ -204,18 +204,20 @@ def _recipe_bundles(recipe_path: Path, quantization: str | None) -> dict[str, Pa
     found: dict[str, Path] = {}
     for quant in quants:
         for device in devices:
-            candidate = output / bf.bundle_dirname(quant, str(device))
+            candidate = output / bf.bundle_dirname(quant, str(device), tensor_parallel_shards)
             if (candidate / bf.MANIFEST_FILE).is_file():
                 found.setdefault(str(device), candidate)
     if not found:
+        shards = f" for tensor_parallel_shards={tensor_parallel_shards} (list it in the recipe's overrides)" \
+            if tensor_parallel_shards > 1 else ""
         raise BundleError(
-            f"recipe {recipe_path} names no built bundle under {output}; build it first (mlcbuild run {recipe_path})"
+            f"recipe {recipe_path} names no built bundle{shards} under {output}; build it first (mlcbuild run {recipe_path})"
         )
     return found
 
 
 def find_bundle(bundle_or_recipe: str | os.PathLike, device: str = "auto", quantization: str | None = None,
-                build: bool | BuildHook = False) -> tuple[Path, RuntimeDevice]:
+                build: bool | BuildHook = False, tensor_parallel_shards: int | None = None) -> tuple[Path, RuntimeDevice]:
     """Resolve a bundle directory, a directory of bundles or a recipe file to one bundle for ``device``.
 
     ``build``: given a recipe, first build the bundle it resolves to when missing or stale, as ``bazel
@@ -228,7 +230,7 @@ def find_bundle(bundle_or_recipe: str | os.PathLike, device: str = "auto", quant
             _, quants, devices = _read_recipe(path)
             target_quant, target_device = recipe_target(quants, devices, device, quantization)
             (build_with_cli if build is True else build)(path, target_quant, target_device)
-        candidates = _recipe_bundles(path, quantization)
+        candidates = _recipe_bundles(path, quantization, tensor_parallel_shards or 1)
     elif (path / bf.MANIFEST_FILE).is_file():
         candidates = {_read_manifest(path).device: path}
     else:
@@ -382,8 +384,11 @@ class Bundle:
 
     @classmethod
     def open(cls, bundle_or_recipe: str | os.PathLike, device: str = "auto", verify: bool = True,
-             quantization: str | None = None, build: bool | BuildHook = False) -> Bundle:
-        path, runtime_device = find_bundle(bundle_or_recipe, device, quantization, build)
+             quantization: str | None = None, build: bool | BuildHook = False,
+             tensor_parallel_shards: int | None = None) -> Bundle:
+        """``tensor_parallel_shards``: the shard count wanted (a recipe's bundle for it; a bundle built for
+        another count is refused); None: a recipe's single-shard bundle, or a bundle as built."""
+        path, runtime_device = find_bundle(bundle_or_recipe, device, quantization, build, tensor_parallel_shards)
         manifest = _read_manifest(path)
         _check_runs_here(manifest, runtime_device)
         if verify:
@@ -392,6 +397,11 @@ class Bundle:
             chat_config = bf.ChatConfig.model_validate_json((path / bf.CHAT_CONFIG_FILE).read_bytes())
         except (OSError, ValueError) as exc:
             raise BundleError(f"cannot read {path / bf.CHAT_CONFIG_FILE}: {exc}") from None
+        if tensor_parallel_shards is not None and chat_config.tensor_parallel_shards != tensor_parallel_shards:
+            # the shard count is compiled in (each shard's library and weights): no other count can load it
+            raise BundleError(f"{path} was built for tensor_parallel_shards={chat_config.tensor_parallel_shards}, not "
+                              f"{tensor_parallel_shards}; build one with overrides: {{tensor_parallel_shards: "
+                              f"{tensor_parallel_shards}}} in its recipe")
         return cls(path, runtime_device, manifest, chat_config)
 
     def load_library(self) -> Any:

@@ -198,6 +198,25 @@ def _line_reader(prompt: str) -> Callable[[], str]:
     return read
 
 
+# Keys of ``--overrides`` that configure the engine rather than generation, as in MLC LLM's
+# ``mlc_llm chat --overrides "context_window_size=1024;tensor_parallel_shards=2"``.
+ENGINE_OVERRIDES = ("tensor_parallel_shards", "context_window_size", "prefill_chunk_size")
+
+
+def engine_overrides(text: str) -> tuple[str, dict[str, int]]:
+    """Split ``--overrides``: (the generation settings, as /set takes them; the engine options)."""
+    keep, engine = [], {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        key, sep, value = (x.strip() for x in item.partition("="))
+        if sep and key in ENGINE_OVERRIDES:
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"--overrides: {key} must be a positive integer, got {value!r}")
+            engine[key] = int(value)
+        else:
+            keep.append(item)
+    return ";".join(keep), engine
+
+
 def chat(bundle_or_recipe: str | os.PathLike, device: str = "auto", overrides: str | None = None,
          **engine_options: Any) -> None:
     """Interactive chat with a bundle (or the bundle a recipe names) until /exit or end of input.
@@ -205,6 +224,10 @@ def chat(bundle_or_recipe: str | os.PathLike, device: str = "auto", overrides: s
     ``overrides`` takes the ``/set`` syntax (``temperature=0.5;max_gen_len=100``) as initial settings;
     ``engine_options`` go to :class:`~.api.MLCEngine` (conv_template, context_window_size, verify, ...).
     """
+    overrides, from_overrides = engine_overrides(overrides or "")
+    for name, value in from_overrides.items():
+        if engine_options.setdefault(name, value) != value:
+            raise ValueError(f"--overrides {name}={value} contradicts {name}={engine_options[name]}")
     engine = MLCEngine(bundle_or_recipe, device, **{"max_batch_size": 1, **engine_options})
     try:
         session = ChatSession(engine)

@@ -428,6 +428,7 @@ OVERRIDE_KEYS = {
     "max_batch_size": "max_batch_size",
     "max_total_seq_length": "kv_cache_tokens",
     "kv_cache_tokens": "kv_cache_tokens",
+    "tensor_parallel_shards": "tensor_parallel_shards",  # the recipe's bundle for that count (sharded_model.py)
 }
 
 

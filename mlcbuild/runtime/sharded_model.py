@@ -2,7 +2,7 @@
 worker per shard, each running the shard's library with its own weights and KV heads.
 
 The engine sees the same methods (``add_sequence``, ``fork_sequence``, ``remove_sequence``,
-``available_pages``, ``forward_prefill``, ``forward_prefill_at``, ``forward_decode``, ``page_size``,
+``available_pages``, ``popn``, ``forward_prefill``, ``forward_prefill_at``, ``forward_verify``, ``forward_decode``, ``page_size``,
 ``total_pages``, ``max_chunk_tokens``): every call is broadcast to all shards (token ids, sequence ids
 and lengths travel as shape tuples, so no tensor is copied to the workers), the shards' all-reduces
 meet in the compiled model, and shard 0's logits come back for sampling on the engine's side, which
@@ -17,6 +17,7 @@ every later call fails at once: the engine fails the requests in flight instead 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import itertools
 import json
 import os
@@ -82,7 +83,8 @@ class ShardedModel:
         cores = len(os.sched_getaffinity(0))
         os.environ["TVM_NUM_THREADS"] = str(max(1, cores // self.shards))
         self._failed: str | None = None
-        address = f"\0mlcbuild-tp-{os.getpid()}-{next(_ADDRESSES)}"
+        self._state: dict[str, Any] = {}  # worker 0's (tp_worker.BY_ADDRESS), once its init ran
+        self._address = address = f"\0mlcbuild-tp-{os.getpid()}-{next(_ADDRESSES)}"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(address)
         listener.listen(self.shards)
@@ -102,6 +104,7 @@ class ShardedModel:
                   "sliding_window": self.sliding_window, "attention_sink": max(cc.attention_sink_size or 0, 0)}
         library = bundle.path / (bundle.manifest.library.file if bundle.manifest.library else "lib/model.so")
         self._call(self._init, str(bundle.path), str(library), address, self.shards, json.dumps(limits))
+        self._state = tp_worker.BY_ADDRESS[address]
         self._pids = sorted(set(self._pids_or_empty()) - others)
         _OPEN.add(self)
         self.total_pages = self.available_pages()
@@ -111,13 +114,13 @@ class ShardedModel:
         """Run ``func`` on every shard and wait for shard 0 (which waits for the rest in its all-reduces)."""
         if self._failed is not None:
             raise TensorParallelError(self._failed)
-        state = self._worker.STATE.setdefault(0, {})
-        state.pop("result", None)
+        self._state.pop("result", None)
         try:
             func(*args)
             self._session.sync_worker_0()
-        except Exception as exc:  # a worker's pipe closed under the broadcast: it died
+        except Exception as exc:  # noqa: BLE001  (TVM's session itself failed)
             self._fail(f"a tensor-parallel worker is gone ({type(exc).__name__}: {exc})")
+        state = self._state or self._worker.BY_ADDRESS.get(self._address, {})
         if "error" in state:
             self._fail(f"tensor-parallel shard failed: {state['error']}")
         return state.get("result")
@@ -138,6 +141,11 @@ class ShardedModel:
 
     def remove_sequence(self, seq_id: int) -> None:
         self._call(self._kv, "remove", seq_id, 0)
+
+    def popn(self, seq_id: int, n: int) -> None:
+        """Drop the last ``n`` tokens of a sequence (rejected speculative tokens), on every shard."""
+        if n:
+            self._call(self._kv, "popn", seq_id, n)
 
     # --- forward passes ------------------------------------------------------------------------------------
     def _run(self, kind: str, seq_ids: list[int], lengths: list[int], tokens: list[int], positions: list[int]) -> np.ndarray:
@@ -160,6 +168,11 @@ class ShardedModel:
         """One sequence's chunk; logits [len(positions), vocab] at those positions of the chunk."""
         return self._run("prefill", [seq_id], [len(token_ids)], token_ids, positions)
 
+    def forward_verify(self, seq_ids: list[int], chunks: list[list[int]]) -> np.ndarray:
+        """Append each sequence's chunk; logits [total tokens, vocab] at every position (speculation)."""
+        flat = [t for c in chunks for t in c]
+        return self._run("prefill", seq_ids, [len(c) for c in chunks], flat, list(range(len(flat))))
+
     def forward_decode(self, seq_ids: list[int], token_ids: list[int]) -> np.ndarray:
         """One new token per sequence; logits [len(seq_ids), vocab]."""
         return self._run("decode", seq_ids, [1] * len(seq_ids), token_ids, [])
@@ -176,8 +189,14 @@ class ShardedModel:
         return [p.pid for p in psutil.Process().children()
                 if "mlcbuild.runtime.tp_worker" in " ".join(p.cmdline())]
 
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001  (interpreter teardown)
+            pass
+
     def close(self) -> None:
-        if self._session is None:
+        if getattr(self, "_session", None) is None:
             return
         session, self._session = self._session, None
         _OPEN.discard(self)
@@ -187,11 +206,16 @@ class ShardedModel:
                 session.sync_worker_0()
             except Exception:  # noqa: BLE001  (closing after a failure: nothing to keep)
                 pass
-        # the destructor shuts the workers down (a dead one's pipe still has a reader: tp_worker) and
-        # joins worker 0's thread: drop every reference to the session (its functions hold one) now
-        self._init = self._kv = self._forward = self._close = None
-        getattr(session, "_cache", {}).clear()
-        del session
+        try:
+            session.shutdown()  # worker 0's thread and the processes leave their loops
+        except Exception:  # noqa: BLE001
+            pass
+        self._worker.BY_ADDRESS.pop(self._address, None)
+        self._state = {}
+        # TVM's session destructor calls back into Python (the process pool) and aborts the process when
+        # that happens at interpreter teardown, which is when a reference kept by a traceback would let it
+        # run. The session is shut down and its workers are killed here: its object is never destroyed.
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(session))
         for pid in self._pids:
             try:
                 os.kill(pid, 9)

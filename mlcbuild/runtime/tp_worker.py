@@ -26,6 +26,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -34,9 +35,11 @@ from typing import Any
 import numpy as np
 import tvm_ffi
 
-# Per rank (in this process): the worker's VM, weights, KV cache and last result/error. In the
-# engine's process only rank 0 lives here; in a worker process only its own rank.
+# Per disco worker thread: its VM, weights, KV cache and last result/error. The engine's process holds
+# the worker-0 threads of its sharded models (one each); a worker process holds its own worker.
 STATE: dict[int, dict[str, Any]] = {}
+# Worker 0's state by the model's socket address: where the controller reads results and errors.
+BY_ADDRESS: dict[str, dict[str, Any]] = {}
 # Listening sockets shard 0 accepts the others on, by address (made by the controller before the
 # session starts, so a worker never connects before it exists).
 LISTENERS: dict[str, socket.socket] = {}
@@ -45,6 +48,11 @@ PEER_TIMEOUT_S = float(os.environ.get("MLCBUILD_TP_TIMEOUT", "600"))
 
 def _rank() -> int:
     return int(tvm_ffi.get_global_func("runtime.disco.worker_rank")())
+
+
+def _state() -> dict[str, Any]:
+    """This disco worker's state (keyed by its thread: each session has its own worker threads)."""
+    return STATE.setdefault(threading.get_ident(), {})
 
 
 def _recv_exact(sock: socket.socket, nbytes: int) -> bytes:
@@ -114,7 +122,7 @@ class Communicator:
 def _allreduce(send: Any, kind: Any, in_group: bool, recv: Any) -> None:
     """TVM's all-reduce for a worker without a CCL (see the module docstring): sum only."""
     rank = _rank()
-    comm: Communicator = STATE[rank]["comm"]
+    comm: Communicator = _state()["comm"]
     if comm.broken is not None:  # a dead peer: finish the step without communicating; the step fails
         return
     try:
@@ -128,7 +136,7 @@ def _allreduce(send: Any, kind: Any, in_group: bool, recv: Any) -> None:
 
 def _fail(rank: int, message: str) -> None:
     """Record an error of this rank's step; a worker process exits (shard 0 sees its socket close)."""
-    STATE.setdefault(rank, {})["error"] = message
+    _state()["error"] = message
     if rank != 0:
         print(f"mlcbuild tensor-parallel worker {rank}: {message}", file=sys.stderr, flush=True)
         os._exit(1)
@@ -174,8 +182,9 @@ def _init(rank: int, bundle: str, library: str, address: str, shards: int, limit
     from tvm.runtime import ShapeTuple
     from tvm.runtime.vm import VirtualMachine
 
-    state = STATE.setdefault(rank, {})
-    state.pop("error", None)
+    state = _state()
+    if rank == 0:
+        BY_ADDRESS[address] = state
     state["comm"] = Communicator(rank, shards, address)
     lim = json.loads(limits)
     device = tvm.cpu(0)
@@ -190,7 +199,7 @@ def _init(rank: int, bundle: str, library: str, address: str, shards: int, limit
     g = tvm.get_global_func
     state["fn"] = {name: g(f"vm.builtin.{name}") for name in (
         "kv_state_begin_forward", "kv_state_end_forward", "kv_state_add_sequence", "kv_state_remove_sequence",
-        "kv_state_fork_sequence", "attention_kv_cache_get_num_available_pages",
+        "kv_state_fork_sequence", "kv_state_popn", "attention_kv_cache_get_num_available_pages",
         "attention_kv_cache_enable_sliding_window_for_seq", "reshape")}
 
 
@@ -198,7 +207,7 @@ def _init(rank: int, bundle: str, library: str, address: str, shards: int, limit
 @_guarded
 def _kv(rank: int, op: str, a: int, b: int) -> None:
     """A KV-cache bookkeeping call, the same on every shard (each holds its KV heads of every sequence)."""
-    state = STATE[rank]
+    state = _state()
     fn, kv = state["fn"], state["kv"]
     window, sink = state["sliding"]
     if op == "add":
@@ -207,6 +216,8 @@ def _kv(rank: int, op: str, a: int, b: int) -> None:
         fn["kv_state_fork_sequence"](kv, a, b, -1)
     elif op == "remove":
         fn["kv_state_remove_sequence"](kv, a)
+    elif op == "popn":
+        fn["kv_state_popn"](kv, a, b)
     if op in ("add", "fork") and window:
         fn["attention_kv_cache_enable_sliding_window_for_seq"](kv, b if op == "fork" else a, window - 1, sink)
     state["result"] = int(fn["attention_kv_cache_get_num_available_pages"](kv))
@@ -219,7 +230,7 @@ def _forward(rank: int, kind: str, seq_ids: Any, lengths: Any, tokens: Any, posi
     all-reduces, logits (replicated LM head). Shard 0 keeps the logits for the controller."""
     import tvm
 
-    state = STATE[rank]
+    state = _state()
     if state["comm"].broken is not None:
         raise ConnectionError(state["comm"].broken)
     fn, kv, vm, params, shape, device = (state[k] for k in ("fn", "kv", "vm", "params", "shape", "device"))
@@ -247,7 +258,7 @@ def _forward(rank: int, kind: str, seq_ids: Any, lengths: Any, tokens: Any, posi
 
 @tvm_ffi.register_global_func("mlcbuild.tp.close", override=True)
 def _close() -> None:
-    state = STATE.pop(_rank(), {})
+    state = STATE.pop(threading.get_ident(), {})
     if "comm" in state:
         state["comm"].close()
 
