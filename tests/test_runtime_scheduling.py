@@ -176,3 +176,80 @@ def test_kv_cache_size_from_free_memory_or_explicit(bundle, plain):
         assert small.stats()["kv_pages_total"] < plain.stats()["kv_pages_total"] / 4  # TVM adds a spare page
     finally:
         small.shutdown()
+
+
+# --- speculative decoding (prompt lookup) ------------------------------------------------------------
+
+def test_prompt_lookup_drafts_what_followed_the_latest_longest_ngram():
+    from mlcbuild.runtime.engine import prompt_lookup
+
+    assert prompt_lookup([1, 2, 3, 4, 9, 2, 3, 5, 6, 2, 3], 2) == [5, 6]  # latest "2 3", not the first
+    assert prompt_lookup([7, 1, 2, 3, 8, 1, 2, 3, 4, 0, 2, 3], 3) == [4, 0, 2]  # "2 3" then the rest
+    assert prompt_lookup([5, 6, 7], 4) == [] and prompt_lookup([5, 6, 5], 4) == [6, 5]
+
+
+def test_rollback_at_every_number_of_accepted_tokens(bundle):
+    """Verify a draft whose first m tokens are right (m = 0..k), pop the rest: the next step's logits equal a
+    plain run's, so the KV cache kept exactly the accepted tokens."""
+    from mlcbuild.runtime.engine import CompiledModel
+
+    k, prompt = 4, ids(30, 60)
+    model = CompiledModel(bundle, max_batch_size=2, kv_cache_tokens=512, prefill_chunk_size=32, page_size=16)
+    model.add_sequence(0)  # the plain reference, token by token
+    last = int(model.forward_prefill([0], [prompt])[0].argmax())
+    greedy, ref_logits = [last], []
+    for _ in range(k + 2):
+        ref_logits.append(model.forward_decode([0], [greedy[-1]])[0])
+        greedy.append(int(ref_logits[-1].argmax()))
+    for m in range(k + 1):
+        seq = 10 + m
+        model.add_sequence(seq)
+        model.forward_prefill([seq], [prompt])
+        draft = greedy[1:1 + m] + [(t + 1) % 300 + 3 for t in greedy[1 + m:1 + k]]  # wrong after m
+        logits = model.forward_verify([seq], [[greedy[0]] + draft])
+        assert [int(x) for x in logits.argmax(axis=1)[:m + 1]] == greedy[1:m + 2]
+        model.popn(seq, k - m)  # keep the last token and the m accepted drafts
+        after = model.forward_decode([seq], [greedy[m + 1]])[0]
+        np.testing.assert_allclose(after, ref_logits[m + 1], rtol=1e-4, atol=1e-4)
+        model.remove_sequence(seq)
+    model.remove_sequence(0)
+    assert model.available_pages() == model.total_pages
+
+
+@pytest.fixture(scope="module")
+def speculative(bundle):
+    engine = Engine(bundle, speculative_mode="prompt-lookup", speculative_tokens=4, prefix_cache=False)
+    yield engine
+    engine.shutdown()
+
+
+def test_speculation_gives_the_plain_outputs_greedy_and_seeded(plain, speculative):
+    loop = ids(12, 70)
+    prompts = [loop * 4, ids(40, 71), loop * 2 + ids(5, 72), ids(8, 73) * 5]  # repetitive and not
+    want = run(plain, prompts, max_tokens=40)
+    assert run(speculative, prompts, max_tokens=40) == want
+    seeded = [GenerationConfig(SamplingParams(temperature=0.8, top_p=0.9, seed=i), max_tokens=30, ignore_eos=True)
+              for i in range(4)]
+    assert run(speculative, prompts, configs=seeded) == run(plain, prompts, configs=seeded)
+    stats = speculative.stats()
+    assert stats["spec_draft_tokens"] > 0 and 0 < stats["spec_acceptance_rate"] <= 1, stats
+    assert stats["decode_steps"] < stats["completion_tokens"] - 8  # fewer steps than tokens: drafts accepted
+    assert stats["kv_pages_in_use"] == 0
+
+
+def test_abort_mid_speculation_frees_every_page(speculative):
+    out: queue.SimpleQueue = queue.SimpleQueue()
+    config = GenerationConfig(SamplingParams(temperature=0), max_tokens=180, ignore_eos=True)
+    request = speculative.submit(ids(10, 80) * 6, config, out.put)
+    got = 0
+    while got < 20:
+        o = out.get(timeout=60)
+        got += sum(len(d.token_ids) for d in o.deltas)
+        extra = o.stats.as_dict() if o.finished else None
+        assert not o.finished, extra
+    speculative.abort(request)
+    while not (o := out.get(timeout=60)).finished:
+        pass
+    assert o.deltas[0].finish_reason == "abort" and o.stats.draft_tokens > 0
+    assert speculative.stats()["kv_pages_in_use"] == 0
+    assert speculative.model.available_pages() == speculative.model.total_pages  # nothing cached either

@@ -52,7 +52,8 @@ DEFAULT_KV_CACHE_TOKENS_CAP = 1 << 15  # KV capacity by default: a full context 
 DEFAULT_MEMORY_UTILIZATION = 0.9  # of the free device memory (available RAM on CPU), as MLC LLM's default
 COUNTERS = ("requests", "finished", "aborted", "failed", "prompt_tokens", "completion_tokens", "prefill_steps",
             "prefill_tokens", "decode_steps", "decode_sequences", "preemptions", "prefix_cache_lookup_tokens",
-            "prefix_cache_hit_tokens", "prefix_cache_evictions")
+            "prefix_cache_hit_tokens", "prefix_cache_evictions", "spec_draft_tokens", "spec_accepted_tokens")
+SPECULATIVE_MODES = ("off", "prompt-lookup")
 
 
 class ContextWindowError(ValueError):
@@ -214,6 +215,19 @@ class CompiledModel:
             self._end(self.kv_cache)
         return logits.numpy()[0].astype(np.float32, copy=False)
 
+    def forward_verify(self, seq_ids: list[int], chunks: list[list[int]]) -> np.ndarray:
+        """Append each sequence's chunk (speculation: its last token and the draft); logits [total tokens,
+        vocab] at every position, chunk after chunk."""
+        flat = [t for chunk in chunks for t in chunk]
+        embeddings = self._embed_tokens(flat, [1, len(flat)])
+        at = self._tvm.runtime.tensor(np.arange(len(flat), dtype=np.int32), self.device)
+        self._begin(self.kv_cache, self._shape(seq_ids), self._shape([len(c) for c in chunks]))
+        try:
+            logits = self._prefill(embeddings, at, self.kv_cache, self.params)
+        finally:
+            self._end(self.kv_cache)
+        return logits.numpy()[0].astype(np.float32, copy=False)
+
     def forward_decode(self, seq_ids: list[int], token_ids: list[int]) -> np.ndarray:
         """One new token per sequence; logits [len(seq_ids), vocab]."""
         embeddings = self._embed_tokens(token_ids, [len(token_ids), 1])
@@ -289,9 +303,17 @@ class RequestStats:
             out["decode_time_s"] = decode_time
             if decode_time > 0:
                 out["decode_tokens_per_s"] = self.decode_tokens / decode_time
-        return out
+        return {**out, **self.speculation()}
 
     decode_tokens: int = 0  # tokens produced by decode steps (the first one comes from prefill)
+    draft_tokens: int = 0  # speculative tokens proposed for this request
+    accepted_tokens: int = 0  # of which the target model agreed with
+
+    def speculation(self) -> dict[str, Any]:
+        if not self.draft_tokens:
+            return {}
+        return {"spec_draft_tokens": self.draft_tokens, "spec_accepted_tokens": self.accepted_tokens,
+                "spec_acceptance_rate": self.accepted_tokens / self.draft_tokens}
 
 
 @dataclass
@@ -361,6 +383,18 @@ def decode_one_step(model: CompiledModel, seqs: list[_Sequence]) -> np.ndarray:
     return model.forward_decode([s.seq_id for s in seqs], [s.last_token for s in seqs])
 
 
+def prompt_lookup(tokens: list[int], k: int, max_ngram: int = 3) -> list[int]:
+    """Up to ``k`` tokens that followed the latest earlier occurrence of the last n tokens (longest n first)."""
+    arr = np.asarray(tokens, dtype=np.int64)
+    for n in range(min(max_ngram, len(arr) - 1), 0, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # each start leaves a token after it
+        starts = np.nonzero((windows == arr[-n:]).all(axis=1))[0]
+        if len(starts):
+            follow = starts[-1] + n
+            return arr[follow: follow + k].tolist()
+    return []
+
+
 def sample_next(seq: _Sequence, params: SamplingParams, logits: np.ndarray,
                 mask: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[int, TokenLogprob | None]:
     """Penalize, mask (a constrained sequence), sample, and (if asked) report logprobs for one
@@ -388,11 +422,17 @@ class Engine:
     new prompt (off for sliding-window models: TVM's PagedKVCache cannot fork a sliding sequence).
     ``kv_cache_tokens``: the KV cache's size in tokens; when not given, a full context per batch slot
     (capped), and no more than ``gpu_memory_utilization`` of the device's free memory (host RAM on CPU).
+    ``speculative_mode``: ``prompt-lookup`` drafts up to ``speculative_tokens`` tokens per sequence and step
+    from the n-grams of its own prompt and output (no draft model); the model verifies them in one
+    prefill-like call and the rejected ones are popped off the KV cache. Every token is still drawn from
+    the target's distribution with the sequence's own generator, so outputs (greedy or seeded) are those of
+    plain decoding. Per engine: every unconstrained sequence speculates; constrained ones decode one token.
     """
 
     def __init__(self, bundle: Bundle, *, max_batch_size: int | None = None, context_window_size: int | None = None,
                  prefill_chunk_size: int | None = None, kv_cache_tokens: int | None = None,
-                 prefix_cache: bool = True, gpu_memory_utilization: float = DEFAULT_MEMORY_UTILIZATION):
+                 prefix_cache: bool = True, gpu_memory_utilization: float = DEFAULT_MEMORY_UTILIZATION,
+                 speculative_mode: str = "off", speculative_tokens: int = 4):
         cc = bundle.chat_config
         self.bundle = bundle
         self.tokenizer = Tokenizer(bundle.path)
@@ -408,6 +448,9 @@ class Engine:
             if fits is not None:  # never below one context: a request of a full context must fit alone
                 kv_cache_tokens = max(min(kv_cache_tokens, fits), self.context_window_size)
         self.kv_cache_tokens = kv_cache_tokens
+        if speculative_mode not in SPECULATIVE_MODES:
+            raise ValueError(f"speculative_mode must be one of {SPECULATIVE_MODES}, not {speculative_mode!r}")
+        self.speculative_mode, self.speculative_tokens = speculative_mode, max(1, speculative_tokens)
         model_class: Any = CompiledModel
         if cc.tensor_parallel_shards > 1:  # one disco worker per shard, same interface (sharded_model.py)
             from .sharded_model import ShardedModel as model_class
@@ -516,6 +559,9 @@ class Engine:
                 "prefix_cache": self.prefix_cache is not None,
                 "prefix_cache_entries": len(self.prefix_cache) if self.prefix_cache is not None else 0,
                 "prefix_cache_hit_rate": counters["prefix_cache_hit_tokens"] / looked_up if looked_up else 0.0,
+                "speculative_mode": self.speculative_mode,
+                "spec_acceptance_rate": counters["spec_accepted_tokens"] / counters["spec_draft_tokens"]
+                if counters["spec_draft_tokens"] else 0.0,
                 "decode_batch_sizes": dict(sorted(self._batch_sizes.items())),
                 **counters,
             }
@@ -751,7 +797,12 @@ class Engine:
         # (prefilling or running) until that fits. The oldest always fits alone (submit checks it).
         while True:
             seqs = [(r, s) for r in self._running for s in r.live][: self.max_batch_size]
-            if not seqs or self._evict_for(len(seqs)):
+            drafts = [self._draft(r, s) for r, s in seqs]
+            # one verify call holds at most a prefill chunk (the cache's scratch buffers are sized for it)
+            while sum(len(d) + 1 for d in drafts) > self.prefill_chunk_size:
+                longest = max(drafts, key=len)
+                longest.pop()
+            if not seqs or self._evict_for(sum(-(-(len(d) + 1) // self.model.page_size) for d in drafts)):
                 break
             oldest = min(r.order for r in self._running)
             victims = [r for r in self._prefilling + self._running if r.order != oldest]
@@ -759,6 +810,9 @@ class Engine:
                 break
             self._preempt(max(victims, key=lambda r: r.order))
         if not seqs:
+            return
+        if any(drafts):
+            self._verify_step(seqs, drafts)
             return
         masks = self._start_masks([(row, seq) for row, (_, seq) in enumerate(seqs)])
         logits = decode_one_step(self.model, [s for _, s in seqs])
@@ -776,6 +830,11 @@ class Engine:
                 self._accept(request, seq, *self._sample(request, seq, logits[row], mask))
             except Exception as exc:  # this request's host-side work failed: it fails alone
                 failed[id(request)] = (request, exc)
+        self._after_step(seqs, failed)
+
+    def _after_step(self, seqs: list[tuple[_Request, _Sequence]],
+                    failed: dict[int, tuple[_Request, BaseException]]) -> None:
+        """Fail the requests whose step failed; emit the others' tokens; finish those with no live choice."""
         for request, exc in failed.values():
             self._running.remove(request)
             self._fail_request(request, exc)
@@ -789,6 +848,66 @@ class Engine:
             if not request.live:
                 self._running.remove(request)
                 self._finish_request(request)
+
+    def _draft(self, request: _Request, seq: _Sequence) -> list[int]:
+        """Prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's last n
+        tokens (n = 3, 2, 1) in its prompt and output, at most what its limits still allow."""
+        # sliding-window sequences are not rolled back (popn is not defined across a slide): no speculation
+        if self.speculative_mode == "off" or seq.matcher is not None or self.model.sliding_window:
+            return []
+        room = min(request.max_tokens - len(seq.tokens),
+                   self.context_window_size - len(request.prompt) - len(seq.tokens)) - 1
+        k = min(self.speculative_tokens, room)
+        if k <= 0:
+            return []
+        return prompt_lookup(request.prompt + seq.tokens, k)
+
+    def _verify_step(self, seqs: list[tuple[_Request, _Sequence]], drafts: list[list[int]]) -> None:
+        """One call over each sequence's last token and draft; accept the draft while the token drawn from
+        the target's logits at each position equals it (Leviathan et al.'s rule for a draft that is one
+        token with certainty: accept with probability p(draft); on rejection the drawn token is a sample
+        of p without the draft), then pop the rejected tokens off the KV cache."""
+        chunks = [[seq.last_token] + draft for (_, seq), draft in zip(seqs, drafts)]
+        masks = self._start_masks([(row, seq) for row, (_, seq) in enumerate(seqs)])
+        logits = self.model.forward_verify([s.seq_id for _, s in seqs], chunks)
+        for (_, seq), chunk in zip(seqs, chunks):
+            seq.kv_len += len(chunk)
+        self._refresh_pages()
+        self._counters["decode_steps"] += 1
+        self._counters["decode_sequences"] += len(seqs)
+        self._batch_sizes[len(seqs)] += 1
+        failed: dict[int, tuple[_Request, BaseException]] = {}
+        offset = 0
+        for row, ((request, seq), draft) in enumerate(zip(seqs, drafts)):
+            first, offset = offset, offset + len(draft) + 1
+            if id(request) in failed:
+                continue
+            try:
+                mask = self._mask_for(masks, row, seq)
+                accepted = 0
+                for i in range(len(draft) + 1):
+                    token, logprob = self._sample(request, seq, logits[first + i], mask)
+                    request.stats.decode_tokens += 1
+                    self._accept(request, seq, token, logprob)
+                    if i == len(draft) or token != draft[i] or seq.finish_reason is not None:
+                        break
+                    accepted += 1
+                request.stats.draft_tokens += len(draft)
+                request.stats.accepted_tokens += accepted
+                self._counters["spec_draft_tokens"] += len(draft)
+                self._counters["spec_accepted_tokens"] += accepted
+                if seq.finish_reason is None:
+                    self._rollback(request, seq)
+            except Exception as exc:  # this request's host-side work failed: it fails alone
+                failed[id(request)] = (request, exc)
+        self._after_step(seqs, failed)
+
+    def _rollback(self, request: _Request, seq: _Sequence) -> None:
+        """Pop what the KV holds beyond the prompt and every generated token but the last (rejected drafts)."""
+        excess = seq.kv_len - (len(request.prompt) + len(seq.tokens) - 1)
+        if excess > 0:
+            self.model.popn(seq.seq_id, excess)
+            seq.kv_len -= excess
 
     def _sample(self, request: _Request, seq: _Sequence, logits: np.ndarray,
                 mask: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[int, TokenLogprob | None]:
@@ -837,6 +956,8 @@ class Engine:
         and every generated token but the last, which was never fed). Choices of n > 1 share pages with a
         fork at their very end, so they are not cached."""
         tokens = request.prompt + seq.tokens[:-1]
+        if cache and seq.kv_len > len(tokens):  # it ended inside a verified draft: drop the rest first
+            self._rollback(request, seq)
         if not cache or self.prefix_cache is None or request.config.n > 1 or seq.kv_len != len(tokens) \
                 or self.prefix_cache.match(tokens)[1] >= len(tokens):  # a longer cached one covers it
             self.model.remove_sequence(seq.seq_id)

@@ -1,0 +1,150 @@
+"""Prefix caching and prompt-lookup speculation on the demo bundle, each against the engine without it.
+
+    python benchmarks/prefix_speculative.py [BUNDLE_OR_RECIPE] [--quantization q0f16] [--device auto]
+
+(a) 8 multi-turn conversations x 6 turns over a ~1000-token shared system prompt (the GPL-3 text Debian
+    ships, or a generated one): each turn's 8 requests are submitted together, greedy, 24 new tokens each;
+    mean time to first token with the prefix cache on and off, and whether every answer is identical.
+(b) Prompt-lookup speculation at batch 1: not written yet (Engine(speculative_mode="prompt-lookup") exists).
+Also prints the host sampling cost at batch 16 (the issue asks it be measured before moving it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import queue
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mlcbuild.runtime.bundle import Bundle
+from mlcbuild.runtime.engine import Engine, GenerationConfig
+from mlcbuild.runtime.sampling import SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "recipes" / "smollm2-135m-instruct.yaml"
+GPL = Path("/usr/share/common-licenses/GPL-3")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def chatml(messages: list[tuple[str, str]]) -> str:
+    """SmolLM2's template (ChatML), with the assistant's turn opened."""
+    return "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in messages) + "<|im_start|>assistant\n"
+
+
+def generate(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[tuple[list[int], dict]]:
+    """Submit together, greedy; each request's tokens and its stats (usage extras)."""
+    outs = [queue.SimpleQueue() for _ in prompts]
+    config = GenerationConfig(SamplingParams(temperature=0), max_tokens=max_tokens, ignore_eos=True)
+    for prompt, out in zip(prompts, outs):
+        engine.submit(prompt, config, out.put)
+    results = []
+    for out in outs:
+        tokens: list[int] = []
+        while True:
+            o = out.get(timeout=600)
+            if o.error is not None:
+                raise o.error
+            tokens += [t for d in o.deltas for t in d.token_ids]
+            if o.finished:
+                results.append((tokens, o.stats.as_dict()))
+                break
+    return results
+
+
+def system_prompt(engine: Engine, tokens: int) -> str:
+    text = GPL.read_text() if GPL.exists() else " ".join(f"Rule {i}: be helpful and precise." for i in range(400))
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)[:tokens]
+    return "You answer questions about this licence.\n" + engine.tokenizer.decode(ids)
+
+
+def conversations(engine: Engine, system: str, convs: int, turns: int, max_tokens: int) -> tuple[list, list]:
+    histories = [[("system", system)] for _ in range(convs)]
+    answers, ttfts = [], []
+    for turn in range(turns):
+        for c, history in enumerate(histories):
+            history.append(("user", f"Conversation {c}, question {turn}: what does section {turn + c} say?"))
+        prompts = [engine.tokenizer.encode(chatml(h), add_special_tokens=False) for h in histories]
+        for history, (tokens, stats) in zip(histories, generate(engine, prompts, max_tokens)):
+            answers.append(tokens)
+            ttfts.append(stats["ttft_s"])
+            history.append(("assistant", engine.tokenizer.decode(tokens)))
+    return answers, ttfts
+
+
+def bench_prefix(bundle: Bundle) -> None:
+    results = {}
+    for on in (False, True):
+        engine = Engine(bundle, prefix_cache=on, max_batch_size=8)
+        try:
+            system = system_prompt(engine, 1000)
+            generate(engine, [engine.tokenizer.encode("warm up", add_special_tokens=False)], 4)
+            start = time.perf_counter()
+            answers, ttfts = conversations(engine, system, 8, 6, 24)
+            results[on] = (answers, ttfts, time.perf_counter() - start, engine.stats())
+        finally:
+            engine.shutdown()
+    off, on = results[False], results[True]
+    print(f"(a) 8 conversations x 6 turns, shared system prompt, 24 greedy tokens a turn, batch of 8 per turn")
+    for name, (answers, ttfts, wall, stats) in (("cache off", off), ("cache on", on)):
+        per_turn = [statistics.mean(ttfts[t * 8:(t + 1) * 8]) for t in range(6)]
+        print(f"    {name:9}: mean TTFT {statistics.mean(ttfts) * 1e3:8.1f} ms  (per turn: "
+              + ", ".join(f"{x * 1e3:.0f}" for x in per_turn) + f" ms)  wall {wall:.1f} s  "
+              f"hit tokens {stats['prefix_cache_hit_tokens']}  hit rate {stats['prefix_cache_hit_rate']:.1%}  "
+              f"evictions {stats['prefix_cache_evictions']}")
+    print(f"    TTFT off/on: {statistics.mean(off[1]) / statistics.mean(on[1]):.2f}x   "
+          f"greedy outputs identical: {off[0] == on[0]}")
+
+
+def bench_sampling(batch: int = 16, vocab: int = 49152) -> None:
+    """Host sampling per step at batch 16: greedy and temperature/top-p, per sequence as the engine does."""
+    from mlcbuild.runtime.sampling import TokenHistory
+    from mlcbuild.runtime.engine import _Sequence, sample_next
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((batch, vocab)).astype(np.float32)
+    for name, params in (("greedy", SamplingParams(temperature=0)),
+                         ("T=0.7 top_p=0.9", SamplingParams(temperature=0.7, top_p=0.9))):
+        seqs = [_Sequence(i, i, TokenHistory.of_prompt([1, 2, 3]), np.random.default_rng(i), None, None)
+                for i in range(batch)]
+        start = time.perf_counter()
+        for _ in range(20):
+            for row, seq in enumerate(seqs):
+                sample_next(seq, params, logits[row])
+        per_step = (time.perf_counter() - start) / 20
+        print(f"    host sampling at batch {batch}, vocab {vocab}, {name}: {per_step * 1e3:.2f} ms a step")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", nargs="?", default=str(DEMO), help="bundle directory or recipe (default: the demo)")
+    parser.add_argument("--quantization", default="q0f16")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--parts", default="a,sampling")
+    args = parser.parse_args()
+    quantization = args.quantization if args.bundle.endswith((".yaml", ".yml")) else None
+    bundle = Bundle.open(args.bundle, args.device, quantization=quantization, build=True)
+    import os
+    print(f"bundle: {bundle.path} on {bundle.device}; CPU: {cpu_name()} ({len(os.sched_getaffinity(0))} cores)")
+    parts = args.parts.split(",")
+    if "a" in parts:
+        bench_prefix(bundle)
+    if "sampling" in parts:
+        bench_sampling()
+
+
+if __name__ == "__main__":
+    main()
