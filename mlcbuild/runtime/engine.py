@@ -206,9 +206,14 @@ class CompiledModel:
     def forward_prefill_at(self, seq_id: int, token_ids: list[int], positions: list[int]) -> np.ndarray:
         """Append one sequence's chunk to the cache; logits [len(positions), vocab] at those positions of
         the chunk (perplexity scores every position, not only the last)."""
-        embeddings = self._embed_tokens(token_ids, [1, len(token_ids)])
+        return self._prefill_logits([seq_id], [token_ids], positions)
+
+    def _prefill_logits(self, seq_ids: list[int], chunks: list[list[int]], positions: list[int]) -> np.ndarray:
+        """Append the chunks; logits at ``positions`` of the concatenated chunks."""
+        flat = [t for chunk in chunks for t in chunk]
+        embeddings = self._embed_tokens(flat, [1, len(flat)])
         at = self._tvm.runtime.tensor(np.asarray(positions, dtype=np.int32), self.device)
-        self._begin(self.kv_cache, self._shape([seq_id]), self._shape([len(token_ids)]))
+        self._begin(self.kv_cache, self._shape(seq_ids), self._shape([len(c) for c in chunks]))
         try:
             logits = self._prefill(embeddings, at, self.kv_cache, self.params)
         finally:
@@ -218,15 +223,7 @@ class CompiledModel:
     def forward_verify(self, seq_ids: list[int], chunks: list[list[int]]) -> np.ndarray:
         """Append each sequence's chunk (speculation: its last token and the draft); logits [total tokens,
         vocab] at every position, chunk after chunk."""
-        flat = [t for chunk in chunks for t in chunk]
-        embeddings = self._embed_tokens(flat, [1, len(flat)])
-        at = self._tvm.runtime.tensor(np.arange(len(flat), dtype=np.int32), self.device)
-        self._begin(self.kv_cache, self._shape(seq_ids), self._shape([len(c) for c in chunks]))
-        try:
-            logits = self._prefill(embeddings, at, self.kv_cache, self.params)
-        finally:
-            self._end(self.kv_cache)
-        return logits.numpy()[0].astype(np.float32, copy=False)
+        return self._prefill_logits(seq_ids, chunks, list(range(sum(len(c) for c in chunks))))
 
     def forward_decode(self, seq_ids: list[int], token_ids: list[int]) -> np.ndarray:
         """One new token per sequence; logits [len(seq_ids), vocab]."""
