@@ -447,6 +447,8 @@ class Engine:
         self.kv_cache_tokens = kv_cache_tokens
         if speculative_mode not in SPECULATIVE_MODES:
             raise ValueError(f"speculative_mode must be one of {SPECULATIVE_MODES}, not {speculative_mode!r}")
+        if speculative_mode != "off" and cc.tensor_parallel_shards > 1:  # ShardedModel has no verify/popn yet
+            raise ValueError("speculative decoding is not supported with tensor_parallel_shards > 1")
         self.speculative_mode, self.speculative_tokens = speculative_mode, max(1, speculative_tokens)
         model_class: Any = CompiledModel
         if cc.tensor_parallel_shards > 1:  # one disco worker per shard, same interface (sharded_model.py)
