@@ -89,7 +89,7 @@ class ShardedModel:
         listener.bind(address)
         listener.listen(self.shards)
         tp_worker.LISTENERS[address] = listener
-        others = set(self._pids_or_empty())
+        started = len(tp_worker.STARTED_PIDS)
         session_module = _disco_session_module()
         # TVM's ProcessSession with our process pool (tp_worker.create_process_pool says why)
         self._session = session_module.ProcessSession.__new__(session_module.ProcessSession)
@@ -105,7 +105,7 @@ class ShardedModel:
         library = bundle.path / (bundle.manifest.library.file if bundle.manifest.library else "lib/model.so")
         self._call(self._init, str(bundle.path), str(library), address, self.shards, json.dumps(limits))
         self._state = tp_worker.BY_ADDRESS[address]
-        self._pids = sorted(set(self._pids_or_empty()) - others)
+        self._pids = tp_worker.STARTED_PIDS[started:]
         _OPEN.add(self)
         self.total_pages = self.available_pages()
 
@@ -131,16 +131,24 @@ class ShardedModel:
 
     # --- KV cache --------------------------------------------------------------------------------------
     def available_pages(self) -> int:
+        if self._failed is not None:
+            # bookkeeping of a failed model must not raise (the engine reads it outside its step's error
+            # handling): every page reads as free, so a request is admitted and fails at its first call
+            return self.total_pages
         return int(self._call(self._kv, "pages", 0, 0))
 
     def add_sequence(self, seq_id: int) -> None:
-        self._call(self._kv, "add", seq_id, 0)
+        # on a failed model only the forward calls raise: the engine admits a request (it fails its
+        # requests from their model steps; one that failed while being admitted would be lost)
+        if self._failed is None:
+            self._call(self._kv, "add", seq_id, 0)
 
     def fork_sequence(self, parent: int, child: int) -> None:
         self._call(self._kv, "fork", parent, child)
 
     def remove_sequence(self, seq_id: int) -> None:
-        self._call(self._kv, "remove", seq_id, 0)
+        if self._failed is None:  # freeing on a failed model: nothing to free (see available_pages)
+            self._call(self._kv, "remove", seq_id, 0)
 
     def popn(self, seq_id: int, n: int) -> None:
         """Drop the last ``n`` tokens of a sequence (rejected speculative tokens), on every shard."""
@@ -182,12 +190,6 @@ class ShardedModel:
         """This model's worker processes (shards 1..N-1; shard 0 is a thread of this process)."""
         return list(self._pids)
 
-    @staticmethod
-    def _all_worker_pids() -> list[int]:
-        import psutil
-
-        return [p.pid for p in psutil.Process().children()
-                if "mlcbuild.runtime.tp_worker" in " ".join(p.cmdline())]
 
     def __del__(self) -> None:
         try:
@@ -221,9 +223,3 @@ class ShardedModel:
                 os.kill(pid, 9)
             except OSError:
                 pass
-
-    def _pids_or_empty(self) -> list[int]:
-        try:
-            return self._all_worker_pids()
-        except Exception:  # noqa: BLE001
-            return []

@@ -265,6 +265,7 @@ def _close() -> None:
 
 # Read ends of the controller-to-worker pipes, kept open in the controller (see create_process_pool).
 _KEPT_FDS: list[int] = []
+STARTED_PIDS: list[int] = []  # worker processes started in this process, in order
 
 
 @tvm_ffi.register_global_func("mlcbuild.tp.create_process_pool", override=True)
@@ -288,6 +289,7 @@ def create_process_pool(num_workers: int, num_groups: int, entrypoint: str) -> A
                    str(self.num_groups), str(worker_read), str(worker_write)]
             self._proc = subprocess.Popen(cmd, pass_fds=(worker_read, worker_write))
             _KEPT_FDS.append(worker_read)
+            STARTED_PIDS.append(self._proc.pid)
             os.close(worker_write)
             return main_read, main_write
 
