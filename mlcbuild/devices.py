@@ -182,9 +182,11 @@ def _metal_target(host: dict[str, Any], threads: int, warp: int) -> Callable[[st
 
 
 def _webgpu_target(arch: str | None) -> dict[str, Any]:
-    # What WebGPU guarantees every adapter (maxComputeInvocationsPerWorkgroup 256, 16 KiB of
-    # workgroup storage); no subgroups (an optional feature).
-    return {"kind": "webgpu", "max_num_threads": 256, "max_shared_memory_per_block": 16384,
+    # maxComputeInvocationsPerWorkgroup 256 (what WebGPU guarantees every adapter); 32 KiB of
+    # workgroup storage, TVM's default: TVM's paged-KV attention kernels for a 64-wide f16 head (tree
+    # attention: 16.6 KiB) do not fit WebGPU's guaranteed 16 KiB, so the page must ask the adapter for
+    # its maxComputeWorkgroupStorageSize (32 KiB on desktop GPUs), as WebLLM does; no subgroups.
+    return {"kind": "webgpu", "max_num_threads": 256, "max_shared_memory_per_block": 32768,
             "host": {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"}}
 
 

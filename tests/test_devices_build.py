@@ -191,6 +191,10 @@ def test_metal_library_is_an_arm64_macos_dylib_whose_shaders_parse(built, tmp_pa
     header = subprocess.run([_llvm_tool("llvm-objdump"), "--macho", "--private-header",
                              str(built["bundles"]["metal"] / manifest.library.file)], capture_output=True, text=True, check=True)
     assert re.search(r"MH_MAGIC_64\s+ARM64\s+ALL\s+\S+\s+DYLIB", header.stdout), header.stdout
+    _assert_metal_shaders_parse(library, tmp_path)
+
+
+def _assert_metal_shaders_parse(library: bytes, tmp_path: Path) -> None:
     sources = []
     for m in re.finditer(rb"#include <metal_stdlib>", library):  # one source per kernel, length-prefixed
         length = struct.unpack_from("<Q", library, m.start() - 8)[0]
@@ -205,11 +209,65 @@ def test_metal_library_is_an_arm64_macos_dylib_whose_shaders_parse(built, tmp_pa
     files = []
     for index, source in enumerate(sources):
         files.append(tmp_path / f"kernel{index}.metal")
-        files[-1].write_text(source)
+        files[-1].write_text(_metal_vector_conversions(source))
     parsed = subprocess.run([clang, "--target=aarch64-linux-gnu", "-fsyntax-only", "-x", "c++", "-std=c++17",
                              "-I", str(METAL_SHIM), "-Wno-unknown-attributes", *map(str, files)],
                             capture_output=True, text=True)
     assert parsed.returncode == 0, parsed.stderr[-4000:]
+
+
+_VECTOR_CAST = re.compile(r"\((?:float|half|int|uint|short|ushort|char|uchar|long)[234]\)")
+
+
+def _metal_vector_conversions(source: str) -> str:
+    """Metal's ``(float4)h`` converts a half4 element by element (or splats a scalar), and
+    ``(int4)(a, b, c, d)`` is a vector literal, where a C-style cast between clang vectors of
+    different sizes is a bit cast (an error): rewrite each vector cast as the shim's
+    ``mlcbuild_convert`` and each vector literal as a brace initialisation."""
+    out, pos = [], 0
+    for m in _VECTOR_CAST.finditer(source):
+        if m.start() < pos:
+            continue
+        end = _operand_end(source, m.end())
+        out += [source[pos:m.start()], _vector_cast(m.group(0)[1:-1], source[m.end():end])]
+        pos = end
+    return "".join(out) + source[pos:]
+
+
+def _vector_cast(vector: str, operand: str) -> str:
+    if operand.startswith("(") and not _VECTOR_CAST.match(operand):
+        inner = operand[1:-1]
+        parts, depth, last = [], 0, 0
+        for i, c in enumerate(inner):
+            depth += {"(": 1, ")": -1}.get(c, 0)
+            if c == "," and depth == 0:
+                parts.append(inner[last:i])
+                last = i + 1
+        if parts:  # a vector literal
+            return f"metal::{vector}{{{', '.join(_metal_vector_conversions(p) for p in [*parts, inner[last:]])}}}"
+    return f"metal::mlcbuild_convert<metal::{vector}>({_metal_vector_conversions(operand)})"
+
+
+def _operand_end(source: str, i: int) -> int:
+    """The end of the cast's operand starting at ``i``: a name or a parenthesised expression with its
+    calls, subscripts and members, or a dereference of a cast pointer or another cast, recursively."""
+    nested = _VECTOR_CAST.match(source, i)
+    if nested:
+        return _operand_end(source, nested.end())
+    if source.startswith("*(", i):  # *(device half4*)operand
+        return _operand_end(source, source.index(")", i + 2) + 1)
+    i += len(re.match(r"[\w.]*", source[i:]).group(0))  # a name (or nothing, before a parenthesis)
+    while i < len(source) and source[i] in "([.":  # then calls, subscripts, members: postfix binds first
+        if source[i] == ".":
+            i += 1 + len(re.match(r"\w*", source[i + 1:]).group(0))
+            continue
+        close, depth = {"(": ")", "[": "]"}[source[i]], 0
+        for j in range(i, len(source)):
+            depth += 1 if source[j] == source[i] else -1 if source[j] == close else 0
+            if depth == 0:
+                i = j + 1
+                break
+    return i
 
 
 # ---- WebGPU: the wasm links with TVM's web runtime; every WGSL kernel validates on wgpu ----------------
@@ -229,7 +287,13 @@ def wgpu_device():
     wgpu = pytest.importorskip("wgpu")
     adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
     _need(adapter is not None, "no WebGPU adapter (apt-get install mesa-vulkan-drivers for lavapipe)")
-    return adapter.request_device_sync(required_limits={"max_storage_buffers_per_shader_stage": 10})
+    # What a page loading a bundle asks its adapter for (as WebLLM does): the kernels' storage buffers
+    # and 32 KiB of workgroup storage (devices.py: the webgpu target; WebGPU guarantees only 16 KiB).
+    # f16 kernels (q4f16_1, q0f16) need the shader-f16 feature, which WebLLM asks for as well.
+    _need("shader-f16" in adapter.features, "the WebGPU adapter has no shader-f16")
+    return adapter.request_device_sync(required_features=["shader-f16"],
+                                       required_limits={"max_storage_buffers_per_shader_stage": 10,
+                                                        "max_compute_workgroup_storage_size": 32768})
 
 
 def test_webgpu_wasm_and_every_wgsl_kernel_validate(built, wgpu_device):
@@ -240,6 +304,10 @@ def test_webgpu_wasm_and_every_wgsl_kernel_validate(built, wgpu_device):
         path = built["bundles"]["webgpu"] / manifest.library.file
         valid = subprocess.run([node, "-e", f"process.exit(WebAssembly.validate(require('fs').readFileSync('{path}')) ? 0 : 1)"])
         assert valid.returncode == 0
+    _assert_wgsl_kernels_validate(library, wgpu_device)
+
+
+def _assert_wgsl_kernels_validate(library: bytes, wgpu_device) -> None:
     shaders = _wgsl_shaders(library)
     assert len(shaders) > 20
     for name, source in shaders.items():
@@ -264,3 +332,101 @@ def test_webgpu_decode_kernels_run_through_wgpu_like_the_cpu(built, wgpu_device)
         got = run_wgsl(wgpu_device, build_wgsl(after, name, target), f"{name}_kernel", after, arrays, grid_of(after))
         for want, have in zip(expected, got):
             np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+# ---- Android: the static tar MLC ships for its Android app, linked by an NDK's clang ---------------------
+
+def _standin_ndk(root: Path) -> Path:
+    """An NDK-shaped directory whose aarch64-linux-android24-clang is LLVM's clang + lld for that target.
+    The real NDK (not packaged by Debian, not on PyPI) drives the same clang and lld with Android's
+    sysroot; the build only links the objects into a throwaway shared object to prove the app's link
+    would take them, which needs no sysroot (-nostdlib, symbols of TVM's runtime left unresolved)."""
+    clang = shutil.which("clang-14") or shutil.which("clang")
+    _need(clang is not None and shutil.which("ld.lld") is not None,
+          "clang and ld.lld are missing (they come with emscripten and lld-19)")
+    ndk = root / "android-ndk-standin"
+    bin_dir = ndk / "toolchains" / "llvm" / "prebuilt" / "linux-x86_64" / "bin"
+    bin_dir.mkdir(parents=True)
+    (ndk / "source.properties").write_text("Pkg.Desc = Android NDK (stand-in: LLVM clang + lld)\nPkg.Revision = 27.0.0-standin\n")
+    wrapper = bin_dir / "aarch64-linux-android24-clang"
+    wrapper.write_text(f'#!/bin/sh\nexec {clang} --target=aarch64-linux-android24 -fuse-ld=lld -nostdlib "$@"\n')
+    wrapper.chmod(0o755)
+    return ndk
+
+
+def test_android_bundle_is_a_static_tar_of_aarch64_android_objects_with_opencl_kernels(built, tmp_path):
+    """`android` with $ANDROID_NDK set: lib/model.tar of aarch64 ELF objects (the host code, and devc.o
+    holding the OpenCL C kernels: one per kernel of the CUDA build), which the NDK's clang links; the
+    manifest names the NDK revision, which is also in the compile key. Shares the other devices' weights."""
+    root = built["root"]
+    ndk = _standin_ndk(root)
+    (root / "android.yaml").write_text(RECIPE.replace("name: tiny-devices", "name: tiny-android")
+                                       .replace(f"devices: [{', '.join(DEVICES)}]", "devices: [android]"))
+    env = {**built["env"], "ANDROID_NDK": str(ndk)}
+    done = subprocess.run([sys.executable, "-m", "mlcbuild", "run", str(root / "android.yaml"), "--json"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [e["stage"] for e in events if e["event"] == "node_start"] == ["compile", "package"]  # weights reused
+    bundle = root / "dist" / "tiny-android" / bf.bundle_dirname(QUANT, "android")
+    verified = subprocess.run([sys.executable, "-m", "mlcbuild", "verify", str(bundle)], capture_output=True, text=True, env=env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    manifest = bf.read_manifest(bundle)
+    assert (manifest.library.format, manifest.library.host, manifest.library.gpu) == ("static-tar", "aarch64-android", "opencl")
+    assert manifest.tools["android_ndk"] == "27.0.0-standin"
+
+    import tarfile
+
+    with tarfile.open(bundle / manifest.library.file) as tar:
+        tar.extractall(tmp_path, filter="data")
+    objects = sorted(tmp_path.glob("*.o"))
+    assert len(objects) >= 2 and any(o.name.endswith("devc.o") for o in objects), objects
+    for obj in objects:
+        header = subprocess.run([_llvm_tool("llvm-readelf"), "--file-header", str(obj)], capture_output=True, text=True, check=True).stdout
+        assert "AArch64" in header and "REL (Relocatable file)" in header, header
+    devc = next(o for o in objects if o.name.endswith("devc.o")).read_bytes()
+    from mlcbuild.compiler.build import system_lib_prefix
+
+    # A system library's symbols carry the model's prefix (several models link into one app); a GPU
+    # function may be several kernels (name_kernel, name_kernel_1, ...: one per batch-size branch).
+    prefix = system_lib_prefix(json.loads((bundle / bf.CHAT_CONFIG_FILE).read_text())).encode()
+    names = re.findall(rb"__kernel void (?:__attribute__\(\([^)]*\)\) )?(\w+)\(", devc)
+    assert names and all(name.startswith(prefix) for name in names), (prefix, names[:3])
+    opencl_kernels = {re.sub(rb"_kernel_\d+$", b"_kernel", name.removeprefix(prefix)) for name in names}
+    _, cuda = _library(built["bundles"]["cuda:sm_90"])
+    cuda_kernels = {re.sub(rb"_kernel_\d+$", b"_kernel", name) for name in
+                    re.findall(rb"extern \"C\" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", cuda)}
+    assert cuda_kernels and opencl_kernels == cuda_kernels  # one GPU function each: kernels per batch size differ
+
+
+
+# ---- the demo model's shapes: f16 kernels with 64-wide heads (a tiny model's 16-wide f32 ones hid these) --
+
+def test_smollm2_shaped_f16_model_builds_for_metal_and_webgpu(tmp_path, request):
+    """SmolLM2-135M's layer shapes at q4f16_1 (hidden 576, 9 heads of 64, 3 KV heads, MLP 1536), one
+    layer: Metal has no 8-wide half vectors (the GEMV's loads are capped at 4 lanes there) and TVM's
+    tree-attention kernel for a 64-wide f16 head needs 16.6 KiB of workgroup storage (WebGPU's limit is
+    the adapter's, asked for). Every Metal shader parses; every WGSL kernel validates on wgpu."""
+    problems = [p for d in ("metal", "webgpu") for p in build_problems(d)]
+    _need(not problems, "toolchains missing (see mlcbuild doctor): " + "; ".join(problems))
+    from compiler_harness import TINY, make_checkpoint
+    from runtime_support import write_tokenizer
+
+    write_tokenizer(make_checkpoint("llama", tmp_path / "src", hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
+                                    num_attention_heads=9, num_key_value_heads=3), TINY["vocab_size"])
+    (tmp_path / "shaped.yaml").write_text("name: shaped\nsource: src\nconv_template: auto\nquantization: [q4f16_1]\n"
+                                          "devices: [metal, webgpu]\n"
+                                          "overrides:\n  context_window_size: 2048\n  prefill_chunk_size: 512\n")
+    env = clean_env(MLCBUILD_CACHE_DIR=str(tmp_path / "cache"), MLCBUILD_VERIFY_CACHE=str(tmp_path / "verified"))
+    done = subprocess.run([sys.executable, "-m", "mlcbuild", "run", str(tmp_path / "shaped.yaml"), "--json", "--keep-going"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    failed = [e for e in map(json.loads, filter(lambda line: line.startswith("{"), done.stdout.splitlines()))
+              if e["event"] == "node_failed"]
+    assert done.returncode == 0 and not failed, json.dumps(failed, indent=1) + done.stderr[-2000:]
+    dist = tmp_path / "dist" / "shaped"
+    _, metal = _library(dist / bf.bundle_dirname("q4f16_1", "metal"))
+    (tmp_path / "metal").mkdir()
+    _assert_metal_shaders_parse(metal, tmp_path / "metal")
+    _, webgpu = _library(dist / bf.bundle_dirname("q4f16_1", "webgpu"))
+    # (wgpu's adapter only now: made before torch is imported, the two crash the process)
+    _assert_wgsl_kernels_validate(webgpu, request.getfixturevalue("wgpu_device"))

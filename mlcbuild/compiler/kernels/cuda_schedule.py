@@ -226,40 +226,25 @@ def _schedule_with_default_rules(func: Any, target: Any) -> Any | None:
 
 
 def match_gemv(func: Any) -> GemvMatch | None:
-    """Recognize ``C[m.., n] += cast(x[m.., k]) * cast(W[n, k])`` with W a function parameter or
-    computed by one spatial block (the dequantization), followed by elementwise blocks only."""
-    from tvm import s_tir, tirx
-    from tvm.ir import expr as ir_expr
+    """``matmul_analysis.find_matmul_block``'s matmul ``C[m.., n] += cast(x[m.., k]) * cast(W[n, k])``
+    whose W is a function parameter or computed by one spatial block (the dequantization), followed
+    by elementwise blocks only: what this GEMV schedule handles."""
+    from tvm import tirx
 
+    from mlcbuild.compiler.kernels import matmul_analysis
     from mlcbuild.compiler.kernels._tir_expr import as_int
 
     try:
-        sch = s_tir.Schedule(func)
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    except Exception:  # noqa: BLE001  (not a schedulable function, e.g. already has loops bound)
+        found = matmul_analysis.find_matmul_block(func)
+    except matmul_analysis.NotMatched:
         return None
-    stmts = [sch.get(b) for b in blocks]
-    reductions = [i for i, s in enumerate(stmts) if any(_is_reduce(iv) for iv in s.iter_vars)]
-    if len(reductions) != 1:
+    stmts = [found.sch.get(b) for b in found.blocks]
+    main_i, main = found.index, found.stmt
+    k, n = found.k_iv.var, found.n_iv.var
+    k_extent = as_int(found.k_iv.dom.extent)
+    if k_extent is None:
         return None
-    main_i = reductions[0]
-    main = stmts[main_i]
-    if any(_is_reduce(iv) for s in stmts[main_i + 1 :] for iv in s.iter_vars):
-        return None
-    reduce_vars = [iv for iv in main.iter_vars if _is_reduce(iv)]
-    if len(reduce_vars) != 1 or len(main.writes) != 1:
-        return None
-    k = reduce_vars[0].var
-    k_extent = as_int(reduce_vars[0].dom.extent)
-    out_idx = [r.min for r in main.writes[0].region]
-    if k_extent is None or not all(isinstance(e, tirx.Var) for e in out_idx) or len(out_idx) < 2:
-        return None
-    n = out_idx[-1]
     body = main.body
-    if not (isinstance(body, tirx.BufferStore) and isinstance(body.value, tirx.Add)):
-        return None
-    if not (isinstance(body.value.a, ir_expr.TensorLoad) and body.value.a.source.same_as(body.buffer)):
-        return None
     # The weight: a 2-D read indexed by exactly (n, k); the activation: the other read, whose
     # last index is k and whose other indices are the m axes.
     weight, transposed, x = None, False, None
@@ -343,11 +328,17 @@ def schedule_gemv(func: Any, target: Any, match: GemvMatch, bucket: int) -> Any 
     if split is None:
         return None
     sch = s_tir.Schedule(func)
-    _schedule(sch, match, bucket, *split)
+    _schedule(sch, match, bucket, *split, max_lanes=max_vector_lanes(target))
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def _schedule(sch: Any, match: GemvMatch, bucket: int, lanes: int, vk: int) -> None:
+def max_vector_lanes(target: Any) -> int:
+    """The widest vector the target's shading language has: 4 (Metal's half4/float4, WGSL's vec4,
+    SPIR-V without extensions); CUDA, ROCm and OpenCL take 16-byte vectors of any element (half8)."""
+    return 4 if target.kind.name in ("metal", "webgpu", "vulkan") else 16
+
+
+def _schedule(sch: Any, match: GemvMatch, bucket: int, lanes: int, vk: int, max_lanes: int = 16) -> None:
     from mlcbuild.compiler.kernels._tir_expr import as_int
 
     main = sch.get_sblock(match.main)
@@ -412,15 +403,15 @@ def _schedule(sch: Any, match: GemvMatch, bucket: int, lanes: int, vk: int) -> N
         for loop in sch.get_loops(producer)[-2:]:
             sch.unroll(loop)
         for index in range(len(sch.get(producer).reads)):
-            _cache_operand(sch, producer, index, ku)
+            _cache_operand(sch, producer, index, ku, max_lanes)
     else:
-        _cache_operand(sch, rf, _read_index(sch, rf, weight=True), ku)
+        _cache_operand(sch, rf, _read_index(sch, rf, weight=True), ku, max_lanes)
     if x_pad is not None:
         sch.compute_at(x_pad, ku, preserve_unit_loops=True)
         sch.set_scope(x_pad, 0, "local")
-        _vectorize_inner(sch, x_pad)
+        _vectorize_inner(sch, x_pad, max_lanes)
     else:
-        _cache_operand(sch, rf, _read_index(sch, rf, weight=False), ku)
+        _cache_operand(sch, rf, _read_index(sch, rf, weight=False), ku, max_lanes)
     sch.decompose_reduction(rf, ko)
 
     # Cross-lane sum (warp shuffles), then the epilogue, both per block of rows.
@@ -450,14 +441,15 @@ def _read_index(sch: Any, block: Any, weight: bool) -> int:
     raise ValueError("operand not found")
 
 
-def _cache_operand(sch: Any, block: Any, index: int, at: Any) -> None:
+def _cache_operand(sch: Any, block: Any, index: int, at: Any, max_lanes: int) -> None:
     cached = sch.cache_read(block, index, "local")
     sch.compute_at(cached, at, preserve_unit_loops=True)
-    _vectorize_inner(sch, cached)
+    _vectorize_inner(sch, cached, max_lanes)
 
 
-def _vectorize_inner(sch: Any, block: Any) -> None:
-    """Vectorize the innermost copy loop in vectors of up to 16 bytes (unroll it otherwise)."""
+def _vectorize_inner(sch: Any, block: Any, max_lanes: int) -> None:
+    """Vectorize the innermost copy loop in vectors of up to 16 bytes and ``max_lanes`` elements
+    (unroll it otherwise)."""
     from tvm import tirx
 
     loop = sch.get_loops(block)[-1]
@@ -465,7 +457,7 @@ def _vectorize_inner(sch: Any, block: Any) -> None:
     bits = _dtype_bits(str(sch.get(block).writes[0].source.dtype))
     if isinstance(extent, tirx.IntImm):
         lanes = int(extent)
-        limit = max(1, 128 // bits)
+        limit = max(1, min(128 // bits, max_lanes))
         while lanes > limit and lanes % 2 == 0:
             lanes //= 2
         if 1 < lanes <= limit and lanes & (lanes - 1) == 0:

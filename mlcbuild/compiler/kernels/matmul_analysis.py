@@ -11,6 +11,11 @@ block and splits its update into the activation factor x(m.., k) and the weight 
 a group-quantized weight factor (packed words, scales, zero point) out of w: ``GroupQuant``.
 ``x_value`` / ``epilogue_value`` rebuild the activation and the epilogue over a kernel's own
 buffers. Used by the CPU kernels (``cpu_matmul``, ``cpu_qgemv_vnni``) and CUDA's dp4a GEMV.
+
+The one matmul matcher: ``find_matmul_block`` recognizes the reduction block
+``C[m.., n] += a * b`` on the function as written. ``analyze`` (for kernel generators that rewrite the
+function) and ``cuda_schedule.match_gemv`` (for the GPU schedule, applied to the blocks in place) both
+start from it.
 """
 
 from __future__ import annotations
@@ -68,15 +73,59 @@ def _strip_cast(e: Any) -> Any:
     return e
 
 
-def analyze(func: Any) -> tuple[MatmulInfo, s_tir.Schedule]:
-    """Recognize a (fused) matmul; raise NotMatched otherwise."""
-    sch = s_tir.Schedule(func)
-    blocks = sch.get_child_blocks(_root(sch))
-    red = [b for b in blocks if _is_reduction(sch.get(b))]
+@dataclass
+class MatmulBlock:
+    """The reduction block of a matmul PrimFunc as written (producers and epilogue still separate)."""
+
+    sch: s_tir.Schedule
+    blocks: list[Any]  # the root's child blocks
+    index: int  # the reduction block's position among them
+    stmt: Any  # the reduction block: C[m.., n] = C[m.., n] + a * b
+    m_ivs: list[Any]
+    n_iv: Any
+    k_iv: Any
+
+
+def find_matmul_block(func: Any) -> MatmulBlock:
+    """The function's one reduction block, shaped as a matmul's; raise NotMatched otherwise."""
+    try:
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(_root(sch))
+    except Exception as err:  # noqa: BLE001  (not a schedulable function, e.g. already has loops bound)
+        raise NotMatched(f"not schedulable: {err}") from None
+    red = [i for i, b in enumerate(blocks) if _is_reduction(sch.get(b))]
     if len(red) != 1:
         raise NotMatched("needs exactly one reduction block")
-    red_name = sch.get(red[0]).name_hint
-    index = [sch.get(b).name_hint for b in blocks].index(red_name)
+    stmt = sch.get(blocks[red[0]])
+    m_ivs, n_iv, k_iv = _matmul_axes(stmt)
+    return MatmulBlock(sch, list(blocks), red[0], stmt, m_ivs, n_iv, k_iv)
+
+
+def _matmul_axes(block: Any) -> tuple[list[Any], Any, Any]:
+    """(m.. spatial axes, n axis, k axis) of a block that stores ``C[m.., n] = C[m.., n] + update``."""
+    store = block.body
+    if not isinstance(store, tirx.BufferStore) or len(block.writes) != 1:
+        raise NotMatched("reduction body is not a single store")
+    spatial = [iv for iv in block.iter_vars if int(iv.iter_type) == DATA_PAR]
+    reduce = [iv for iv in block.iter_vars if int(iv.iter_type) == COMM_REDUCE]
+    if len(reduce) != 1 or len(spatial) < 2:
+        raise NotMatched("needs spatial (m.., n) and one reduction axis")
+    # The store must index the output exactly by the spatial vars, in order.
+    if len(store.indices) != len(spatial) or not all(i.same_as(iv.var) for i, iv in zip(store.indices, spatial)):
+        raise NotMatched("reduction store is not indexed by its spatial vars")
+    if not isinstance(store.value, tirx.Add):
+        raise NotMatched("reduction update is not an addition")
+    if not any(isinstance(side, ir_expr.TensorLoad) and side.source.same_as(store.buffer)
+               for side in (store.value.a, store.value.b)):
+        raise NotMatched("reduction update does not read its accumulator")
+    return spatial[:-1], spatial[-1], reduce[0]
+
+
+def analyze(func: Any) -> tuple[MatmulInfo, s_tir.Schedule]:
+    """Recognize a (fused) matmul; raise NotMatched otherwise."""
+    found = find_matmul_block(func)
+    sch, blocks, index = found.sch, found.blocks, found.index
+    red_name = found.stmt.name_hint
     # Inline every producer (dequantize, transpose, casts) into the reduction.
     for b in blocks[:index]:
         try:
@@ -93,30 +142,16 @@ def analyze(func: Any) -> tuple[MatmulInfo, s_tir.Schedule]:
     if len(sch.get_child_blocks(_root(sch))) > 2:
         raise NotMatched("unexpected block structure")
 
-    block = sch.get(sch.get_sblock(red_name))
+    block = sch.get(sch.get_sblock(red_name))  # with the producers inlined into its update
+    m_ivs, n_iv, k_iv = _matmul_axes(block)
     store = block.body
-    if not isinstance(store, tirx.BufferStore):
-        raise NotMatched("reduction body is not a single store")
-    spatial = [iv for iv in block.iter_vars if int(iv.iter_type) == DATA_PAR]
-    reduce = [iv for iv in block.iter_vars if int(iv.iter_type) == COMM_REDUCE]
-    if len(reduce) != 1 or len(spatial) < 2:
-        raise NotMatched("needs spatial (m.., n) and one reduction axis")
-    # The store must index the output exactly by the spatial vars, in order.
-    if len(store.indices) != len(spatial) or not all(i.same_as(iv.var) for i, iv in zip(store.indices, spatial)):
-        raise NotMatched("reduction store is not indexed by its spatial vars")
     value = store.value
-    if not isinstance(value, tirx.Add):
-        raise NotMatched("reduction update is not an addition")
     acc, update = value.a, value.b
     if not (isinstance(acc, ir_expr.TensorLoad) and acc.source.same_as(store.buffer)):
         acc, update = update, acc
-    if not (isinstance(acc, ir_expr.TensorLoad) and acc.source.same_as(store.buffer)):
-        raise NotMatched("reduction update does not read its accumulator")
     prod = _strip_cast(update) if dtype_of(update) == dtype_of(_strip_cast(update)) else update
     if not isinstance(prod, tirx.Mul):
         raise NotMatched("reduction update is not a product")
-    n_iv, k_iv = spatial[-1], reduce[0]
-    m_ivs = spatial[:-1]
     a, b = prod.a, prod.b
 
     def is_weight(e: Any) -> bool:
@@ -164,7 +199,7 @@ def analyze(func: Any) -> tuple[MatmulInfo, s_tir.Schedule]:
         evars = [iv.var for iv in epi.iter_vars]
         if len(est.indices) != len(evars) or not all(i.same_as(v) for i, v in zip(est.indices, evars)):
             raise NotMatched("epilogue store is not indexed by its vars")
-        if len(evars) != len(spatial):
+        if len(evars) != len(m_ivs) + 1:
             raise NotMatched("epilogue rank differs from the matmul")
         for ld in loads_in(est.value):
             if ld.source.same_as(store.buffer) and not all(i.same_as(v) for i, v in zip(ld.indices, evars)):
