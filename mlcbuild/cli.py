@@ -636,6 +636,10 @@ def serve(
     request_timeout: Optional[float] = typer.Option(None, "--request-timeout", min=0.001, help="Seconds a request may take from arrival; then its generation stops (504, or an error event ending the stream)."),
     max_body_bytes: int = typer.Option(4 << 20, "--max-body-bytes", min=1, help="Larger request bodies get 413."),
     allow_origins: list[str] = typer.Option([], "--allow-origins", help="A browser origin allowed by CORS (repeat it; '*' for any). Default: no CORS headers."),
+    prefix_cache: str = typer.Option("on", "--prefix-cache", help="on: reuse the KV cache of earlier requests' shared prompt prefixes (off for sliding-window and sharded bundles); off: prefill every prompt whole."),
+    speculative_mode: str = typer.Option("off", "--speculative-mode", help="off, or prompt-lookup: propose tokens from n-grams of the prompt and output, verified in one step (greedy and seeded outputs unchanged)."),
+    speculative_tokens: int = typer.Option(4, "--speculative-tokens", min=1, help="Tokens proposed per step with --speculative-mode."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization", min=0.01, max=1.0, help="Share of free device memory (available RAM on CPU) the KV cache may take when --kv-cache-tokens is not given (default 0.9)."),
     no_build: bool = NoBuildOption,
 ) -> None:
     """Serve a model over an OpenAI-compatible REST API."""
@@ -654,6 +658,14 @@ def serve(
         if options.get(name, value) != value:  # two different answers: say so rather than pick one silently
             _fail(f"--{name.replace('_', '-')} {value} contradicts --overrides, which sets it to {options[name]}")
         options[name] = value
+    if prefix_cache not in ("on", "off"):
+        _fail(f"--prefix-cache {prefix_cache!r}: expected on or off")
+    if speculative_mode not in ("off", "prompt-lookup"):
+        _fail(f"--speculative-mode {speculative_mode!r}: expected off or prompt-lookup")
+    options.update(prefix_cache=prefix_cache == "on", speculative_mode=speculative_mode,
+                   speculative_tokens=speculative_tokens)
+    if gpu_memory_utilization is not None:
+        options["gpu_memory_utilization"] = gpu_memory_utilization
     _run_frontend(run_server, model, no_build, host=host, port=port, api_key=api_key, device=device,
                   max_queue=max_queue, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
                   allow_origins=tuple(allow_origins), **options, **_quant(quantization))

@@ -211,7 +211,29 @@ def test_serve_cli_engine_options_and_limits(tiny, engine):
         assert httpx.get(url + "/v1/models", headers={"Origin": ORIGIN}).headers["access-control-allow-origin"] == ORIGIN
 
 
+def test_serve_cli_prefix_cache_and_speculation_options(tiny):
+    """--prefix-cache and --speculative-mode reach the engine, and /metrics reports what they did: a
+    repeated prompt hits the cache only when it is on; prompt-lookup proposes tokens; greedy text is the
+    same either way."""
+    body = {"messages": MESSAGES * 12, "max_tokens": 24, "ignore_eos": True, "temperature": 0}
+    texts = {}
+    for args in (("--prefix-cache", "on"), ("--prefix-cache", "off", "--speculative-mode", "prompt-lookup")):
+        with start_cli_server(str(tiny.recipe), *args) as url:
+            for _ in range(2):
+                resp = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+                assert resp.status_code == 200, resp.text
+            texts[args] = resp.json()["choices"][0]["message"]["content"]
+            hits, drafted = metric(url, "mlcbuild_prefix_cache_hit_tokens_total"), metric(url, "mlcbuild_spec_draft_tokens_total")
+            if "on" in args:
+                assert hits > 0 and drafted == 0
+            else:
+                assert hits == 0 and drafted > 0
+    assert len(set(texts.values())) == 1
+
+
 @pytest.mark.parametrize("args,message", [
+    (("--prefix-cache", "maybe"), "--prefix-cache 'maybe': expected on or off"),
+    (("--speculative-mode", "medusa"), "--speculative-mode 'medusa': expected off or prompt-lookup"),
     (("--overrides", "gpu_mem=1"), "--overrides: unknown key 'gpu_mem'"),
     (("--overrides", "max_num_sequence=4", "--max-batch-size", "2"), "--max-batch-size 2 contradicts --overrides"),
     (("--max-queue", "-1"), "--max-queue"),

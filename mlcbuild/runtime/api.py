@@ -19,9 +19,9 @@ import os
 import queue
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from . import protocol as p
 from .bundle import Bundle, BuildHook
@@ -49,13 +49,18 @@ class Frontend:
                  max_batch_size: int | None = None, context_window_size: int | None = None,
                  prefill_chunk_size: int | None = None, kv_cache_tokens: int | None = None, verify: bool = True,
                  quantization: str | None = None, build: bool | BuildHook = True,
-                 tensor_parallel_shards: int | None = None):
+                 tensor_parallel_shards: int | None = None, prefix_cache: bool = True,
+                 speculative_mode: str = "off", speculative_tokens: int = 4,
+                 gpu_memory_utilization: float | None = None):
         # build: a recipe's bundle is built first when missing or stale (bundle.find_bundle), False: as is.
         # tensor_parallel_shards: a recipe's bundle for that shard count (one disco worker per shard).
         self.bundle = Bundle.open(model, device, verify=verify, quantization=quantization, build=build,
                                   tensor_parallel_shards=tensor_parallel_shards)
+        memory = {"gpu_memory_utilization": gpu_memory_utilization} if gpu_memory_utilization is not None else {}
         self.engine = Engine(self.bundle, max_batch_size=max_batch_size, context_window_size=context_window_size,
-                             prefill_chunk_size=prefill_chunk_size, kv_cache_tokens=kv_cache_tokens)
+                             prefill_chunk_size=prefill_chunk_size, kv_cache_tokens=kv_cache_tokens,
+                             prefix_cache=prefix_cache, speculative_mode=speculative_mode,
+                             speculative_tokens=speculative_tokens, **memory)
         self.tokenizer: Tokenizer = self.engine.tokenizer
         self.model_name = self.bundle.name
         cc = self.bundle.chat_config
@@ -450,6 +455,10 @@ class EngineConfig(BaseModel):
     context_window_size: PositiveInt | None = None
     prefill_chunk_size: PositiveInt | None = None
     kv_cache_tokens: PositiveInt | None = None
+    prefix_cache: bool | None = None  # MLC LLM's prefix_cache_mode "radix" (True) / "disable" (False)
+    speculative_mode: Literal["off", "prompt-lookup"] | None = None
+    speculative_tokens: PositiveInt | None = None  # tokens proposed per step (MLC LLM's spec_draft_length)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
 
 
 class _EngineBase:

@@ -112,16 +112,27 @@ def prometheus_text(stats: dict[str, Any], http: Counter, model: str) -> str:
         ("decode_steps", "counter", "Batched decode steps run."),
         ("decode_sequences", "counter", "Sequences advanced by decode steps (sum of batch sizes)."),
         ("prefill_steps", "counter", "Prefill calls run."),
+        ("prefix_cache_hit_tokens", "counter", "Prompt tokens reused from the prefix cache (not prefilled)."),
+        ("prefix_cache_lookup_tokens", "counter", "Prompt tokens looked up in the prefix cache."),
+        ("prefix_cache_evictions", "counter", "Cached sequences evicted to free KV-cache pages."),
+        ("preemptions", "counter", "Requests pre-empted (recomputed later) when KV-cache pages ran out."),
+        ("spec_draft_tokens", "counter", "Tokens proposed by speculative decoding."),
+        ("spec_accepted_tokens", "counter", "Proposed tokens the model accepted."),
     ):
-        metric(f"mlcbuild_{key}_total", kind, help_text, [(label, stats[key])])
+        if key in stats:
+            metric(f"mlcbuild_{key}_total", kind, help_text, [(label, stats[key])])
     for key, help_text in (
         ("running", "Requests decoding now."),
         ("prefilling", "Requests whose prompt is being prefilled."),
         ("queued", "Requests waiting for a batch slot or KV-cache pages."),
         ("kv_pages_in_use", "KV-cache pages held by sequences."),
         ("kv_pages_total", "KV-cache pages in the engine."),
+        ("kv_pages_cached", "KV-cache pages held only by the prefix cache (freed when needed)."),
+        ("prefix_cache_hit_rate", "Share of looked-up prompt tokens found in the prefix cache."),
+        ("spec_acceptance_rate", "Share of speculated tokens accepted."),
     ):
-        metric(f"mlcbuild_{key}", "gauge", help_text, [(label, stats[key])])
+        if key in stats:
+            metric(f"mlcbuild_{key}", "gauge", help_text, [(label, stats[key])])
     sizes = {int(k): v for k, v in stats["decode_batch_sizes"].items()}
     lines.append("# HELP mlcbuild_decode_batch_size Sequences per decode step.")
     lines.append("# TYPE mlcbuild_decode_batch_size histogram")
@@ -459,7 +470,8 @@ def serve(bundle_or_recipe: str | os.PathLike, host: str = "127.0.0.1", port: in
     """Run the OpenAI-compatible server until interrupted (``mlcbuild serve``).
 
     ``engine_options`` go to :class:`~.api.AsyncMLCEngine` (max_batch_size, context_window_size,
-    prefill_chunk_size, kv_cache_tokens, conv_template, verify, quantization); the serving limits
+    prefill_chunk_size, kv_cache_tokens, prefix_cache, speculative_mode, speculative_tokens,
+    gpu_memory_utilization, conv_template, verify, quantization); the serving limits
     (``max_queue``, ``request_timeout``, ``max_body_bytes``, ``allow_origins``) to :func:`create_app`.
     """
     import uvicorn
