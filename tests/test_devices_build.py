@@ -194,6 +194,42 @@ def test_metal_library_is_an_arm64_macos_dylib_whose_shaders_parse(built, tmp_pa
     _assert_metal_shaders_parse(library, tmp_path)
 
 
+def test_metal_library_rebuilds_byte_identical_with_a_consistent_signature(built):
+    """ld64.lld's LC_UUID (and the ad-hoc signature over it) hashed the debug stabs, which name TVM's
+    temporary object files: linked without them (-S), a rebuild gives the same bytes, signature intact."""
+    import hashlib
+
+    bundle = built["bundles"]["metal"]
+    manifest, first = _library(bundle)
+    recipe = built["root"] / "tiny.yaml"
+    done = subprocess.run([sys.executable, "-m", "mlcbuild", "run", str(recipe), "--json", "--device", "metal",
+                           "--force-stage", "compile"], capture_output=True, text=True, env=built["env"], timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert any(e.get("event") == "node_start" and e.get("stage") == "compile"
+               for e in map(json.loads, filter(lambda line: line.startswith("{"), done.stdout.splitlines())))
+    again = (bundle / manifest.library.file).read_bytes()
+    assert again == first
+    # Every code page's SHA-256 in the CodeDirectory matches the page (the UUID's page included).
+    sig_at = next(struct.unpack_from("<I", again, at + 8)[0] for at in _macho_commands(again) if struct.unpack_from("<I", again, at)[0] == 0x1D)
+    count = struct.unpack_from(">I", again, sig_at + 8)[0]
+    directories = [sig_at + struct.unpack_from(">I", again, sig_at + 16 + 8 * i)[0] for i in range(count)]
+    cd = next(d for d in directories if struct.unpack_from(">I", again, d)[0] == 0xFADE0C02)
+    hash_offset, _, _, slots, limit = struct.unpack_from(">5I", again, cd + 16)
+    page = 1 << again[cd + 39]
+    for slot in range(slots):
+        stored = again[cd + hash_offset + 32 * slot: cd + hash_offset + 32 * (slot + 1)]
+        assert stored == hashlib.sha256(again[slot * page: min((slot + 1) * page, limit)]).digest(), slot
+
+
+def _macho_commands(data: bytes) -> list[int]:
+    """Offsets of a 64-bit Mach-O file's load commands."""
+    offsets, at = [], 32
+    for _ in range(struct.unpack_from("<I", data, 16)[0]):
+        offsets.append(at)
+        at += struct.unpack_from("<I", data, at + 4)[0]
+    return offsets
+
+
 def _assert_metal_shaders_parse(library: bytes, tmp_path: Path) -> None:
     sources = []
     for m in re.finditer(rb"#include <metal_stdlib>", library):  # one source per kernel, length-prefixed

@@ -139,13 +139,14 @@ def _normalize_tar(path: Path) -> None:
 def _link_macos_dylib(output: str, objects: list[str], options: Any = None) -> None:
     """Link arm64 Mach-O objects into a macOS dylib with LLVM's ld64.lld. Symbols of TVM's runtime
     and libSystem stay undefined, bound when the library is loaded into a process that has them
-    (as a Python extension module is); no macOS SDK is needed."""
+    (as a Python extension module is); no macOS SDK is needed. ``-S``: no debug stabs, which would name
+    TVM's temporary object files (a new path each build)."""
     import subprocess
 
     from mlcbuild.toolchain import tool_command
 
     cmd = [tool_command("ld64.lld") or "ld64.lld", "-dylib", "-arch", "arm64", "-platform_version", "macos", "11.0", "11.0",
-           "-undefined", "dynamic_lookup", "-install_name", "@rpath/model.dylib", "-o", output, *objects]
+           "-undefined", "dynamic_lookup", "-install_name", "@rpath/model.dylib", "-S", "-o", output, *objects]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise StageError(f"ld64.lld failed linking the macOS library:\n{done.stderr.strip()}")

@@ -164,7 +164,8 @@ def schedule_decode_function(func: Any, target: Any, integer_dot_batch1: bool = 
     if match is None:
         return None
     single_row = integer_dot_kernel(func) if integer_dot_batch1 else None
-    func = exact_int_to_float(func)
+    # WGSL has no 16-bit integers to reinterpret as f16 (u16 does not exist there): plain casts.
+    func = exact_int_to_float(func, int16=target.kind.name != "webgpu")
     if match.batch_var is None:
         if match.batch_static > BATCH_BUCKETS[-1][0]:
             return None
@@ -481,21 +482,22 @@ def _dtype_bits(dtype: str) -> int:
 _MAGIC = {"float16": (0x6400, 1024.0, "uint16", 1 << 10), "float32": (0x4B000000, 8388608.0, "uint32", 1 << 23)}
 
 
-def exact_int_to_float(func: Any) -> Any:
+def exact_int_to_float(func: Any, int16: bool = True) -> Any:
     """Rewrite ``cast(float, q & mask) - c`` in the dequantize blocks of ``func`` (a legalized,
-    unscheduled PrimFunc) into the bit-trick form above; the values are bit-identical."""
+    unscheduled PrimFunc) into the bit-trick form above; the values are bit-identical. ``int16``:
+    the target has 16-bit integers (the f16 form goes through one); without, f16 casts stay."""
     from tvm import tirx
 
     from mlcbuild.compiler.kernels._tir_expr import map_stores
 
     def rewrite(block: str, store: Any) -> Any:
-        value = _magic_dequantize(store.value) if block.startswith("dequantize") else None
+        value = _magic_dequantize(store.value, int16) if block.startswith("dequantize") else None
         return store if value is None else tirx.BufferStore(store.buffer, value, store.indices)
 
     return map_stores(func, rewrite)
 
 
-def _magic_dequantize(value: Any) -> Any | None:
+def _magic_dequantize(value: Any, int16: bool = True) -> Any | None:
     """(cast(F, q & mask) - c) * scale  ->  (reinterpret(F, MAGIC | (q & mask)) - (MAGIC_VALUE + c)) * scale"""
     from tvm import tirx
     from tvm.ir.prim import expr as pe
@@ -515,6 +517,8 @@ def _magic_dequantize(value: Any) -> Any | None:
     if offset != int(offset) or not 0 <= offset < _MAGIC[dtype][3]:
         return None
     magic, magic_value, storage, _ = _MAGIC[dtype]
+    if storage == "uint16" and not int16:
+        return None
     word = tirx.bitwise_or(bits, tirx.const(magic, "uint32"))
     as_float = tirx.reinterpret(dtype, word if storage == "uint32" else word.astype(storage))
     out = as_float - tirx.const(magic_value + offset, dtype)
