@@ -33,6 +33,7 @@ import xxhash
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from mlcbuild.atomicfile import write_atomic
 from mlcbuild.bundle_format import MANIFEST_FILE, Manifest, read_manifest, verify_bundle
 from mlcbuild.cache.digests import CHUNK, canonical_bytes
 
@@ -290,9 +291,7 @@ def pack_bundle(bundle: Path, dest: Path, key: Ed25519PrivateKey | None = None) 
     statement_file.unlink(missing_ok=True)
     write_bundle_tar(bundle, dest)
     statement = build_statement(bundle, manifest, dest.name, _sha256_file(dest))
-    tmp = statement_file.with_name(statement_file.name + ".tmp")
-    tmp.write_bytes(envelope_line(statement, key))
-    os.replace(tmp, statement_file)
+    write_atomic(statement_file, envelope_line(statement, key))
     return dest, statement_file
 
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from mlcbuild.atomicfile import write_atomic
 from mlcbuild.cache.location import default_cache_dir
 from mlcbuild.hostinfo import cpu_identity
 
@@ -47,9 +48,7 @@ def memo(key: str, compute: Callable[[], str]) -> str:
     except FileNotFoundError:
         pass
     value = compute()
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(value, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, value)
     return value
 
 

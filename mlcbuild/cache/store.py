@@ -33,6 +33,7 @@ from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict
 
 from mlcbuild.cache.location import default_cache_dir
+from mlcbuild.atomicfile import write_atomic
 from mlcbuild.cache.digests import StatCache, file_digest, file_digests, iter_files, tree_digest
 
 
@@ -71,18 +72,6 @@ class NodeRecord(BaseModel):
     @property
     def size(self) -> int:
         return sum(o.size for o in self.outputs)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ArtifactStore:
@@ -132,7 +121,7 @@ class ArtifactStore:
             return None
 
     def write_index(self, identity: str, entry: dict) -> None:
-        _write_atomic(self.root / "index" / f"{identity}.json", json.dumps(entry, sort_keys=True).encode())
+        write_atomic(self.root / "index" / f"{identity}.json", json.dumps(entry, sort_keys=True).encode())
 
     # -- building --------------------------------------------------------------------------
     @contextmanager
@@ -195,7 +184,7 @@ class ArtifactStore:
 
     def write_record(self, record: NodeRecord) -> None:
         """Write ``record``, which makes its entry visible: after all its blobs are in place."""
-        _write_atomic(self.record_path(record.key), record.model_dump_json(indent=1).encode())
+        write_atomic(self.record_path(record.key), record.model_dump_json(indent=1).encode())
 
     # -- reading back ----------------------------------------------------------------------
     def check_blob(self, output: OutputFile) -> Path:

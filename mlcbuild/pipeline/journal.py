@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mlcbuild.cache.digests import RACY_SECONDS, canonical_digest
+from mlcbuild.atomicfile import write_atomic
 
 FORMAT = 1
 # A journal unused this long is deleted when another is written: one is filed per environment a
@@ -141,14 +142,7 @@ def write(path: Path, ident: dict[str, Any], read: Iterable[Watch], produced: It
         entries.append([file, kind, sig])
     entries += [[file, kind, signature(file, kind)] for file, kind in dict.fromkeys(produced)]
     data = json.dumps({"identity": ident, "watched": entries, "replay": replay}, separators=(",", ":")).encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, data)
     for other in path.parent.glob("*.json"):
         try:
             if now - other.stat().st_mtime > UNUSED_DAYS * 86400:

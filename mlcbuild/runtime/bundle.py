@@ -17,6 +17,7 @@ import numpy as np
 import xxhash
 
 from mlcbuild import bundle_format as bf
+from mlcbuild.atomicfile import write_atomic
 
 
 class BundleError(Exception):
@@ -286,10 +287,7 @@ def verify_bundle(directory: Path, manifest: bf.Manifest, use_stamp: bool = True
             + "\nRebuild it (mlcbuild run RECIPE) or pass verify=False / --no-verify at your own risk."
         )
     try:
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        tmp = stamp.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(stats))
-        os.replace(tmp, stamp)
+        write_atomic(stamp, json.dumps(stats))
     except OSError:
         pass
 

@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from mlcbuild import __version__
+from mlcbuild.atomicfile import write_atomic
 from mlcbuild.bundle_format import (CHAT_CONFIG_FILE, MANIFEST_FILE, SCHEDULE_REPORT_FILE, SOURCE_INFO_FILE, ChatConfig,
                                    Manifest, ManifestFile, RecipeFile, ScheduleFallback)
 from mlcbuild.devices import library_info, parse_device, tool_files, toolchain_facts
@@ -148,9 +149,7 @@ def _apply_generation(chat_config: Path, generation: dict) -> None:
     if "max_tokens" in generation:
         update["max_new_tokens"] = generation["max_tokens"]
     chat = ChatConfig.model_validate({**chat.model_dump(by_alias=True), **update})
-    tmp = chat_config.with_name(chat_config.name + ".tmp")
-    tmp.write_text(chat.model_dump_json(by_alias=True, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, chat_config)
+    write_atomic(chat_config, chat.model_dump_json(by_alias=True, indent=2) + "\n")
 
 
 def _recipe_files(loaded: LoadedRecipe) -> tuple[RecipeFile, ...]:
