@@ -156,6 +156,54 @@ def test_top_k_top_p_and_seed():
     assert seq(7, 0) == seq(7, 0) and seq(7, 0) != seq(7, 1) and seq(7, 0) != seq(8, 0)
 
 
+def _nucleus_by_full_sort(probs: np.ndarray, top_p: float) -> list[int]:
+    """The definition: a stable sort of the whole vocabulary, the smallest prefix reaching top_p."""
+    order = np.argsort(-probs, kind="stable")
+    ranked = probs[order]
+    keep = (np.cumsum(ranked) - ranked) < top_p
+    keep[0] = True
+    return sorted(order[keep].tolist())
+
+
+@pytest.mark.parametrize("case", ["peaked", "flat", "ties", "masked"])
+def test_nucleus_equals_the_full_sort(case):
+    """top-p looks at 64 candidates first and widens: the same set as sorting all 49152 tokens,
+    including flat distributions (the nucleus reaches past the candidates) and ties at its edge."""
+    from mlcbuild.runtime.sampling import NUCLEUS_CANDIDATES, _nucleus, _softmax
+
+    rng = np.random.default_rng(3)
+    widened = 0
+    for trial in range(40):
+        logits = rng.normal(size=49152).astype(np.float32)
+        if case == "peaked":
+            logits *= 6
+        elif case == "ties":  # few distinct values: ties straddle every cut
+            logits = np.round(logits * 2) / 2
+        elif case == "masked":  # a grammar's mask: most tokens -inf
+            logits[rng.random(49152) < 0.97] = -np.inf
+        probs = _softmax(logits / np.float32(0.7)).astype(np.float64)
+        top_p = float(rng.uniform(0.5, 0.99))
+        ids, kept = _nucleus(probs, top_p)
+        expected = _nucleus_by_full_sort(probs, top_p)
+        assert ids.tolist() == expected, (case, trial)
+        np.testing.assert_array_equal(kept, probs[ids])
+        widened += len(expected) >= NUCLEUS_CANDIDATES
+    if case in ("flat", "ties"):
+        assert widened, "no trial exercised the widening"
+
+
+def test_top_p_draws_follow_the_renormalized_nucleus():
+    probs = np.array([0.3, 0.05, 0.25, 0.2, 0.1, 0.1], dtype=np.float64)
+    logits = np.log(probs).astype(np.float32)
+    p = SamplingParams(temperature=1.0, top_p=0.7)  # nucleus {0, 2, 3}: 0.3 + 0.25 + 0.2
+    rng = make_rng(11)
+    draws = np.bincount([sample(logits, p, rng) for _ in range(6000)], minlength=6)
+    assert draws[[1, 4, 5]].sum() == 0
+    expected = probs[[0, 2, 3]] / probs[[0, 2, 3]].sum() * 6000
+    chi2 = float((((draws[[0, 2, 3]] - expected) ** 2) / expected).sum())
+    assert chi2 < 13.8, (draws, chi2)  # p = 0.001 for 2 degrees of freedom
+
+
 def test_token_logprobs():
     logits = np.log(np.array([0.5, 0.3, 0.2], dtype=np.float32))
     lp, top = token_logprobs(logits, 1, 2)
