@@ -666,9 +666,14 @@ def serve(
                    speculative_tokens=speculative_tokens)
     if gpu_memory_utilization is not None:
         options["gpu_memory_utilization"] = gpu_memory_utilization
-    _run_frontend(run_server, model, no_build, host=host, port=port, api_key=api_key, device=device,
-                  max_queue=max_queue, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
-                  allow_origins=tuple(allow_origins), **options, **_quant(quantization))
+    from mlcbuild.runtime.server import EngineDiedError
+
+    try:
+        _run_frontend(run_server, model, no_build, host=host, port=port, api_key=api_key, device=device,
+                      max_queue=max_queue, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
+                      allow_origins=tuple(allow_origins), **options, **_quant(quantization))
+    except EngineDiedError as exc:  # e.g. a tensor-parallel worker died: exit non-zero for a supervisor to restart
+        _fail(str(exc), EXIT_BUILD_FAILED)
 
 
 @app.command()

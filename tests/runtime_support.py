@@ -155,3 +155,22 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
         # recipe (engine, server, chat, their subprocesses) find it up to date in the cache it was built in.
         os.environ["MLCBUILD_CACHE_DIR"] = str(root / "cache")
     return _BUILT["tiny"]
+
+
+@pytest.fixture(scope="session")
+def tiny_tp(tiny: TinyBundle) -> TinyBundle:
+    """The tiny recipe fanned out over ``tensor_parallel_shards: [1, 2]``, built in the tiny bundle's cache:
+    named ``tiny`` too and reading the same checkpoint (``../src``; local sources are keyed by content, not
+    path), so its single-shard nodes are the tiny bundle's and only the 2-shard config, weights and library
+    are built (once per session, for the tensor-parallel and server tests). ``path``: the 2-shard bundle."""
+    if "tiny_tp" not in _BUILT:
+        root = tiny.recipe.parent / "tp"
+        root.mkdir(exist_ok=True)
+        recipe = root / "tiny.yaml"
+        recipe.write_text(RECIPE.replace("source: src\n", "source: ../src\n") + "  tensor_parallel_shards: [1, 2]\n")
+        cmd = [sys.executable, "-c", "from mlcbuild.cli import main; main()", "run", str(recipe)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)  # the tiny cache (os.environ)
+        assert done.returncode == 0, done.stdout + done.stderr
+        _BUILT["tiny_tp"] = TinyBundle(recipe=recipe, path=root / "dist" / "tiny" / "q0f32-cpu-tp2",
+                                       checkpoint=tiny.checkpoint)
+    return _BUILT["tiny_tp"]

@@ -1,4 +1,6 @@
-"""The OpenAI-compatible server, driven by the real ``openai`` client (sync and async) and by ``curl``."""
+"""The OpenAI-compatible server, driven by the real ``openai`` client (sync and async) and by ``curl``.
+The tests taking ``server`` run twice: on a server in a thread over the tiny bundle, and on
+``mlcbuild serve --overrides tensor_parallel_shards=2`` over its 2-shard build (issue 15)."""
 
 from __future__ import annotations
 
@@ -6,10 +8,11 @@ import asyncio
 import json
 import shutil
 import subprocess
+from types import SimpleNamespace
 
 import httpx
 import pytest
-from runtime_support import ServerThread, tiny  # noqa: F401 (shared fixture)
+from runtime_support import ServerThread, tiny, tiny_tp  # noqa: F401 (shared fixtures)
 from runtime_support import cli_server as start_cli_server
 
 from mlcbuild import AsyncMLCEngine, MLCEngine
@@ -21,13 +24,20 @@ KEY = "sk-test"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def server(tiny):
-    engine = AsyncMLCEngine(tiny.recipe)
-    with ServerThread(create_app(engine, api_key=KEY, model_aliases=(str(tiny.recipe),))) as srv:
-        srv.engine = engine
-        yield srv
-    engine.terminate()
+@pytest.fixture(scope="module", params=[1, 2], ids=["1shard", "2shards"])
+def server(request, tiny):
+    """``url`` and ``recipe`` of a server of the tiny model: the app in a thread (1 shard), or ``mlcbuild serve
+    --overrides tensor_parallel_shards=2`` in a subprocess (2 shards). Module scope: one server of each."""
+    if request.param == 1:
+        engine = AsyncMLCEngine(tiny.recipe)
+        with ServerThread(create_app(engine, api_key=KEY, model_aliases=(str(tiny.recipe),))) as srv:
+            srv.recipe = tiny.recipe
+            yield srv
+        engine.terminate()
+        return
+    tp = request.getfixturevalue("tiny_tp")
+    with start_cli_server(str(tp.recipe), "--api-key", KEY, "--overrides", "tensor_parallel_shards=2") as url:
+        yield SimpleNamespace(url=url, recipe=tp.recipe)
 
 
 @pytest.fixture()
@@ -63,7 +73,7 @@ def test_sync_client_stream_and_whole_match_engine(server, client, tiny):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     with MLCEngine(tiny.path) as local:  # the same request through the Python API: the same text
         assert local.chat.completions.create(**kwargs).choices[0].message.content == text
-    comp = client.completions.create(model=str(tiny.recipe), prompt="The capital of", max_tokens=8, seed=1, n=2)
+    comp = client.completions.create(model=str(server.recipe), prompt="The capital of", max_tokens=8, seed=1, n=2)
     assert len(comp.choices) == 2 and comp.usage.completion_tokens <= 16 and comp.object == "text_completion"
 
 

@@ -1,8 +1,13 @@
 """Tensor parallelism on CPU: each architecture and scheme split into 2 and 4 shards gives the
-single-shard build's greedy tokens and (q0f32) its logits within 1e-4; shapes that do not split are
-errors naming the tensor, dimension and shard count; a recipe fans out over shard counts with one
-weight conversion per (quantization, shards); the engine drives a sharded bundle through MLCEngine
-(EngineConfig(tensor_parallel_shards=2)) and fails, not hangs, when a worker process is killed."""
+single-shard build's greedy tokens (wherever they are not a float16 near-tie) and its logits within
+1e-4 (q0f32); shapes that do not split are errors naming the tensor, dimension and shard count; a
+recipe fans out over shard counts with one weight conversion per (quantization, shards); the engine
+drives a sharded bundle through MLCEngine (EngineConfig(tensor_parallel_shards=2)) and fails, not
+hangs, when a worker process is killed; ``mlcbuild serve`` then exits non-zero.
+
+Build cost: the single-shard builds are the ``built_model`` fixture's (the numerics tests build the same
+ones) and the tiny recipe's 1/2-shard bundles are ``runtime_support.tiny_tp`` (shared with the server
+tests); a closed sharded model's worker processes serve the next model with as many shards."""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import numpy as np
 import pytest
 
 from compiler_harness import make_checkpoint, run_stage
+from runtime_support import tiny, tiny_tp  # noqa: F401 (shared fixtures: the tiny recipe at 1 and 2 shards)
 from mlcbuild import bundle_format as bf
 
 PROMPTS = [[5, 17, 40, 3, 99, 150, 7, 21, 64], [8, 200, 11]]
@@ -29,27 +35,32 @@ STEPS = 6
 WIDE = dict(hidden_size=128, head_dim=32)
 
 
-def build_bundle(checkpoint: Path, root: Path, quantization: str, shards: int) -> Path:
-    """gen_config -> convert_weight -> compile for ``shards``, laid out as a bundle directory."""
+def build_sharded(checkpoint: Path, root: Path, quantization: str, shards: int) -> dict[str, Path]:
+    """gen_config -> convert_weight -> compile for ``shards``: compiler_harness.build_parts with the shard count
+    (the same config defaults, so that the single-shard build is the ``built_model`` fixture's, which the
+    numerics tests build too: one build per session)."""
     from mlcbuild.stages.compile import Compile, CompileParams
     from mlcbuild.stages.convert_weight import ConvertWeight, ConvertWeightParams
     from mlcbuild.stages.gen_config import GenConfig, GenConfigParams
 
-    bundle = root / "bundle"
-    if bundle.exists():
-        return bundle
-    config = run_stage(GenConfig(), GenConfigParams(quantization=quantization, tensor_parallel_shards=shards,
-                                                    context_window_size=128, prefill_chunk_size=32, max_batch_size=4),
+    config = run_stage(GenConfig(), GenConfigParams(quantization=quantization, tensor_parallel_shards=shards),
                        {"source": checkpoint}, root / "config")
     weights = run_stage(ConvertWeight(), ConvertWeightParams(quantization=quantization, tensor_parallel_shards=shards),
                         {"source": checkpoint, "config": config}, root / "weights")
     library = run_stage(Compile(), CompileParams(quantization=quantization, device="cpu", tensor_parallel_shards=shards),
                         {"config": config}, root / "library")
-    tmp = root / "bundle.tmp"
-    shutil.copytree(weights / "params", tmp / "params")
-    shutil.copytree(library / "lib", tmp / "lib")
-    shutil.copy(config / bf.CHAT_CONFIG_FILE, tmp / bf.CHAT_CONFIG_FILE)
-    tmp.rename(bundle)
+    return {"config": config, "weights": weights, "library": library}
+
+
+def as_bundle(parts: dict[str, Path], bundle: Path) -> Path:
+    """A bundle directory of the stages' outputs (links: nothing is copied)."""
+    if not bundle.exists():
+        tmp = bundle.with_name(bundle.name + ".tmp")
+        tmp.mkdir(parents=True)
+        (tmp / "params").symlink_to(parts["weights"] / "params")
+        (tmp / "lib").symlink_to(parts["library"] / "lib")
+        (tmp / bf.CHAT_CONFIG_FILE).symlink_to(parts["config"] / bf.CHAT_CONFIG_FILE)
+        tmp.rename(bundle)
     return bundle
 
 
@@ -67,8 +78,10 @@ def open_model(bundle_dir: Path) -> Any:
     return cls(bundle, 4, 512, 32, chat.page_size)
 
 
-def greedy_run(model: Any) -> tuple[list[list[int]], list[np.ndarray]]:
-    """Two sequences: prefilled together, forked once, decoded as a batch of 3; tokens and every logits row."""
+def greedy_run(model: Any, forced: list[list[int]] | None = None) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Two sequences: prefilled together, forked once, decoded as a batch of 3; each step's argmax tokens and
+    every logits row. ``forced``: feed these tokens (another run's, as this returns them) instead of this
+    run's own argmaxes, so that both runs see the same inputs at every step."""
     for seq, _ in enumerate(PROMPTS):
         model.add_sequence(seq)
     logits = [model.forward_prefill([0, 1], PROMPTS)]
@@ -78,32 +91,37 @@ def greedy_run(model: Any) -> tuple[list[list[int]], list[np.ndarray]]:
     else:
         model.fork_sequence(0, 2)
     tokens = [[int(np.argmax(logits[0][0]))], [int(np.argmax(logits[0][1]))], [int(np.argmax(logits[0][0]))]]
-    for _ in range(STEPS):
-        step = model.forward_decode([0, 1, 2], [t[-1] for t in tokens])
-        logits.append(step)
+    feed = forced or tokens
+    for step in range(STEPS):
+        out = model.forward_decode([0, 1, 2], [seq[step] for seq in feed])
+        logits.append(out)
         for row, seq_tokens in enumerate(tokens):
-            seq_tokens.append(int(np.argmax(step[row])))
+            seq_tokens.append(int(np.argmax(out[row])))
     for seq in range(3):
         model.remove_sequence(seq)
     return tokens, logits
 
 
 @pytest.fixture(scope="module")
-def runs(compiler_root: Path) -> Callable[..., tuple[list[list[int]], list[np.ndarray]]]:
-    """runs(arch, quantization, shards, wide=False) -> greedy_run of that build (memoized for the module)."""
+def runs(compiler_root: Path, built_model: Callable[..., dict[str, Path]],
+         tiny_checkpoint: Callable[..., Path]) -> Callable[..., tuple[list[list[int]], list[np.ndarray]]]:
+    """runs(arch, quantization, shards, wide=False) -> greedy_run of that build (memoized for the module); a
+    sharded run is fed the single-shard run's tokens."""
     done: dict[tuple, Any] = {}
 
     def get(arch: str, quantization: str, shards: int, wide: bool = False) -> Any:
         key = (arch, quantization, shards, wide)
         if key not in done:
-            name = f"{arch}{'-wide' if wide else ''}"
-            checkpoint = compiler_root / "tp-checkpoints" / name
-            if not checkpoint.exists():
-                make_checkpoint(arch, checkpoint, **(WIDE if wide else {}))
-            model = open_model(build_bundle(checkpoint, compiler_root / "tp" / f"{name}-{quantization}-{shards}",
-                                            quantization, shards))
+            overrides = WIDE if wide else {}
+            if shards == 1:
+                forced, parts = None, built_model(arch, quantization, **overrides)
+            else:
+                forced = get(arch, quantization, 1, wide)[0]
+                parts = build_sharded(tiny_checkpoint(arch, **overrides), compiler_root / "tp" / "-".join(map(str, key)),
+                                      quantization, shards)
+            model = open_model(as_bundle(parts, compiler_root / "tp-bundles" / "-".join(map(str, key))))
             try:
-                done[key] = greedy_run(model)
+                done[key] = greedy_run(model, forced)
             finally:
                 getattr(model, "close", lambda: None)()
         return done[key]
@@ -114,21 +132,40 @@ def runs(compiler_root: Path) -> Callable[..., tuple[list[list[int]], list[np.nd
 # q4f16_1 over 4 shards needs whole groups of 32 in each row-parallel slice: the tiny checkpoint's
 # o_proj rows (64 inputs) give 16 per shard (an error, see below); a checkpoint with 128-wide rows is used.
 CASES = [(arch, "q0f32", n, False) for arch in ("llama", "qwen2", "mistral", "phi") for n in (2, 4)] + \
-    [(arch, "q4f16_1", 2, False) for arch in ("qwen2", "mistral", "phi")] + [("llama", "q4f16_1", 4, True)] + \
-    [pytest.param("llama", "q4f16_1", 2, False, marks=pytest.mark.xfail(
-        reason="measured: the 3-token prompt's sequence diverges at its 2nd token (82 vs 125); not yet known whether "
-               "a float16 near-tie or a sharding bug", strict=False))]
+    [(arch, "q4f16_1", 2, False) for arch in ("llama", "qwen2", "mistral", "phi")] + [("llama", "q4f16_1", 4, True)]
+# Largest |logit difference| from the single-shard build. q0f32: the issue's 1e-4. q4f16_1 (float16
+# activations): a shard's partial sums round differently from one sum (the all-reduce adds float32
+# accumulators, then rounds once): measured <= 3.2e-3 at logits of ~2-3, where a float16 ulp is 2e-3.
+TOLERANCE = {"q0f32": 1e-4, "q4f16_1": 1e-2}
 
 
 @pytest.mark.parametrize("arch,quantization,shards,wide", CASES)
 def test_shards_match_single_shard(runs: Any, arch: str, quantization: str, shards: int, wide: bool) -> None:
-    tokens, logits = runs(arch, quantization, shards, wide)
-    ref_tokens, ref_logits = runs(arch, quantization, 1, wide)
-    assert tokens == ref_tokens
+    """Logits within the tolerance of the single-shard build's at every step (both fed the same tokens), and the
+    same greedy token wherever the single-shard build's choice is decided by more than the two can differ.
+
+    Why not "the same greedy sequences" outright: two runs whose logits differ by up to ``tol`` may pick
+    different tokens where the reference's top two logits are within ``2 * tol`` (a near-tie), and from then
+    on they decode different sequences. Measured, llama q4f16_1 at 2 shards: the 3-token prompt's 2nd token
+    has a top-2 margin of 6.9e-4 while the shards' logits differ by up to 3.2e-3 (float16 rounding: no
+    row differs by more before it), so free-running greedy decoding parted there (82 vs 125). Which rows
+    are exempt depends on the reference alone, never on the sharded result, and they must be rare: a
+    wrong split (a mis-sliced head or group) moves logits far beyond ``tol`` and fails either way. Where no
+    row is exempt, equal tokens at every forced step mean equal free-running greedy sequences."""
+    _, logits = runs(arch, quantization, shards, wide)
+    _, ref_logits = runs(arch, quantization, 1, wide)
+    tol = TOLERANCE[quantization]
     worst = max(float(np.abs(a - b).max()) for a, b in zip(logits, ref_logits))
-    # q0f32: within 1e-4 of one shard. float16 activations: the partial sums round differently from one sum
-    # (the all-reduce adds float32 accumulators, then one rounding): close, not equal
-    assert worst < (1e-4 if quantization == "q0f32" else 0.05), worst
+    assert worst < tol, worst
+    ref_rows = [row for step in ref_logits for row in step]
+    rows = [row for step in logits for row in step]
+    margins = [float(np.diff(np.sort(row)[-2:])[0]) for row in ref_rows]
+    decided = [i for i, margin in enumerate(margins) if margin > 2 * tol]
+    assert len(decided) >= 0.9 * len(margins), f"{len(margins) - len(decided)} near-ties: the test checks too little"
+    differ = [i for i in decided if np.argmax(rows[i]) != np.argmax(ref_rows[i])]
+    assert not differ, [(i, int(np.argmax(rows[i])), int(np.argmax(ref_rows[i])), margins[i]) for i in differ]
+    print(f"{arch} {quantization} x{shards}: max |logit diff| {worst:.2e}, {len(margins) - len(decided)} near-tie(s) "
+          f"of {len(margins)}; min reference margin {min(margins):.2e}")
 
 
 def test_uneven_shapes_are_errors_naming_tensor_dim_and_count(tmp_path: Path) -> None:
@@ -185,39 +222,15 @@ def test_recipe_fans_out_over_shard_counts(tmp_path: Path) -> None:
 
 # ---- the engine on a sharded bundle built by the pipeline -------------------------------------------------------
 
-def tp_recipe_text() -> str:
-    """runtime_support's tiny recipe, fanned out over 1 and 2 shards."""
-    from runtime_support import RECIPE
-
-    return RECIPE.replace("name: tiny\n", "name: tinytp\n") + "  tensor_parallel_shards: [1, 2]\n"
-
-
-@pytest.fixture(scope="module")
-def tp_recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from runtime_support import write_tokenizer
-    from compiler_harness import TINY
-
-    root = tmp_path_factory.mktemp("tp-recipe")
-    source = make_checkpoint("llama", root / "src")
-    write_tokenizer(source, TINY["vocab_size"])
-    recipe = root / "tinytp.yaml"
-    recipe.write_text(tp_recipe_text())
-    env = {**os.environ, "MLCBUILD_CACHE_DIR": str(root / "cache")}
-    done = subprocess.run([sys.executable, "-m", "mlcbuild.cli", "run", str(recipe)], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return recipe
-
-
-def test_engine_on_sharded_bundle(tp_recipe: Path) -> None:
+def test_engine_on_sharded_bundle(tiny_tp: Any) -> None:
     from mlcbuild import EngineConfig, MLCEngine
 
-    manifest = bf.read_manifest(tp_recipe.parent / "dist" / "tinytp" / "q0f32-cpu-tp2")
+    manifest = bf.read_manifest(tiny_tp.path)
     assert manifest.recipe["tensor_parallel_shards"] == 2
     messages = [{"role": "user", "content": "The capital of France is"}]
     answers = []
     for config in (None, EngineConfig(tensor_parallel_shards=2)):
-        with MLCEngine(tp_recipe, build=False, engine_config=config) as engine:
+        with MLCEngine(tiny_tp.recipe, build=False, engine_config=config) as engine:
             assert engine.frontend.bundle.chat_config.tensor_parallel_shards == (2 if config else 1)
             replies = [engine.chat.completions.create(messages=messages, temperature=0, max_tokens=12, seed=s)
                        for s in (0, 1)]
@@ -226,11 +239,11 @@ def test_engine_on_sharded_bundle(tp_recipe: Path) -> None:
     assert answers[0] == answers[1]
 
 
-def test_killed_worker_fails_requests_not_hangs(tp_recipe: Path) -> None:
+def test_killed_worker_fails_requests_not_hangs(tiny_tp: Any) -> None:
     from mlcbuild.runtime.api import MLCEngine
     from mlcbuild.runtime.engine import GenerationConfig
 
-    with MLCEngine(tp_recipe, build=False, tensor_parallel_shards=2) as engine:
+    with MLCEngine(tiny_tp.recipe, build=False, tensor_parallel_shards=2) as engine:
         model = engine.frontend.engine.model
         (pid,) = model.worker_pids()
         os.kill(pid, signal.SIGKILL)
@@ -250,24 +263,90 @@ def test_killed_worker_fails_requests_not_hangs(tp_recipe: Path) -> None:
         assert out.error is not None
 
 
+def _children(pid: int, marker: str) -> list[int]:
+    """Processes whose parent is ``pid`` and whose command line contains ``marker`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue  # exited while listed
+        if ppid == pid and marker in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("when", ["streaming", "idle"])
+def test_serve_exits_nonzero_when_a_worker_dies(tiny_tp: Any, when: str) -> None:
+    """``mlcbuild serve --overrides tensor_parallel_shards=2``: a killed worker process fails the stream in
+    flight with an error event, and the server exits non-zero (a supervisor restarts it), also when no
+    request was running to notice; it does not go on answering (or hanging) with a model that cannot run."""
+    import httpx
+    from runtime_support import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-c", "from mlcbuild.cli import main; main()", "serve", str(tiny_tp.recipe),
+                             "--port", str(port), "--overrides", "tensor_parallel_shards=2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "mlcbuild serve did not come up"
+            time.sleep(0.1)
+        (worker,) = _children(proc.pid, "mlcbuild.runtime.tp_worker")
+        if when == "idle":
+            os.kill(worker, signal.SIGKILL)
+        else:
+            body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 200, "stream": True,
+                    "ignore_eos": True}
+            events = []
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        if len(events) == 3:  # it streams: now kill shard 1's process mid-generation
+                            os.kill(worker, signal.SIGKILL)
+            assert events[-1] == "[DONE]" and len(events) < 200, events[-3:]
+            error = json.loads(events[-2])["error"]
+            assert error["type"] == "server_error" and "worker" in error["message"], error
+        start = time.monotonic()
+        code = proc.wait(timeout=30)
+        took = time.monotonic() - start
+        output = proc.stdout.read()
+        assert code != 0, output
+        assert "the engine stopped while serving" in output and "tensor-parallel worker" in output, output
+        print(f"{when}: exited {code} {took:.1f} s after the kill")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-def test_cuda_sharded_library_calls_the_collective(compiler_root: Path, tmp_path: Path) -> None:
+def test_cuda_sharded_library_calls_the_collective(tiny_checkpoint: Callable[..., Path],
+                                                   built_model: Callable[..., dict[str, Path]], tmp_path: Path) -> None:
     """A cuda:sm_90 build of one shard of two (no GPU needed): its row-parallel projections call disco's
     all-reduce, which a disco session with init_ccl("nccl") sends to NCCL (runtime.disco.nccl.allreduce);
-    the single-shard build has no collective."""
+    a single-shard CUDA build has no collective (the one the CUDA tests build, for sm_80: the call does not
+    depend on the architecture, and it is built once per session)."""
     from mlcbuild.stages.compile import Compile, CompileParams
     from mlcbuild.stages.gen_config import GenConfig, GenConfigParams
 
-    checkpoint = compiler_root / "tp-checkpoints" / "llama"
-    if not checkpoint.exists():
-        make_checkpoint("llama", checkpoint)
-    libraries = {}
-    for shards in (1, 2):
-        config = run_stage(GenConfig(), GenConfigParams(quantization="q4f16_1", tensor_parallel_shards=shards),
-                           {"source": checkpoint}, tmp_path / f"config{shards}")
-        out = run_stage(Compile(), CompileParams(quantization="q4f16_1", device="cuda:sm_90", tensor_parallel_shards=shards),
-                        {"config": config}, tmp_path / f"lib{shards}")
-        libraries[shards] = (out / bf.LIBRARY_FILE).read_bytes()
-        assert list((out / "lib").glob("*.fatbin")), "no prebuilt CUDA kernels"
-    assert b"runtime.disco.allreduce" in libraries[2]
-    assert b"runtime.disco.allreduce" not in libraries[1]
+    config = run_stage(GenConfig(), GenConfigParams(quantization="q4f16_1", tensor_parallel_shards=2),
+                       {"source": tiny_checkpoint("llama")}, tmp_path / "config")
+    out = run_stage(Compile(), CompileParams(quantization="q4f16_1", device="cuda:sm_90", tensor_parallel_shards=2),
+                    {"config": config}, tmp_path / "lib")
+    assert list((out / "lib").glob("*.fatbin")), "no prebuilt CUDA kernels"
+    assert b"runtime.disco.allreduce" in (out / bf.LIBRARY_FILE).read_bytes()
+    single = built_model("llama", "q4f16_1", "cuda:sm_80")["library"]
+    assert b"runtime.disco.allreduce" not in (single / bf.LIBRARY_FILE).read_bytes()

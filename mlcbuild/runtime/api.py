@@ -490,7 +490,8 @@ class _EngineBase:
         # and nothing would ever answer a request submitted to it.
         if not self.frontend.engine._thread.is_alive():
             return "the engine thread died"
-        return None
+        # a model that cannot run any more (a tensor-parallel worker died): every request would fail
+        return getattr(self.frontend.engine.model, "failed", None)
 
     def terminate(self) -> None:
         """Stop the engine thread; requests in flight end with an error."""

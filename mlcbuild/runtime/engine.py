@@ -572,6 +572,8 @@ class Engine:
         self._thread.join(timeout=30)
         if self._masker is not None:
             self._masker.close()
+        if not self._thread.is_alive():  # a sharded model's worker processes end now, not when it is collected
+            getattr(self.model, "close", lambda: None)()
 
     # --- engine thread ----------------------------------------------------------------------------
     def _loop(self) -> None:

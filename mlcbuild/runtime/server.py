@@ -483,6 +483,32 @@ def serve(bundle_or_recipe: str | os.PathLike, host: str = "127.0.0.1", port: in
     try:
         app = create_app(engine, api_key=api_key, model_aliases=aliases, max_queue=max_queue,
                          request_timeout=request_timeout, max_body_bytes=max_body_bytes, allow_origins=allow_origins)
-        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                               timeout_graceful_shutdown=5))
+        died: list[str] = []
+        threading.Thread(target=_watch_engine, args=(engine, server, died), name="mlcbuild-serve-watchdog",
+                         daemon=True).start()
+        server.run()
     finally:
         engine.terminate()
+    if died:
+        raise EngineDiedError(f"the engine stopped while serving: {died[0]}")
+
+
+class EngineDiedError(RuntimeError):
+    """``serve`` stopped because its engine can no longer run (``mlcbuild serve`` exits non-zero)."""
+
+
+def _watch_engine(engine: AsyncMLCEngine, server: Any, died: list[str], interval: float = 0.2) -> None:
+    """Stop ``server`` once ``engine`` is dead (its thread died, or a tensor-parallel worker did). Such an
+    engine never recovers: a server answering 503 forever would look alive to a process supervisor, which
+    restarts a process that exits non-zero. The shutdown is uvicorn's graceful one, so requests in flight
+    still get their error responses (or their streams' error events) first."""
+    while not server.should_exit:
+        reason = engine.health()
+        if reason is not None:
+            logger.error("the engine stopped (%s); shutting the server down", reason)
+            died.append(reason)
+            server.should_exit = True
+            return
+        time.sleep(interval)

@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import socket
+import threading
 import weakref
 from typing import Any
 
@@ -35,10 +36,43 @@ _ADDRESSES = itertools.count()
 _OPEN: "weakref.WeakSet[ShardedModel]" = weakref.WeakSet()
 
 
+# Sessions of closed models, by shard count, whose workers idle in their loops: the next model with as many
+# shards takes one instead of starting its worker processes again (each imports TVM, 2-3 s). One is kept
+# per shard count, until exit.
+_IDLE: dict[int, tuple[Any, list[int]]] = {}
+
+
 @atexit.register
 def _close_all() -> None:
     for model in list(_OPEN):
         model.close()
+    while _IDLE:
+        _shutdown(*_IDLE.popitem()[1])
+
+
+def _alive(pid: int) -> bool:
+    """Whether worker ``pid`` still runs (without reaping it)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:
+        return False
+
+
+def _shutdown(session: Any, pids: list[int]) -> None:
+    """End a session for good: its worker-0 thread and worker processes leave their loops, and are killed."""
+    try:
+        session.shutdown()
+    except Exception:  # noqa: BLE001  (a dead worker: nothing to keep)
+        pass
+    # TVM's session destructor calls back into Python (the process pool) and aborts the process when
+    # that happens at interpreter teardown, which is when a reference kept by a traceback would let it
+    # run. The session is shut down and its workers are killed here: its object is never destroyed.
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(session))
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
 
 
 class TensorParallelError(RuntimeError):
@@ -59,6 +93,21 @@ def _disco_session_module() -> Any:
     if not hasattr(api, "SessionProcess"):
         tvm_ffi.init_ffi_api("runtime.disco", api.__name__)
     return session
+
+
+def _watch_worker(model_ref: "weakref.ref[ShardedModel]", rank: int, pid: int) -> None:
+    """Wait for worker ``pid`` to end (WNOWAIT: without reaping it, which stays TVM's process pool's job);
+    unless its model is being closed, mark the model failed."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:  # already reaped: its model closed it
+        return
+    model = model_ref()
+    if model is None or model._session is None or model._failed is not None:
+        return  # closed (close() kills the workers), or already failed with a more precise message
+    how = f"killed by signal {info.si_status}" if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) \
+        else f"exit status {info.si_status}"
+    model._failed = f"tensor-parallel worker {rank} (pid {pid}) died ({how})"
 
 
 class ShardedModel:
@@ -89,13 +138,21 @@ class ShardedModel:
         listener.bind(address)
         listener.listen(self.shards)
         tp_worker.LISTENERS[address] = listener
-        started = len(tp_worker.STARTED_PIDS)
-        session_module = _disco_session_module()
-        # TVM's ProcessSession with our process pool (tp_worker.create_process_pool says why)
-        self._session = session_module.ProcessSession.__new__(session_module.ProcessSession)
-        self._session.__init_handle_by_constructor__(
-            session_module._ffi_api.SessionProcess, self.shards, 1, "mlcbuild.tp.create_process_pool",
-            "mlcbuild.runtime.tp_worker")
+        idle = _IDLE.pop(self.shards, None)
+        if idle is not None and not all(_alive(pid) for pid in idle[1]):
+            _shutdown(*idle)  # a worker of the idle session died: it would never join the all-reduce
+            idle = None
+        if idle is not None:
+            self._session, self._pids = idle
+        else:
+            started = len(tp_worker.STARTED_PIDS)
+            session_module = _disco_session_module()
+            # TVM's ProcessSession with our process pool (tp_worker.create_process_pool says why)
+            self._session = session_module.ProcessSession.__new__(session_module.ProcessSession)
+            self._session.__init_handle_by_constructor__(
+                session_module._ffi_api.SessionProcess, self.shards, 1, "mlcbuild.tp.create_process_pool",
+                "mlcbuild.runtime.tp_worker")
+            self._pids = tp_worker.STARTED_PIDS[started:]
         get = self._session.get_global_func
         self._init, self._kv, self._forward, self._close = (get(f"mlcbuild.tp.{n}") for n in ("init", "kv", "forward",
                                                                                                  "close"))
@@ -105,9 +162,13 @@ class ShardedModel:
         library = bundle.path / (bundle.manifest.library.file if bundle.manifest.library else "lib/model.so")
         self._call(self._init, str(bundle.path), str(library), address, self.shards, json.dumps(limits))
         self._state = tp_worker.BY_ADDRESS[address]
-        self._pids = tp_worker.STARTED_PIDS[started:]
         _OPEN.add(self)
         self.total_pages = self.available_pages()
+        # A worker that dies while the engine is idle fails no step: watch the processes, so that the model
+        # reads as failed (``failed``: the server's /health and its watchdog) before any request finds out.
+        for rank, pid in enumerate(self._pids, start=1):
+            threading.Thread(target=_watch_worker, args=(weakref.ref(self), rank, pid), daemon=True,
+                             name=f"mlcbuild-tp-watch-{pid}").start()
 
     # --- one step on every shard ---------------------------------------------------------------------
     def _call(self, func: Any, *args: Any) -> Any:
@@ -128,6 +189,11 @@ class ShardedModel:
     def _fail(self, message: str) -> None:
         self._failed = message
         raise TensorParallelError(message)
+
+    @property
+    def failed(self) -> str | None:
+        """Why this model can no longer run (a worker died or a shard failed), or None while it can."""
+        return self._failed
 
     # --- KV cache --------------------------------------------------------------------------------------
     def available_pages(self) -> int:
@@ -198,28 +264,21 @@ class ShardedModel:
             pass
 
     def close(self) -> None:
+        """Free this model's workers' state; a healthy session is kept for the next model (see ``_IDLE``)."""
         if getattr(self, "_session", None) is None:
             return
         session, self._session = self._session, None
         _OPEN.discard(self)
-        if self._failed is None:
+        reusable = self._failed is None
+        if reusable:
             try:
                 session.get_global_func("mlcbuild.tp.close")()
                 session.sync_worker_0()
             except Exception:  # noqa: BLE001  (closing after a failure: nothing to keep)
-                pass
-        try:
-            session.shutdown()  # worker 0's thread and the processes leave their loops
-        except Exception:  # noqa: BLE001
-            pass
+                reusable = False
         self._worker.BY_ADDRESS.pop(self._address, None)
         self._state = {}
-        # TVM's session destructor calls back into Python (the process pool) and aborts the process when
-        # that happens at interpreter teardown, which is when a reference kept by a traceback would let it
-        # run. The session is shut down and its workers are killed here: its object is never destroyed.
-        ctypes.pythonapi.Py_IncRef(ctypes.py_object(session))
-        for pid in self._pids:
-            try:
-                os.kill(pid, 9)
-            except OSError:
-                pass
+        if reusable and self.shards not in _IDLE and all(_alive(pid) for pid in self._pids):
+            _IDLE[self.shards] = (session, self._pids)
+        else:
+            _shutdown(session, self._pids)
