@@ -23,6 +23,7 @@ import json
 import os
 import socket
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -50,12 +51,24 @@ def _close_all() -> None:
         _shutdown(*_IDLE.popitem()[1])
 
 
-def _alive(pid: int) -> bool:
-    """Whether worker ``pid`` still runs (without reaping it)."""
+def _ended(pid: int) -> str | None:
+    """How worker ``pid`` ended ("killed by signal 9", "exit status 1"), or None while it runs. WNOWAIT: it is
+    not reaped here (that stays TVM's process pool's job)."""
     try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     except ChildProcessError:
-        return False
+        return "ended"  # already reaped
+    return None if info is None else _how(info)
+
+
+def _how(info: Any) -> str:
+    if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+        return f"killed by signal {info.si_status}"
+    return f"exit status {info.si_status}"
+
+
+def _alive(pid: int) -> bool:
+    return _ended(pid) is None
 
 
 def _shutdown(session: Any, pids: list[int]) -> None:
@@ -105,9 +118,7 @@ def _watch_worker(model_ref: "weakref.ref[ShardedModel]", rank: int, pid: int) -
     model = model_ref()
     if model is None or model._session is None or model._failed is not None:
         return  # closed (close() kills the workers), or already failed with a more precise message
-    how = f"killed by signal {info.si_status}" if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) \
-        else f"exit status {info.si_status}"
-    model._failed = f"tensor-parallel worker {rank} (pid {pid}) died ({how})"
+    model._failed = f"tensor-parallel worker {rank} (pid {pid}) died ({_how(info)})"
 
 
 class ShardedModel:
@@ -187,8 +198,27 @@ class ShardedModel:
         return state.get("result")
 
     def _fail(self, message: str) -> None:
+        """Mark the model failed and raise. When a worker process died, the message says which, and how; the
+        step's own error is only its symptom (a closed or reset connection at shard 0's all-reduce)."""
+        dead = self._dead_worker(wait_s=1.0)
+        if dead is not None:
+            symptom = message.strip().splitlines()[-1] if message.strip() else ""
+            message = f"{dead} (shard 0: {symptom})"
         self._failed = message
         raise TensorParallelError(message)
+
+    def _dead_worker(self, wait_s: float) -> str | None:
+        """Which worker process died, if one did; waits up to ``wait_s`` for the kernel to finish one that is
+        dying (its sockets close before its exit status can be read)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            for rank, pid in enumerate(self._pids, start=1):
+                how = _ended(pid)
+                if how is not None:
+                    return f"tensor-parallel worker {rank} (pid {pid}) died ({how})"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.01)
 
     @property
     def failed(self) -> str | None:
