@@ -488,7 +488,10 @@ def serve(bundle_or_recipe: str | os.PathLike, host: str = "127.0.0.1", port: in
         died: list[str] = []
         threading.Thread(target=_watch_engine, args=(engine, server, died), name="mlcbuild-serve-watchdog",
                          daemon=True).start()
-        server.run()
+        try:
+            server.run()
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled; stopping so is a clean exit (as uvicorn.run)
+            pass
     finally:
         engine.terminate()
     if died:
