@@ -11,7 +11,10 @@ is worker 0's process. What the shards run is :mod:`.tp_worker`.
 Workers: TVM's ``ProcessSession`` (worker 0 a thread of this process, the others processes), so that a
 worker process that dies is an error of the step in flight (its socket closes under shard 0's
 all-reduce, or the next command finds its pipe closed), raised as :class:`TensorParallelError`, and
-every later call fails at once: the engine fails the requests in flight instead of hanging.
+every later call fails at once: the engine fails the requests in flight instead of hanging. A thread per
+worker process waits for its end, so a worker that dies while no step runs marks the model ``failed`` too
+(the server's /health and its watchdog read it). A closed model's session, if healthy, is kept and reused
+by the next model with as many shards (its workers are not started again).
 """
 
 from __future__ import annotations
