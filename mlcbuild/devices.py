@@ -160,6 +160,13 @@ def _cuda_target(arch: str | None) -> dict[str, Any]:
     }
 
 
+# TVM's AMDGPU code generator stamps every kernel "amdgpu-flat-work-group-size"="1,N", N asked of
+# a ROCm GPU present at build time, else 256 (with a warning per kernel). Artifacts are built on
+# machines without one (CI), and a kernel launched with more threads than its code object allows
+# fails on the GPU: the schedules must launch at most those 256.
+ROCM_MAX_THREADS_PER_BLOCK = 256
+
+
 def _rocm_target(arch: str | None) -> dict[str, Any]:
     assert arch is not None
     return {
@@ -167,7 +174,8 @@ def _rocm_target(arch: str | None) -> dict[str, Any]:
         "mcpu": arch,
         "mtriple": "amdgcn-amd-amdhsa-hcc",
         "max_shared_memory_per_block": 65536,
-        "max_threads_per_block": 1024,
+        "max_threads_per_block": ROCM_MAX_THREADS_PER_BLOCK,
+        "max_num_threads": ROCM_MAX_THREADS_PER_BLOCK,
         "thread_warp_size": ROCM_ARCHS[arch],
         "host": {"kind": "llvm"},
     }

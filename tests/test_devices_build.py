@@ -173,11 +173,44 @@ def test_rocm_code_object_is_gfx942_with_the_cuda_builds_kernels(built, tmp_path
     symbols = subprocess.run([_llvm_tool("llvm-readelf"), "--symbols", "--wide", str(code)], capture_output=True, text=True,
                              check=True).stdout
     rocm_kernels = {line.split()[-1][: -len(".kd")] for line in symbols.splitlines() if line.split() and line.split()[-1].endswith(".kd")}
+    # every kernel's launch limit is the 256 threads the rocm target's schedules keep to (see the next test)
+    notes = subprocess.run([_llvm_tool("llvm-readelf"), "--notes", str(code)], capture_output=True, text=True, check=True).stdout
+    assert re.findall(r"\.max_flat_workgroup_size:\s*(\d+)", notes) == ["256"] * len(rocm_kernels)
     disassembly = subprocess.run([_llvm_tool("llvm-objdump"), "-d", "--mcpu=gfx942", str(code)], capture_output=True, text=True)
     assert disassembly.returncode == 0 and "s_endpgm" in disassembly.stdout, disassembly.stderr[-2000:]
     _, cuda = _library(built["bundles"]["cuda:sm_90"])
     cuda_kernels = set(re.findall(rb"extern \"C\" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", cuda))
     assert cuda_kernels and rocm_kernels == {k.decode() for k in cuda_kernels}
+
+
+def test_rocm_kernels_fit_the_work_group_size_their_code_object_declares(capfd):
+    """Without an AMD GPU at build time TVM stamps every kernel's code object with a flat work-group
+    size of at most 256 threads (and warns once per kernel): a kernel launched wider fails on the GPU.
+    The rocm target keeps schedules to 256, the build refuses a wider kernel, and the warning is gone."""
+    _need(not build_problems("rocm:gfx942"), "; ".join(build_problems("rocm:gfx942")))
+    import tvm
+    from tvm.s_tir import dlight as dl
+    from tvm import te
+
+    from mlcbuild.compiler.build import _device_callbacks
+    from mlcbuild.devices import target_dict
+
+    x = te.placeholder((8192,), "float32", name="x")
+    y = te.compute((8192,), lambda i: x[i] * 2.0, name="y")
+    device = parse_device("rocm:gfx942")
+
+    def compile_with(target_json: dict) -> None:
+        target = tvm.target.Target(target_json)
+        with target, _device_callbacks(device):
+            mod = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(tvm.IRModule({"double": te.create_prim_func([x, y])}))
+            tvm.compile(mod, target=target)
+
+    capfd.readouterr()
+    compile_with(target_dict(device))  # the rocm target: 256 threads, fits
+    printed = capfd.readouterr()
+    assert "Cannot get maximum number of threads" not in printed.err + printed.out
+    with pytest.raises(Exception, match=r"1 kernel\(s\) launch more than the 256 threads.*main_kernel \(1024 threads\)"):
+        compile_with({**target_dict(device), "max_threads_per_block": 1024, "max_num_threads": 1024})
 
 
 # ---- Metal: arm64 Mach-O host code; the shader source parses -------------------------------------------

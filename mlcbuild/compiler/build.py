@@ -6,14 +6,17 @@ for the device (``mlcbuild.devices`` says how).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from mlcbuild.bundle_format import CUDA_KERNELS_FILE, PAGE_SIZE, CudaKernels, ScheduleFallback
 from mlcbuild.compiler.pipeline import relax_pipeline
-from mlcbuild.devices import DeviceSpec, target_dict
+from mlcbuild.devices import ROCM_MAX_THREADS_PER_BLOCK, DeviceSpec, target_dict
 from mlcbuild.pipeline.stage import StageError
 from mlcbuild.recipe import Kernels
 
@@ -31,7 +34,8 @@ def build_library(chat: dict[str, Any], device: DeviceSpec, out: Path, kernels: 
     from mlcbuild.models.base_nn import build_quantized_model
 
     kind = device.spec
-    target = tvm.target.Target(target_dict(device))
+    with _native_stderr_without(ROCM_NO_GPU_WARNINGS if device.kind == "rocm" else ()):
+        target = tvm.target.Target(target_dict(device))
     config = config_from_normalized(chat["model_config"])
     if chat["sliding_window_size"] > 0:  # the window the runtime slides by (a recipe may override the model's)
         config = config.model_copy(update={"sliding_window": chat["sliding_window_size"]})
@@ -210,10 +214,23 @@ class _device_callbacks:
                     rocm.rocm_link(str(Path(tmp) / "kernels.o"), str(Path(tmp) / "kernels.co"), lld=lld)
                     return bytearray((Path(tmp) / "kernels.co").read_bytes())
 
+            codegen = tvm_ffi.get_global_func("target.build.rocm")
+
+            def build_rocm(mod: Any, target: Any) -> Any:
+                too_wide = [f"{name} ({threads} threads)" for name, threads in sorted(_rocm_block_threads(mod).items())
+                            if threads > ROCM_MAX_THREADS_PER_BLOCK]
+                if too_wide:  # each would fail to launch on the GPU (see ROCM_MAX_THREADS_PER_BLOCK)
+                    raise StageError(
+                        f"rocm: {len(too_wide)} kernel(s) launch more than the {ROCM_MAX_THREADS_PER_BLOCK} threads per "
+                        f"block TVM's AMDGPU code object allows when built without an AMD GPU: {', '.join(too_wide[:8])}")
+                with _native_stderr_without(ROCM_NO_GPU_WARNINGS):
+                    return codegen(mod, target)
+
             self.previous = {name: tvm_ffi.get_global_func(name, allow_missing=True)
-                             for name in ("tvm_callback_rocm_bitcode_path", "tvm_callback_rocm_link")}
+                             for name in ("tvm_callback_rocm_bitcode_path", "tvm_callback_rocm_link", "target.build.rocm")}
             tvm_ffi.register_global_func("tvm_callback_rocm_bitcode_path", bitcode_path, override=True)
             tvm_ffi.register_global_func("tvm_callback_rocm_link", link, override=True)
+            tvm_ffi.register_global_func("target.build.rocm", build_rocm, override=True)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -223,6 +240,65 @@ class _device_callbacks:
             for name, func in self.previous.items():
                 if func is not None:
                     tvm_ffi.register_global_func(name, func, override=True)
+
+
+# What TVM prints on a machine without an AMD GPU, once per kernel: it then assumes ROCm >= 3.5 and
+# 256 threads per block, which the rocm target's schedules keep to (and build_rocm checks).
+ROCM_NO_GPU_WARNINGS = ("Cannot get maximum number of threads for AMD codegen", "Unable to detect ROCm version")
+
+
+def _rocm_block_threads(mod: Any) -> dict[str, int]:
+    """Each device kernel of ``mod`` (lowered TIR) -> threads per block (product of its constant
+    threadIdx extents)."""
+    from tvm import tirx
+
+    def extents(stmt: Any, found: dict[str, int]) -> None:
+        if isinstance(stmt, tirx.AttrStmt) and stmt.attr_key == "thread_extent":
+            tag = stmt.node.thread_tag
+            if tag.startswith("threadIdx") and isinstance(stmt.value, tirx.IntImm):
+                found[tag] = int(stmt.value)
+        if isinstance(stmt, tirx.SeqStmt):
+            for child in stmt.seq:
+                extents(child, found)
+        for field in ("body", "then_case", "else_case"):
+            child = getattr(stmt, field, None)
+            if isinstance(child, tirx.Stmt):
+                extents(child, found)
+
+    threads = {}
+    for gvar, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc):
+            found: dict[str, int] = {}
+            extents(func.body, found)
+            total = 1
+            for value in found.values():
+                total *= value
+            threads[gvar.name_hint] = total
+    return threads
+
+
+@contextlib.contextmanager
+def _native_stderr_without(lines: tuple[str, ...]) -> Any:
+    """Drop the native (C++) stderr lines containing any of ``lines`` while the block runs; the rest
+    is written out again afterwards. TVM logs through file descriptor 2, past Python's sys.stderr."""
+    if not lines:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if not any(text in line for text in lines)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def rocm_bitcode_dir() -> Path:
