@@ -85,9 +85,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def cli_server(*args: str, timeout: float = 60) -> Iterator[str]:
+def cli_server(*args: str, timeout: float = 60, check_exit: bool = False) -> Iterator[str]:
     """``mlcbuild serve ARGS --port P`` in a subprocess; yields its URL once /health answers, and
-    stops it with SIGINT (as a user's Ctrl-C) afterwards."""
+    stops it with SIGINT (as a user's Ctrl-C) afterwards; ``check_exit``: then it must exit 0."""
     import httpx
 
     port = free_port()
@@ -95,6 +95,7 @@ def cli_server(*args: str, timeout: float = 60) -> Iterator[str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
+    finished = False
     try:
         while True:
             assert proc.poll() is None, proc.stdout.read()
@@ -106,12 +107,15 @@ def cli_server(*args: str, timeout: float = 60) -> Iterator[str]:
             assert time.monotonic() < deadline, "mlcbuild serve did not come up"
             time.sleep(0.1)
         yield url
+        finished = True
     finally:
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+    if check_exit and finished:
+        assert proc.wait() == 0, f"mlcbuild serve exited {proc.returncode} on Ctrl-C:\n{proc.stdout.read()[-3000:]}"
 
 
 class ServerThread:

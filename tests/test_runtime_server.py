@@ -36,7 +36,8 @@ def server(request, tiny):
         engine.terminate()
         return
     tp = request.getfixturevalue("tiny_tp")
-    with start_cli_server(str(tp.recipe), "--api-key", KEY, "--overrides", "tensor_parallel_shards=2") as url:
+    with start_cli_server(str(tp.recipe), "--api-key", KEY, "--overrides", "tensor_parallel_shards=2",
+                          check_exit=True) as url:  # and Ctrl-C stops it cleanly (exit 0), workers and all
         yield SimpleNamespace(url=url, recipe=tp.recipe)
 
 
