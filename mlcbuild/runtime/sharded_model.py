@@ -127,6 +127,8 @@ def _watch_worker(model_ref: "weakref.ref[ShardedModel]", rank: int, pid: int) -
 class ShardedModel:
     """A bundle built with ``tensor_parallel_shards`` > 1, on CPU, one disco worker per shard."""
 
+    WORKER_MODULE = "mlcbuild.runtime.tp_worker"  # what a worker process runs (python -m)
+
     def __init__(self, bundle: Bundle, max_batch_size: int, kv_cache_tokens: int, prefill_chunk_size: int,
                  page_size: int):
         from . import tp_worker  # registers worker 0's functions (and the CPU all-reduce) in this process
@@ -165,14 +167,15 @@ class ShardedModel:
             self._session = session_module.ProcessSession.__new__(session_module.ProcessSession)
             self._session.__init_handle_by_constructor__(
                 session_module._ffi_api.SessionProcess, self.shards, 1, "mlcbuild.tp.create_process_pool",
-                "mlcbuild.runtime.tp_worker")
+                self.WORKER_MODULE)
             self._pids = tp_worker.STARTED_PIDS[started:]
         get = self._session.get_global_func
         self._init, self._kv, self._forward, self._close = (get(f"mlcbuild.tp.{n}") for n in ("init", "kv", "forward",
                                                                                                  "close"))
         limits = {"max_batch_size": max_batch_size, "kv_cache_tokens": kv_cache_tokens,
                   "prefill_chunk_size": prefill_chunk_size, "page_size": page_size,
-                  "sliding_window": self.sliding_window, "attention_sink": max(cc.attention_sink_size or 0, 0)}
+                  "sliding_window": self.sliding_window, "attention_sink": max(cc.attention_sink_size or 0, 0),
+                  "worker_pids": self._pids}
         library = bundle.path / (bundle.manifest.library.file if bundle.manifest.library else "lib/model.so")
         self._call(self._init, str(bundle.path), str(library), address, self.shards, json.dumps(limits))
         self._state = tp_worker.BY_ADDRESS[address]

@@ -55,6 +55,14 @@ def _state() -> dict[str, Any]:
     return STATE.setdefault(threading.get_ident(), {})
 
 
+def _exited(pid: int) -> bool:
+    """Whether child ``pid`` has exited (without reaping it: that stays the process pool's job)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
 def _recv_exact(sock: socket.socket, nbytes: int) -> bytes:
     view = bytearray(nbytes)
     got = 0
@@ -69,16 +77,29 @@ def _recv_exact(sock: socket.socket, nbytes: int) -> bytes:
 class Communicator:
     """Shard ``rank``'s end of the star: shard 0 holds a socket per other shard, the others one to 0."""
 
-    def __init__(self, rank: int, shards: int, address: str):
+    def __init__(self, rank: int, shards: int, address: str, worker_pids: list[int] = ()):
+        """``worker_pids`` (shard 0): the other shards' processes; one that exits before it connects is an
+        error at once, not a wait of ``PEER_TIMEOUT_S``."""
         self.rank, self.shards = rank, shards
         self.broken: str | None = None
         self.peers: list[socket.socket] = []
         if rank == 0:
             listener = LISTENERS.pop(address)
-            listener.settimeout(PEER_TIMEOUT_S)
+            listener.settimeout(0.2)
+            deadline = time.monotonic() + PEER_TIMEOUT_S
             by_rank: dict[int, socket.socket] = {}
             while len(by_rank) < shards - 1:
-                conn, _ = listener.accept()
+                try:
+                    conn, _ = listener.accept()
+                except socket.timeout:
+                    for pid in worker_pids:
+                        if _exited(pid):
+                            raise ConnectionError(f"tensor-parallel worker process {pid} exited before it "
+                                                  "connected") from None
+                    if time.monotonic() > deadline:
+                        raise
+                    continue
+                conn.settimeout(PEER_TIMEOUT_S)
                 peer = int.from_bytes(_recv_exact(conn, 4), "little")
                 by_rank[peer] = conn
             listener.close()
@@ -185,8 +206,8 @@ def _init(rank: int, bundle: str, library: str, address: str, shards: int, limit
     state = _state()
     if rank == 0:
         BY_ADDRESS[address] = state
-    state["comm"] = Communicator(rank, shards, address)
     lim = json.loads(limits)
+    state["comm"] = Communicator(rank, shards, address, lim.get("worker_pids", ()))
     device = tvm.cpu(0)
     vm = VirtualMachine(tvm.runtime.load_module(library), device)
     metadata = json.loads(vm["_metadata"]())
