@@ -36,16 +36,16 @@ STEPS = 6
 WIDE = dict(hidden_size=128, head_dim=32)
 
 
-def build_sharded(checkpoint: Path, root: Path, quantization: str, shards: int) -> dict[str, Path]:
+def build_sharded(checkpoint: Path, root: Path, quantization: str, shards: int, **gen_config: Any) -> dict[str, Path]:
     """gen_config -> convert_weight -> compile for ``shards``: compiler_harness.build_parts with the shard count
     (the same config defaults, so that the single-shard build is the ``built_model`` fixture's, which the
-    numerics tests build too: one build per session)."""
+    numerics tests build too: one build per session). ``gen_config``: other GenConfigParams."""
     from mlcbuild.stages.compile import Compile, CompileParams
     from mlcbuild.stages.convert_weight import ConvertWeight, ConvertWeightParams
     from mlcbuild.stages.gen_config import GenConfig, GenConfigParams
 
-    config = run_stage(GenConfig(), GenConfigParams(quantization=quantization, tensor_parallel_shards=shards),
-                       {"source": checkpoint}, root / "config")
+    config = run_stage(GenConfig(), GenConfigParams(quantization=quantization, tensor_parallel_shards=shards,
+                                                    **gen_config), {"source": checkpoint}, root / "config")
     weights = run_stage(ConvertWeight(), ConvertWeightParams(quantization=quantization, tensor_parallel_shards=shards),
                         {"source": checkpoint, "config": config}, root / "weights")
     library = run_stage(Compile(), CompileParams(quantization=quantization, device="cpu", tensor_parallel_shards=shards),
@@ -63,6 +63,14 @@ def as_bundle(parts: dict[str, Path], bundle: Path) -> Path:
         (tmp / bf.CHAT_CONFIG_FILE).symlink_to(parts["config"] / bf.CHAT_CONFIG_FILE)
         tmp.rename(bundle)
     return bundle
+
+
+def build_bundle(checkpoint: Path, root: Path, quantization: str, shards: int) -> Path:
+    """A bundle directory of ``shards`` under ``root`` with a small context (128 tokens, prefill chunks of
+    32, batch 4), as benchmarks/tensor_parallel.py builds its models."""
+    parts = build_sharded(checkpoint, root, quantization, shards, context_window_size=128, prefill_chunk_size=32,
+                          max_batch_size=4)
+    return as_bundle(parts, root / "bundle")
 
 
 def open_model(bundle_dir: Path) -> Any:
