@@ -637,8 +637,10 @@ def serve(
     max_body_bytes: int = typer.Option(4 << 20, "--max-body-bytes", min=1, help="Larger request bodies get 413."),
     allow_origins: list[str] = typer.Option([], "--allow-origins", help="A browser origin allowed by CORS (repeat it; '*' for any). Default: no CORS headers."),
     prefix_cache: str = typer.Option("on", "--prefix-cache", help="on: reuse the KV cache of earlier requests' shared prompt prefixes (off for sliding-window and sharded bundles); off: prefill every prompt whole."),
-    speculative_mode: str = typer.Option("off", "--speculative-mode", help="off, or prompt-lookup: propose tokens from n-grams of the prompt and output, verified in one step (greedy and seeded outputs unchanged)."),
-    speculative_tokens: int = typer.Option(4, "--speculative-tokens", min=1, help="Tokens proposed per step with --speculative-mode."),
+    speculative_mode: Optional[str] = typer.Option(None, "--speculative-mode", help="off; prompt-lookup: propose tokens from n-grams of the prompt and output; draft: a smaller model (--draft) proposes them. Verified in one step of the model: greedy and seeded outputs unchanged. Default: the recipe's speculative section, else off."),
+    speculative_tokens: Optional[int] = typer.Option(None, "--speculative-tokens", min=1, help="Tokens proposed per step (default: the recipe's, else 4)."),
+    draft: Optional[str] = typer.Option(None, "--draft", help="Draft model for --speculative-mode draft (implied): a bundle directory or a recipe (built first unless --no-build). Same tokenizer and device as the model."),
+    draft_quantization: Optional[str] = typer.Option(None, "--draft-quantization", help="With a recipe --draft: which of its quantizations."),
     gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization", min=0.01, max=1.0, help="Share of free device memory (available RAM on CPU) the KV cache may take when --kv-cache-tokens is not given (default 0.9)."),
     no_build: bool = NoBuildOption,
 ) -> None:
@@ -660,10 +662,12 @@ def serve(
         options[name] = value
     if prefix_cache not in ("on", "off"):
         _fail(f"--prefix-cache {prefix_cache!r}: expected on or off")
-    if speculative_mode not in ("off", "prompt-lookup"):
-        _fail(f"--speculative-mode {speculative_mode!r}: expected off or prompt-lookup")
+    if speculative_mode not in (None, "off", "prompt-lookup", "draft"):
+        _fail(f"--speculative-mode {speculative_mode!r}: expected off, prompt-lookup or draft")
+    if draft is not None and speculative_mode not in (None, "draft"):
+        _fail(f"--draft goes with --speculative-mode draft, not {speculative_mode}")
     options.update(prefix_cache=prefix_cache == "on", speculative_mode=speculative_mode,
-                   speculative_tokens=speculative_tokens)
+                   speculative_tokens=speculative_tokens, draft=draft, draft_quantization=draft_quantization)
     if gpu_memory_utilization is not None:
         options["gpu_memory_utilization"] = gpu_memory_utilization
     from mlcbuild.runtime.server import EngineDiedError
@@ -798,13 +802,23 @@ def _build_first(model: str, device: str, quantization: str | None) -> None:
 
 def _run_frontend(frontend: Any, model: str, no_build: bool, **kwargs: Any) -> None:
     from mlcbuild.runtime.bundle import BundleError
+    from mlcbuild.runtime.speculative import DraftModelError
 
     if not no_build:
-        _build_first(model, kwargs.get("device", "auto"), kwargs.get("quantization"))
+        device = kwargs.get("device", "auto")
+        _build_first(model, device, kwargs.get("quantization"))
+        if kwargs.get("draft"):
+            _build_first(kwargs["draft"], device, kwargs.get("draft_quantization"))
+        elif kwargs.get("speculative_mode") is None and Path(model).is_file():  # the recipe's own draft
+            section = (_load(Path(model)).recipe.speculative)
+            if section is not None and section.draft_quantization is not None:
+                _build_first(model, device, section.draft_quantization)
     try:
-        frontend(model, build=False, **kwargs)
+        frontend(model, build=False, **{k: v for k, v in kwargs.items() if v is not None})
     except (BundleError, FileNotFoundError) as exc:
         _fail(str(exc), EXIT_BUILD_FAILED)
+    except DraftModelError as exc:
+        _fail(str(exc))
 
 
 @app.command()

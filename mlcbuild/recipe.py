@@ -7,11 +7,11 @@ so that a user can jump straight to the offending line.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Annotated
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                      StrictBool, ValidationError, field_validator)
+                      StrictBool, ValidationError, ValidationInfo, field_validator, model_validator)
 
 from mlcbuild.devices import parse_device
 from mlcbuild.quantization import get_quantization
@@ -69,6 +69,25 @@ class Generation(BaseModel):
     max_tokens: PositiveInt | None = None  # tokens generated per answer unless a request says otherwise
 
 
+class Speculative(BaseModel):
+    """Speculative decoding for the front ends given this recipe (chat, serve, the Python API), unless they
+    are told otherwise: ``draft`` proposes with this recipe's bundle of ``draft_quantization`` (for every
+    other quantization's bundle on the same device), ``prompt-lookup`` with n-grams of the prompt and output."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["draft", "prompt-lookup"]
+    draft_quantization: str | None = None  # one of the recipe's quantizations; required with mode draft
+    tokens: PositiveInt = 4  # proposed per step (MLC LLM's spec_draft_length)
+
+    @model_validator(mode="after")
+    def _draft_named(self) -> "Speculative":
+        if (self.mode == "draft") != (self.draft_quantization is not None):
+            raise ValueError("draft_quantization: required with mode draft (the recipe's quantization that "
+                             "drafts), and only with it")
+        return self
+
+
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 
 
@@ -84,6 +103,7 @@ class Recipe(BaseModel):
     overrides: Overrides = Overrides()
     kernels: Kernels = Kernels()
     generation: Generation = Generation()
+    speculative: Speculative | None = None
     output: str | None = None  # default: dist/<name>, relative to the recipe file
 
     @field_validator("quantization", mode="before")
@@ -95,6 +115,15 @@ class Recipe(BaseModel):
     @classmethod
     def _known_quantization(cls, value: list[str]) -> list[str]:
         return _validate_items(value, get_quantization)
+
+    @field_validator("speculative")
+    @classmethod
+    def _draft_is_built(cls, value: Speculative | None, info: ValidationInfo) -> Speculative | None:
+        quants = info.data.get("quantization") or []
+        if value is not None and value.draft_quantization is not None and value.draft_quantization not in quants:
+            raise ValueError(f"draft_quantization {value.draft_quantization!r} is not one of the recipe's "
+                             f"quantizations {quants} (list it there so that the recipe builds the draft)")
+        return value
 
     @field_validator("devices", mode="before")
     @classmethod

@@ -161,6 +161,19 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
     return _BUILT["tiny"]
 
 
+def _build_variant(tiny: TinyBundle, directory: str, recipe_text: str) -> Path:
+    """``mlcbuild run`` a variant of the tiny recipe (also named ``tiny``, reading ``../src``) in a sibling
+    directory, in the tiny bundle's cache (os.environ): the nodes it shares with the tiny bundle are reused."""
+    root = tiny.recipe.parent / directory
+    root.mkdir(exist_ok=True)
+    recipe = root / "tiny.yaml"
+    recipe.write_text(recipe_text)
+    cmd = [sys.executable, "-c", "from mlcbuild.cli import main; main()", "run", str(recipe)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return recipe
+
+
 @pytest.fixture(scope="session")
 def tiny_tp(tiny: TinyBundle) -> TinyBundle:
     """The tiny recipe fanned out over ``tensor_parallel_shards: [1, 2]``, built in the tiny bundle's cache:
@@ -168,13 +181,22 @@ def tiny_tp(tiny: TinyBundle) -> TinyBundle:
     path), so its single-shard nodes are the tiny bundle's and only the 2-shard config, weights and library
     are built (once per session, for the tensor-parallel and server tests). ``path``: the 2-shard bundle."""
     if "tiny_tp" not in _BUILT:
-        root = tiny.recipe.parent / "tp"
-        root.mkdir(exist_ok=True)
-        recipe = root / "tiny.yaml"
-        recipe.write_text(RECIPE.replace("source: src\n", "source: ../src\n") + "  tensor_parallel_shards: [1, 2]\n")
-        cmd = [sys.executable, "-c", "from mlcbuild.cli import main; main()", "run", str(recipe)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)  # the tiny cache (os.environ)
-        assert done.returncode == 0, done.stdout + done.stderr
-        _BUILT["tiny_tp"] = TinyBundle(recipe=recipe, path=root / "dist" / "tiny" / "q0f32-cpu-tp2",
+        recipe = _build_variant(tiny, "tp", RECIPE.replace("source: src\n", "source: ../src\n")
+                                + "  tensor_parallel_shards: [1, 2]\n")
+        _BUILT["tiny_tp"] = TinyBundle(recipe=recipe, path=recipe.parent / "dist" / "tiny" / "q0f32-cpu-tp2",
                                        checkpoint=tiny.checkpoint)
     return _BUILT["tiny_tp"]
+
+
+@pytest.fixture(scope="session")
+def tiny_draft(tiny: TinyBundle) -> TinyBundle:
+    """The tiny recipe with a second quantization, q4f32_1, that drafts for q0f32 (``speculative:``), built in
+    the tiny bundle's cache (its q0f32 nodes are the tiny bundle's: only q4f32_1's weights, library and bundle
+    are built). ``path``: the q4f32_1 bundle, whose greedy tokens agree with q0f32's often but not always."""
+    if "tiny_draft" not in _BUILT:
+        recipe = _build_variant(tiny, "draft", RECIPE.replace("source: src\n", "source: ../src\n")
+                                .replace("quantization: [q0f32]", "quantization: [q0f32, q4f32_1]")
+                                + "speculative:\n  mode: draft\n  draft_quantization: q4f32_1\n  tokens: 3\n")
+        _BUILT["tiny_draft"] = TinyBundle(recipe=recipe, path=recipe.parent / "dist" / "tiny" / "q4f32_1-cpu",
+                                          checkpoint=tiny.checkpoint)
+    return _BUILT["tiny_draft"]

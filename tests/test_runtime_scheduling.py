@@ -9,7 +9,7 @@ import queue
 
 import numpy as np
 import pytest
-from runtime_support import tiny  # noqa: F401  (the shared session fixture)
+from runtime_support import tiny, tiny_draft  # noqa: F401  (shared session fixtures)
 
 from mlcbuild.runtime.bundle import Bundle
 from mlcbuild.runtime.engine import Engine, GenerationConfig, kv_bytes_per_token, kv_tokens_in_memory
@@ -253,3 +253,110 @@ def test_abort_mid_speculation_frees_every_page(speculative):
     assert o.deltas[0].finish_reason == "abort" and o.stats.draft_tokens > 0
     assert speculative.stats()["kv_pages_in_use"] == 0
     assert speculative.model.available_pages() == speculative.model.total_pages  # nothing cached either
+
+
+# --- speculative decoding (draft model) ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def draft_bundle(tiny_draft):
+    return Bundle.open(tiny_draft.path, "cpu")
+
+
+@pytest.fixture(scope="module")
+def drafted(bundle, draft_bundle):
+    """The tiny q0f32 model with its q4f32_1 build drafting 3 tokens a step."""
+    engine = Engine(bundle, speculative_mode="draft", speculative_tokens=3, draft=draft_bundle, prefix_cache=False)
+    yield engine
+    engine.shutdown()
+
+
+def test_draft_model_gives_the_plain_outputs_greedy_and_seeded(plain, drafted):
+    prompts = [ids(40, 90), ids(12, 91) * 3, ids(100, 92), ids(7, 93)]  # the 100-token one drafts in 4 chunks
+    want = run(plain, prompts, max_tokens=40)
+    assert run(drafted, prompts, max_tokens=40) == want
+    greedy = drafted.stats()
+    seeded = [GenerationConfig(SamplingParams(temperature=0.8, top_p=0.9, seed=i), max_tokens=30, ignore_eos=True)
+              for i in range(4)]
+    assert run(drafted, prompts, configs=seeded) == run(plain, prompts, configs=seeded)
+    stats = drafted.stats()
+    # the q4 draft agrees with the q0 model often, not always: both branches of the accept rule ran
+    assert 0.2 < greedy["spec_acceptance_rate"] < 1, greedy
+    assert stats["spec_accepted_tokens"] < stats["spec_draft_tokens"], stats
+    assert stats["decode_steps"] < stats["completion_tokens"] - 8 and stats["draft_model"] == "tiny"
+    assert stats["kv_pages_in_use"] == 0
+    assert drafted.draft.model.available_pages() == drafted.draft.model.total_pages  # every draft sequence freed
+
+
+def test_draft_rollback_at_every_number_of_accepted_tokens(draft_bundle):
+    """Draft k tokens, let the target keep the first m of them (m = 0..k) and add its own token: after
+    rollback() the draft's KV cache holds exactly the new context (its logits for the next token equal those
+    of a sequence that was fed that context from scratch)."""
+    from mlcbuild.runtime.engine import CompiledModel
+    from mlcbuild.runtime.speculative import DraftModel
+
+    k, context = 4, ids(24, 94)  # + up to 3 kept: within a prefill chunk (32)
+    draft = DraftModel(CompiledModel(draft_bundle, max_batch_size=2, kv_cache_tokens=1024, prefill_chunk_size=32,
+                                     page_size=16), vocab_size=320, name="tiny")
+    for m in range(k + 1):
+        state = draft.new_state()
+        proposed = draft.propose([(state, context, k)])[0]
+        assert len(proposed) == k and state.tail == proposed[:-1] and state.fed == len(context)
+        verified = context + proposed[:m] + [(proposed[m] + 1) % 320 if m < k else 7]  # the target's own token
+        draft.rollback(state, verified)
+        assert state.fed == len(context) + min(m, k - 1) and state.tail == []
+        fresh = draft.new_state()  # fed the kept tokens from scratch
+        draft.model.forward_prefill([fresh.seq_id], [verified[:state.fed]])
+        logits = draft.model.forward_decode([state.seq_id, fresh.seq_id], [verified[state.fed]] * 2)
+        np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+        # and drafting on from there continues the verified context
+        state.fed += 1
+        fresh.fed = state.fed
+        assert draft.propose([(state, verified, 2)]) == draft.propose([(fresh, verified, 2)])
+        draft.drop(state)
+        draft.drop(fresh)
+    assert draft.model.available_pages() == draft.model.total_pages
+
+
+def test_abort_mid_draft_speculation_frees_every_page_of_both_models(drafted):
+    out: queue.SimpleQueue = queue.SimpleQueue()
+    config = GenerationConfig(SamplingParams(temperature=0), max_tokens=180, ignore_eos=True)
+    request = drafted.submit(ids(60, 95), config, out.put)
+    got = 0
+    while got < 20:
+        o = out.get(timeout=60)
+        got += sum(len(d.token_ids) for d in o.deltas)
+        assert not o.finished
+    drafted.abort(request)
+    while not (o := out.get(timeout=60)).finished:
+        pass
+    assert o.deltas[0].finish_reason == "abort" and o.stats.draft_tokens > 0
+    assert drafted.stats()["kv_pages_in_use"] == 0
+    assert drafted.model.available_pages() == drafted.model.total_pages
+    assert drafted.draft.model.available_pages() == drafted.draft.model.total_pages
+
+
+def test_recipe_speculative_section_and_bad_drafts(tiny, tiny_draft, bundle, draft_bundle, tmp_path):
+    """A recipe's speculative section gives its other quantizations the draft; the draft itself runs plain;
+    a draft of another tokenizer or a smaller context window is refused, naming the draft."""
+    import dataclasses
+    import shutil
+
+    from mlcbuild.runtime.api import speculation_for
+    from mlcbuild.runtime.speculative import DraftModelError, check_draft
+
+    target = Bundle.open(tiny_draft.recipe, "cpu", quantization="q0f32")
+    assert speculation_for(tiny_draft.recipe, target, None, None, None, None) == \
+        ("draft", 3, tiny_draft.recipe, "q4f32_1")
+    assert speculation_for(tiny_draft.recipe, draft_bundle, None, None, None, None) == ("off", 4, None, None)
+    assert speculation_for(tiny_draft.recipe, target, "off", None, None, None)[0] == "off"  # the caller decides
+    assert speculation_for(tiny.recipe, bundle, None, None, None, None) == ("off", 4, None, None)
+    other = tmp_path / "other"
+    shutil.copytree(draft_bundle.path, other)
+    tokenizer = (other / "tokenizer.json").read_text().replace('"Paris"', '"Parys"', 1)
+    (other / "tokenizer.json").write_text(tokenizer + " ")
+    with pytest.raises(DraftModelError, match="another tokenizer"):
+        check_draft(bundle, dataclasses.replace(draft_bundle, path=other), 8, 256)
+    with pytest.raises(DraftModelError, match="context window of 256 tokens, the engine 512"):
+        check_draft(bundle, draft_bundle, 8, 512)
+    with pytest.raises(ValueError, match="needs a draft bundle"):
+        Engine(bundle, speculative_mode="draft")

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from runtime_support import ServerThread, tiny  # noqa: F401 (shared fixture)
+from runtime_support import ServerThread, tiny, tiny_draft  # noqa: F401 (shared fixtures)
 from runtime_support import cli_server as start_cli_server
 
 from mlcbuild import AsyncMLCEngine
@@ -211,14 +211,18 @@ def test_serve_cli_engine_options_and_limits(tiny, engine):
         assert httpx.get(url + "/v1/models", headers={"Origin": ORIGIN}).headers["access-control-allow-origin"] == ORIGIN
 
 
-def test_serve_cli_prefix_cache_and_speculation_options(tiny):
+def test_serve_cli_prefix_cache_and_speculation_options(tiny, tiny_draft):
     """--prefix-cache and --speculative-mode reach the engine, and /metrics reports what they did: a
-    repeated prompt hits the cache only when it is on; prompt-lookup proposes tokens; greedy text is the
-    same either way."""
+    repeated prompt hits the cache only when it is on; prompt-lookup proposes tokens, and so does a draft
+    model (--draft, or the recipe's speculative section); greedy text is the same every way."""
     body = {"messages": MESSAGES * 12, "max_tokens": 24, "ignore_eos": True, "temperature": 0}
     texts = {}
-    for args in (("--prefix-cache", "on"), ("--prefix-cache", "off", "--speculative-mode", "prompt-lookup")):
-        with start_cli_server(str(tiny.recipe), *args) as url:
+    for model, *args in ((tiny.recipe, "--prefix-cache", "on"),
+                         (tiny.recipe, "--prefix-cache", "off", "--speculative-mode", "prompt-lookup"),
+                         (tiny.recipe, "--prefix-cache", "off", "--draft", str(tiny_draft.path)),
+                         (tiny_draft.recipe, "--prefix-cache", "off", "-q", "q0f32")):  # its speculative section
+        args = tuple(args)
+        with start_cli_server(str(model), *args) as url:
             for _ in range(2):
                 resp = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
                 assert resp.status_code == 200, resp.text
@@ -233,7 +237,8 @@ def test_serve_cli_prefix_cache_and_speculation_options(tiny):
 
 @pytest.mark.parametrize("args,message", [
     (("--prefix-cache", "maybe"), "--prefix-cache 'maybe': expected on or off"),
-    (("--speculative-mode", "medusa"), "--speculative-mode 'medusa': expected off or prompt-lookup"),
+    (("--speculative-mode", "medusa"), "--speculative-mode 'medusa': expected off, prompt-lookup or draft"),
+    (("--speculative-mode", "draft"), "speculative_mode 'draft' needs a draft model: a bundle or recipe (--draft)"),
     (("--overrides", "gpu_mem=1"), "--overrides: unknown key 'gpu_mem'"),
     (("--overrides", "max_num_sequence=4", "--max-batch-size", "2"), "--max-batch-size 2 contradicts --overrides"),
     (("--max-queue", "-1"), "--max-queue"),

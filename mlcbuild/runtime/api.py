@@ -19,15 +19,17 @@ import os
 import queue
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from . import protocol as p
-from .bundle import Bundle, BuildHook
+from .bundle import Bundle, BuildHook, recipe_fields
 from .conversation import ChatTemplate, load_chat_template
 from .engine import Engine, GenerationConfig, RequestOutput, RequestStats, SequenceDelta, TokenLogprob
 from .sampling import SamplingParams
+from .speculative import DraftModelError
 from .structured import Constraint, ConstraintError, GrammarCompiler, request_constraint
 from .tokenizer import Tokenizer
 from .tools import ToolCallParser, ToolPlan, tool_syntax
@@ -42,6 +44,29 @@ class EngineError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 
 
+def speculation_for(model: str | os.PathLike, bundle: Bundle, mode: str | None, tokens: int | None,
+                    draft: str | os.PathLike | None, draft_quantization: str | None
+                    ) -> tuple[str, int, str | os.PathLike | None, str | None]:
+    """(mode, tokens, draft, draft quantization) for an engine: what the caller said, else what a recipe's
+    ``speculative:`` section says (its draft is the recipe's bundle of ``draft_quantization``; that bundle
+    itself runs without one), else off. A draft given without a mode means mode ``draft``."""
+    section: dict[str, Any] = {}
+    if mode is None and draft is None and Path(model).expanduser().is_file():
+        section = recipe_fields(Path(model).expanduser()).get("speculative") or {}
+        if section.get("mode") == "draft":
+            if section.get("draft_quantization") == bundle.manifest.quantization:
+                section = {}
+            else:
+                draft, draft_quantization = model, section.get("draft_quantization")
+    mode = mode or ("draft" if draft is not None else section.get("mode", "off"))
+    if mode == "draft" and draft is None:
+        raise DraftModelError("speculative_mode 'draft' needs a draft model: a bundle or recipe (--draft), or a "
+                              "recipe whose speculative section names draft_quantization")
+    if mode != "draft" and draft is not None:
+        raise DraftModelError(f"a draft model was given with speculative_mode {mode!r}; drafts go with mode 'draft'")
+    return mode, tokens or int(section.get("tokens") or 4), draft, draft_quantization
+
+
 class Frontend:
     """An opened bundle with its engine, tokenizer and chat template: what every front end shares."""
 
@@ -50,17 +75,22 @@ class Frontend:
                  prefill_chunk_size: int | None = None, kv_cache_tokens: int | None = None, verify: bool = True,
                  quantization: str | None = None, build: bool | BuildHook = True,
                  tensor_parallel_shards: int | None = None, prefix_cache: bool = True,
-                 speculative_mode: str = "off", speculative_tokens: int = 4,
+                 speculative_mode: str | None = None, speculative_tokens: int | None = None,
+                 draft: str | os.PathLike | None = None, draft_quantization: str | None = None,
                  gpu_memory_utilization: float | None = None):
         # build: a recipe's bundle is built first when missing or stale (bundle.find_bundle), False: as is.
         # tensor_parallel_shards: a recipe's bundle for that shard count (one disco worker per shard).
         self.bundle = Bundle.open(model, device, verify=verify, quantization=quantization, build=build,
                                   tensor_parallel_shards=tensor_parallel_shards)
+        mode, tokens, draft, draft_quantization = speculation_for(model, self.bundle, speculative_mode,
+                                                                  speculative_tokens, draft, draft_quantization)
+        draft_bundle = Bundle.open(draft, device, verify=verify, quantization=draft_quantization, build=build) \
+            if draft is not None else None
         memory = {"gpu_memory_utilization": gpu_memory_utilization} if gpu_memory_utilization is not None else {}
         self.engine = Engine(self.bundle, max_batch_size=max_batch_size, context_window_size=context_window_size,
                              prefill_chunk_size=prefill_chunk_size, kv_cache_tokens=kv_cache_tokens,
-                             prefix_cache=prefix_cache, speculative_mode=speculative_mode,
-                             speculative_tokens=speculative_tokens, **memory)
+                             prefix_cache=prefix_cache, speculative_mode=mode, speculative_tokens=tokens,
+                             draft=draft_bundle, **memory)
         self.tokenizer: Tokenizer = self.engine.tokenizer
         self.model_name = self.bundle.name
         cc = self.bundle.chat_config
@@ -456,8 +486,10 @@ class EngineConfig(BaseModel):
     prefill_chunk_size: PositiveInt | None = None
     kv_cache_tokens: PositiveInt | None = None
     prefix_cache: bool | None = None  # MLC LLM's prefix_cache_mode "radix" (True) / "disable" (False)
-    speculative_mode: Literal["off", "prompt-lookup"] | None = None
+    speculative_mode: Literal["off", "prompt-lookup", "draft"] | None = None  # None: the recipe's, else off
     speculative_tokens: PositiveInt | None = None  # tokens proposed per step (MLC LLM's spec_draft_length)
+    draft: str | None = None  # the draft model: a bundle directory or a recipe (MLC LLM's additional_models)
+    draft_quantization: str | None = None  # with a recipe draft: which of its quantizations
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
 
 

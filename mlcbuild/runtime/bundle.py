@@ -157,6 +157,11 @@ def _read_recipe(recipe_path: Path) -> tuple[dict, list[str], list[str]]:
     return recipe, quants, devices
 
 
+def recipe_fields(recipe_path: Path) -> dict:
+    """A recipe's fields as plain YAML (e.g. its ``speculative:`` section for the front ends)."""
+    return _read_recipe(recipe_path)[0]
+
+
 def recipe_target(quantizations: list[str], devices: list[str], device: str = "auto",
                   quantization: str | None = None) -> tuple[str, str]:
     """(quantization, recipe device) of the one bundle of a recipe that a front end opened with

@@ -42,6 +42,7 @@ import numpy as np
 from .bundle import Bundle
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, TokenHistory, apply_penalties, make_rng, sample, token_logprobs
+from .speculative import DraftModel, DraftState, check_draft, prompt_lookup
 from .structured import TokenMasker, new_matcher
 from .tokenizer import IncrementalDecoder, StopStringMatcher, Tokenizer
 
@@ -53,7 +54,7 @@ DEFAULT_MEMORY_UTILIZATION = 0.9  # of the free device memory (available RAM on 
 COUNTERS = ("requests", "finished", "aborted", "failed", "prompt_tokens", "completion_tokens", "prefill_steps",
             "prefill_tokens", "decode_steps", "decode_sequences", "preemptions", "prefix_cache_lookup_tokens",
             "prefix_cache_hit_tokens", "prefix_cache_evictions", "spec_draft_tokens", "spec_accepted_tokens")
-SPECULATIVE_MODES = ("off", "prompt-lookup")
+SPECULATIVE_MODES = ("off", "prompt-lookup", "draft")
 
 
 class ContextWindowError(ValueError):
@@ -336,6 +337,7 @@ class _Sequence:
     pending: SequenceDelta | None = None
     matcher: Any = None  # the grammar matcher of a constrained request's sequence
     kv_len: int = 0  # tokens of this sequence in the KV cache
+    draft: DraftState | None = None  # its twin in the draft model's KV cache (speculative_mode "draft")
 
 
 @dataclass
@@ -380,18 +382,6 @@ def decode_one_step(model: CompiledModel, seqs: list[_Sequence]) -> np.ndarray:
     return model.forward_decode([s.seq_id for s in seqs], [s.last_token for s in seqs])
 
 
-def prompt_lookup(tokens: list[int], k: int, max_ngram: int = 3) -> list[int]:
-    """Up to ``k`` tokens that followed the latest earlier occurrence of the last n tokens (longest n first)."""
-    arr = np.asarray(tokens, dtype=np.int64)
-    for n in range(min(max_ngram, len(arr) - 1), 0, -1):
-        windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # each start leaves a token after it
-        starts = np.nonzero((windows == arr[-n:]).all(axis=1))[0]
-        if len(starts):
-            follow = starts[-1] + n
-            return arr[follow: follow + k].tolist()
-    return []
-
-
 def sample_next(seq: _Sequence, params: SamplingParams, logits: np.ndarray,
                 mask: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[int, TokenLogprob | None]:
     """Penalize, mask (a constrained sequence), sample, and (if asked) report logprobs for one
@@ -424,12 +414,14 @@ class Engine:
     prefill-like call and the rejected ones are popped off the KV cache. Every token is still drawn from
     the target's distribution with the sequence's own generator, so outputs (greedy or seeded) are those of
     plain decoding. Per engine: every unconstrained sequence speculates; constrained ones decode one token.
+    ``speculative_mode="draft"`` proposes with ``draft``, a smaller bundle of the same tokenizer on the same
+    device with its own KV cache (greedy drafts: :mod:`.speculative` says why outputs stay the target's).
     """
 
     def __init__(self, bundle: Bundle, *, max_batch_size: int | None = None, context_window_size: int | None = None,
                  prefill_chunk_size: int | None = None, kv_cache_tokens: int | None = None,
                  prefix_cache: bool = True, gpu_memory_utilization: float = DEFAULT_MEMORY_UTILIZATION,
-                 speculative_mode: str = "off", speculative_tokens: int = 4):
+                 speculative_mode: str = "off", speculative_tokens: int = 4, draft: Bundle | None = None):
         cc = bundle.chat_config
         self.bundle = bundle
         self.tokenizer = Tokenizer(bundle.path)
@@ -447,8 +439,11 @@ class Engine:
         self.kv_cache_tokens = kv_cache_tokens
         if speculative_mode not in SPECULATIVE_MODES:
             raise ValueError(f"speculative_mode must be one of {SPECULATIVE_MODES}, not {speculative_mode!r}")
-        if speculative_mode != "off" and cc.tensor_parallel_shards > 1:  # ShardedModel has no verify/popn yet
+        if speculative_mode != "off" and cc.tensor_parallel_shards > 1:  # not tested with shards yet
             raise ValueError("speculative decoding is not supported with tensor_parallel_shards > 1")
+        if (speculative_mode == "draft") != (draft is not None):
+            raise ValueError("a draft bundle goes with speculative_mode='draft', and that mode needs one"
+                             if draft is not None else "speculative_mode='draft' needs a draft bundle")
         self.speculative_mode, self.speculative_tokens = speculative_mode, max(1, speculative_tokens)
         model_class: Any = CompiledModel
         if cc.tensor_parallel_shards > 1:  # one disco worker per shard, same interface (sharded_model.py)
@@ -456,6 +451,15 @@ class Engine:
         self.model = model_class(bundle, self.max_batch_size, kv_cache_tokens, self.prefill_chunk_size,
                                  cc.page_size)
         self.prefill_chunk_size = self.model.max_chunk_tokens
+        self.draft: DraftModel | None = None
+        if draft is not None:
+            check_draft(bundle, draft, self.max_batch_size, self.context_window_size)
+            dcc = draft.chat_config
+            # its live sequences hold what the target's do plus a draft each: never more than the target's cache
+            draft_tokens = kv_cache_tokens + self.max_batch_size * (self.speculative_tokens + 2 * dcc.page_size)
+            self.draft = DraftModel(CompiledModel(draft, self.max_batch_size, draft_tokens,
+                                                  min(self.prefill_chunk_size, dcc.prefill_chunk_size), dcc.page_size),
+                                    min(cc.vocab_size, dcc.vocab_size), draft.name)
         eos = list(cc.eos_token_id) or [t for t in [self.tokenizer.eos_token_id] if t is not None]
         self.eos_token_ids: tuple[int, ...] = tuple(eos)
         # TVM's PagedKVCache refuses to fork a sequence with a sliding window: no prefix cache for those models.
@@ -559,6 +563,7 @@ class Engine:
                 "prefix_cache_entries": len(self.prefix_cache) if self.prefix_cache is not None else 0,
                 "prefix_cache_hit_rate": counters["prefix_cache_hit_tokens"] / looked_up if looked_up else 0.0,
                 "speculative_mode": self.speculative_mode,
+                "draft_model": self.draft.name if self.draft is not None else None,
                 "spec_acceptance_rate": counters["spec_accepted_tokens"] / counters["spec_draft_tokens"]
                 if counters["spec_draft_tokens"] else 0.0,
                 "decode_batch_sizes": dict(sorted(self._batch_sizes.items())),
@@ -691,6 +696,7 @@ class Engine:
             return
         seq = request.seqs[0]
         self.model.remove_sequence(seq.seq_id)
+        self._drop_draft(seq)
         seq.kv_len = 0
         request.fill = request.prompt + seq.tokens[:-1]
         request.prefilled = 0
@@ -798,6 +804,7 @@ class Engine:
         # (prefilling or running) until that fits. The oldest always fits alone (submit checks it).
         while True:
             seqs = [(r, s) for r in self._running for s in r.live][: self.max_batch_size]
+            # prompt lookup: the drafts themselves; a draft model: how many tokens each sequence may draft
             drafts = [self._draft(r, s) for r, s in seqs]
             # one verify call holds at most a prefill chunk (the cache's scratch buffers are sized for it)
             while sum(len(d) + 1 for d in drafts) > self.prefill_chunk_size:
@@ -812,6 +819,8 @@ class Engine:
             self._preempt(max(victims, key=lambda r: r.order))
         if not seqs:
             return
+        if self.draft is not None and any(drafts):
+            drafts = self._propose(seqs, [len(d) for d in drafts])
         if any(drafts):
             self._verify_step(seqs, drafts)
             return
@@ -852,7 +861,8 @@ class Engine:
 
     def _draft(self, request: _Request, seq: _Sequence) -> list[int]:
         """Prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's last n
-        tokens (n = 3, 2, 1) in its prompt and output, at most what its limits still allow."""
+        tokens (n = 3, 2, 1) in its prompt and output, at most what its limits still allow. A draft model: as
+        many placeholders as it may draft (:meth:`_propose` fills them once the batch is settled)."""
         # sliding-window sequences are not rolled back (popn is not defined across a slide): no speculation
         if self.speculative_mode == "off" or seq.matcher is not None or self.model.sliding_window:
             return []
@@ -861,7 +871,31 @@ class Engine:
         k = min(self.speculative_tokens, room)
         if k <= 0:
             return []
+        if self.draft is not None:
+            return [-1] * k
         return prompt_lookup(request.prompt + seq.tokens, k)
+
+    def _propose(self, seqs: list[tuple[_Request, _Sequence]], lengths: list[int]) -> list[list[int]]:
+        """The draft model's tokens for each sequence (``lengths`` of them), while its KV cache has room (a
+        sequence it has no room for decodes one token this step)."""
+        assert self.draft is not None
+        free = self.draft.model.available_pages()
+        work: list[tuple[DraftState, list[int], int]] = []
+        for (request, seq), k in zip(seqs, lengths):
+            context = request.prompt + seq.tokens
+            need = self.draft.pages_for(seq.draft, len(context), k) if k else 0
+            if need > free:
+                k = 0
+            free -= need if k else 0
+            if k and seq.draft is None:
+                seq.draft = self.draft.new_state()
+            work.append((seq.draft, context, k))  # type: ignore[arg-type]  (None only where k == 0)
+        return self.draft.propose(work)
+
+    def _drop_draft(self, seq: _Sequence) -> None:
+        if seq.draft is not None and self.draft is not None:
+            self.draft.drop(seq.draft)
+            seq.draft = None
 
     def _verify_step(self, seqs: list[tuple[_Request, _Sequence]], drafts: list[list[int]]) -> None:
         """One call over each sequence's last token and draft; accept the draft while the token drawn from
@@ -899,6 +933,8 @@ class Engine:
                 self._counters["spec_accepted_tokens"] += accepted
                 if seq.finish_reason is None:
                     self._rollback(request, seq)
+                    if seq.draft is not None:
+                        self.draft.rollback(seq.draft, request.prompt + seq.tokens)
             except Exception as exc:  # this request's host-side work failed: it fails alone
                 failed[id(request)] = (request, exc)
         self._after_step(seqs, failed)
@@ -956,6 +992,7 @@ class Engine:
         """Drop a sequence from the KV cache, or hand it to the prefix cache (what its KV holds: the prompt
         and every generated token but the last, which was never fed). Choices of n > 1 share pages with a
         fork at their very end, so they are not cached."""
+        self._drop_draft(seq)
         tokens = request.prompt + seq.tokens[:-1]
         if cache and seq.kv_len > len(tokens):  # it ended inside a verified draft: drop the rest first
             self._rollback(request, seq)
@@ -993,10 +1030,11 @@ class Engine:
         """Fail one request (already out of the prefilling/running lists) and free its pages."""
         logger.error("request %s failed: %r", request.request_id, exc)
         for seq in request.live:
-            try:
-                self.model.remove_sequence(seq.seq_id)
-            except Exception:  # not in the cache (failed before it was added)
-                pass
+            for remove in (lambda: self.model.remove_sequence(seq.seq_id), lambda: self._drop_draft(seq)):
+                try:
+                    remove()
+                except Exception:  # not in the cache (failed before it was added)
+                    pass
             seq.finish_reason = "abort"
         if request.admitted:
             self._free_slots += request.config.n
@@ -1014,10 +1052,11 @@ class Engine:
             self._incoming.clear()
         for request in list(self._waiting) + self._prefilling + self._running:
             for seq in request.live:
-                try:
-                    self.model.remove_sequence(seq.seq_id)
-                except Exception:  # the cache may be inconsistent after a failed step
-                    pass
+                for remove in (lambda: self.model.remove_sequence(seq.seq_id), lambda: self._drop_draft(seq)):
+                    try:
+                        remove()
+                    except Exception:  # the cache may be inconsistent after a failed step
+                        pass
                 seq.finish_reason = "abort"
             self._counters["aborted" if aborted else "failed"] += 1
             request.callback(RequestOutput(request.request_id, [], finished=True, stats=request.stats, error=exc))
