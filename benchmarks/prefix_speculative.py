@@ -5,7 +5,11 @@
 (a) 8 multi-turn conversations x 6 turns over a ~1000-token shared system prompt (the GPL-3 text Debian
     ships, or a generated one): each turn's 8 requests are submitted together, greedy, 24 new tokens each;
     mean time to first token with the prefix cache on and off, and whether every answer is identical.
-(b) Prompt-lookup speculation at batch 1: not written yet (Engine(speculative_mode="prompt-lookup") exists).
+(b) Speculative decoding at batch 1, each against the same engine settings without it, greedy: prompt lookup
+    on a summarise-this-text prompt (a ~700-token excerpt of the GPL) and on a copy-edit of the same text, and
+    a draft model (the demo's q4f16_1 bundle drafting for q0f16) on the summary and on a short chat question. Decode tok/s (the request's
+    decode time), acceptance rate, and whether the tokens equal the plain run's; rounds alternate the two
+    engines so that the machine's drift hits both alike.
 Also prints the host sampling cost at batch 16 (the issue asks it be measured before moving it).
 """
 
@@ -45,10 +49,11 @@ def chatml(messages: list[tuple[str, str]]) -> str:
     return "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in messages) + "<|im_start|>assistant\n"
 
 
-def generate(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[tuple[list[int], dict]]:
+def generate(engine: Engine, prompts: list[list[int]], max_tokens: int,
+             ignore_eos: bool = True) -> list[tuple[list[int], dict]]:
     """Submit together, greedy; each request's tokens and its stats (usage extras)."""
     outs = [queue.SimpleQueue() for _ in prompts]
-    config = GenerationConfig(SamplingParams(temperature=0), max_tokens=max_tokens, ignore_eos=True)
+    config = GenerationConfig(SamplingParams(temperature=0), max_tokens=max_tokens, ignore_eos=ignore_eos)
     for prompt, out in zip(prompts, outs):
         engine.submit(prompt, config, out.put)
     results = []
@@ -109,6 +114,57 @@ def bench_prefix(bundle: Bundle) -> None:
           f"greedy outputs identical: {off[0] == on[0]}")
 
 
+TASKS = {
+    "summarise": "Summarise the text above in a few sentences, quoting its key phrases.",
+    "edit": "Copy the text above word for word, replacing every 'GNU' with 'the GNU project'.",
+}
+
+
+def task_prompt(engine: Engine, task: str, tokens: int = 700) -> list[int]:
+    text = GPL.read_text() if GPL.exists() else " ".join(f"Clause {i}: the licensee may copy the work." for i in range(300))
+    excerpt = engine.tokenizer.decode(engine.tokenizer.encode(text, add_special_tokens=False)[:tokens])
+    chat = [("system", "You are a helpful assistant."), ("user", f"{excerpt}\n\n{TASKS[task]}")]
+    return engine.tokenizer.encode(chatml(chat), add_special_tokens=False)
+
+
+def bench_speculative(bundle: Bundle, draft: Bundle | None, rounds: int, max_tokens: int) -> None:
+    print(f"(b) speculative decoding at batch 1, greedy, {max_tokens} tokens, {rounds} alternating rounds")
+    plain = Engine(bundle, max_batch_size=1, prefix_cache=False)
+    try:
+        summary, edit = task_prompt(plain, "summarise"), task_prompt(plain, "edit")
+        question = plain.tokenizer.encode(chatml([("user", "What is the capital of France? Answer in a paragraph.")]),
+                                          add_special_tokens=False)
+        cases = [("prompt-lookup", "summarise", summary, {"speculative_mode": "prompt-lookup"}),
+                 ("prompt-lookup", "edit", edit, {"speculative_mode": "prompt-lookup"})]
+        if draft is not None:
+            cases += [(f"draft {draft.manifest.quantization}", "summarise", summary, {"draft": draft}),
+                      (f"draft {draft.manifest.quantization}", "question", question, {"draft": draft})]
+        for mode, name, prompt, options in cases:
+            for k in (1, 2, 4):
+                spec = Engine(bundle, max_batch_size=1, prefix_cache=False, speculative_tokens=k,
+                              speculative_mode=options.get("speculative_mode", "draft"), draft=options.get("draft"))
+                try:
+                    plain_rates, spec_rates, same, accepted = [], [], True, []
+                    generate(spec, [prompt], 8)  # warm up both
+                    generate(plain, [prompt], 8)
+                    for _ in range(rounds):
+                        (want, base), = generate(plain, [prompt], max_tokens, ignore_eos=False)
+                        (got, stats), = generate(spec, [prompt], max_tokens, ignore_eos=False)
+                        same &= got == want
+                        plain_rates.append(base["decode_tokens_per_s"])
+                        spec_rates.append(stats["decode_tokens_per_s"])
+                        accepted.append(stats.get("spec_acceptance_rate", 0.0))
+                    ratio = statistics.median(s / p for s, p in zip(spec_rates, plain_rates))
+                    print(f"    {mode:14} k={k} {name:9} ({len(prompt)} prompt tokens, {len(want)} generated): "
+                          f"plain {statistics.median(plain_rates):6.1f} tok/s, speculative "
+                          f"{statistics.median(spec_rates):6.1f} tok/s: {ratio:.2f}x  acceptance "
+                          f"{statistics.mean(accepted):.0%}  identical tokens: {same}")
+                finally:
+                    spec.shutdown()
+    finally:
+        plain.shutdown()
+
+
 def bench_sampling(batch: int = 16, vocab: int = 49152) -> None:
     """Host sampling per step at batch 16: greedy and temperature/top-p, per sequence as the engine does."""
     from mlcbuild.runtime.sampling import TokenHistory
@@ -133,15 +189,25 @@ def main() -> None:
     parser.add_argument("bundle", nargs="?", default=str(DEMO), help="bundle directory or recipe (default: the demo)")
     parser.add_argument("--quantization", default="q0f16")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--parts", default="a,sampling")
+    parser.add_argument("--draft-quantization", default="q4f16_1", help="with a recipe: the draft's quantization "
+                        "for (b) (none: prompt lookup only)")
+    parser.add_argument("--draft", default=None, help="a draft bundle directory for (b) instead")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--parts", default="a,b,sampling")
     args = parser.parse_args()
-    quantization = args.quantization if args.bundle.endswith((".yaml", ".yml")) else None
-    bundle = Bundle.open(args.bundle, args.device, quantization=quantization, build=True)
+    recipe = args.bundle.endswith((".yaml", ".yml"))
+    bundle = Bundle.open(args.bundle, args.device, quantization=args.quantization if recipe else None, build=True)
     import os
     print(f"bundle: {bundle.path} on {bundle.device}; CPU: {cpu_name()} ({len(os.sched_getaffinity(0))} cores)")
     parts = args.parts.split(",")
     if "a" in parts:
         bench_prefix(bundle)
+    if "b" in parts:
+        draft = Bundle.open(args.draft, args.device) if args.draft else \
+            Bundle.open(args.bundle, args.device, quantization=args.draft_quantization, build=True) \
+            if recipe and args.draft_quantization != "none" else None
+        bench_speculative(bundle, draft, args.rounds, args.max_tokens)
     if "sampling" in parts:
         bench_sampling()
 

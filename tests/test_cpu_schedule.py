@@ -375,3 +375,50 @@ def test_float_4bit_gemv_prefetches_words_and_scales() -> None:
     hits = re.findall(r"llvm\.prefetch\", T\.address_of\((\w+)\[T\.min\(n_0 \* T\.int64\(4\) \+ T\.int64\((\d+)\)", text)
     ahead = cpu_matmul.PREFETCH_BYTES // 64  # 16 packed words = 64 bytes per row
     assert sorted(hits) == sorted((name, str(ahead + r)) for r in range(4) for name in ("proj_q_scale", "proj_q_weight")), hits
+
+
+@pytest.mark.parametrize("quant", ["q4f16_1", "q0f16"])
+def test_verify_matmuls_get_their_own_multi_row_gemv(quant: str) -> None:
+    """batch_verify and batch_prefill compute the same matmuls, which Relax shares as one PrimFunc: the
+    schedule gives batch_verify its own copies (few rows: each weight read once, as GEMV) and leaves
+    prefill its GEMM; the copies compute what the unscheduled kernel does, at 5 rows."""
+    from tvm import relax
+
+    from mlcbuild.compiler.kernels.cpu_schedule import FEW_ROWS_ATTR
+
+    class TwoEntries(_Block):  # the model's two functions over one graph
+        def batch_prefill(self, x: nn.Tensor, res: nn.Tensor) -> Any:
+            return self.forward(x, res)
+
+        def batch_verify(self, x: nn.Tensor, res: nn.Tensor) -> Any:
+            return self.forward(x, res)
+
+    spec = get_quantization(quant)
+    model = TwoEntries()
+    family(spec).quantize_model(model, spec)
+    one = {"x": nn.spec.Tensor([1, "seq_len", K], spec.model_dtype), "res": nn.spec.Tensor([1, "seq_len", N], spec.model_dtype),
+           "$": {"param_mode": "plain", "effect_mode": "none"}}
+    mod, _ = model.export_tvm(spec={"batch_prefill": one, "batch_verify": dict(one)})
+    with TARGET:
+        mod = tvm.transform.Sequential(fusion_passes())(mod)
+    before = _primfuncs(mod)
+    scheduled = apply_cpu_schedules(mod, TARGET)
+    report = last_report()
+
+    def matmuls(function: str) -> list[str]:
+        text = scheduled[function].script()
+        return sorted({name for name in _primfuncs(scheduled) if "matmul" in name and f"{name}," in text})
+
+    prefill, verify = matmuls("batch_prefill"), matmuls("batch_verify")
+    assert prefill and len(verify) == len(prefill) and not set(prefill) & set(verify), (prefill, verify)
+    assert {report[n] for n in prefill} == {"gemm"}
+    assert all(report[n].startswith("gemv") and n.endswith("_few_rows") for n in verify), report
+    funcs = _primfuncs(scheduled)
+    assert all(funcs[n].attrs[FEW_ROWS_ATTR] for n in verify)
+    rng = np.random.default_rng(3)
+    for name in verify:
+        original = before[name.removesuffix("_few_rows")]
+        arrays = _random_args(original, 5, rng)
+        want, got = _run(original, list(arrays)), _run(funcs[name], list(arrays))
+        np.testing.assert_allclose(got, want, rtol=0, atol=_tolerance(quant) * max(1.0, float(np.abs(want).max())))
+    assert isinstance(scheduled["batch_verify"], relax.Function)

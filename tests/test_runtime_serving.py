@@ -250,9 +250,9 @@ def test_serve_cli_bad_options(tiny, args, message):
 
 
 def test_long_prompt_does_not_stall_other_streams(engine, slow_steps):
-    """A 1.7 MB prompt takes seconds to render and tokenize (then overflows the tiny context: 400); a
+    """A 2.9 MB prompt takes seconds to render and tokenize (then overflows the tiny context: 400); a
     stream running meanwhile keeps its pace, as that work runs off the event loop without the GIL."""
-    long_body = {"messages": [{"role": "user", "content": "What is the capital of France? Tell me a story. " * 36000}]}
+    long_body = {"messages": [{"role": "user", "content": "What is the capital of France? Tell me a story. " * 60000}]}
 
     async def main() -> tuple[list[float], float, float, int]:
         async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:

@@ -67,7 +67,9 @@ def build_library(chat: dict[str, Any], device: DeviceSpec, out: Path, kernels: 
         # the library is one shard's model: the runtime runs a copy per shard (disco workers), each with
         # its own weights (convert_weight's rank) and KV heads, joined by all-reduces
         metadata["tensor_parallel_shards"] = shards
-    bounds = {"seq_len": chat["prefill_chunk_size"], "batch_size": chat["max_batch_size"]}
+    # verify_len: tokens of one speculative verification call; the engine keeps them within a prefill chunk
+    bounds = {"seq_len": chat["prefill_chunk_size"], "batch_size": chat["max_batch_size"],
+              "verify_len": chat["prefill_chunk_size"]}
     # CUDA: decode steps replay CUDA graphs (RewriteCUDAGraph, in the pipeline) instead of
     # launching each of the ~10 kernels per layer from the host.
     pass_config = {"tirx.disable_cse_tir": True, "relax.backend.use_cuda_graph": device.kind == "cuda"}

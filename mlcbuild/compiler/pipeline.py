@@ -132,7 +132,7 @@ def _annotate(key: str, value: Any, prim_funcs: bool = False, names: Sequence[st
 
 def _upper_bounds(bounds: dict[str, int]) -> Any:
     """Upper bounds of the symbolic sizes let static memory planning preallocate activations."""
-    return _annotate("tir_var_upper_bound", bounds, names=("prefill", "decode", "batch_prefill", "batch_decode", "embed"))
+    return _annotate("tir_var_upper_bound", bounds, names=("prefill", "decode", "batch_prefill", "batch_decode", "batch_verify", "embed"))
 
 
 def _AttachMetadata(metadata: dict[str, Any]) -> Any:  # noqa: N802  (a pass, named like TVM's)

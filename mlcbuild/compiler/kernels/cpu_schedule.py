@@ -47,6 +47,52 @@ _REPORT: dict[str, str] = {}
 # (rule name, the exception) -> None: where a rule that applied and failed is reported
 OnFailure = Callable[[str, BaseException], None]
 
+# Relax functions whose sequence-shaped matmuls see a handful of rows (speculative verification: each
+# sequence's last token and its draft), and the PrimFunc attribute that marks their own copies.
+FEW_ROW_FUNCTIONS = ("batch_verify",)
+FEW_ROWS_ATTR = "mlcbuild.few_rows"
+
+
+def split_few_row_matmuls(mod: tvm.IRModule) -> tvm.IRModule:
+    """Give each matmul that a :data:`FEW_ROW_FUNCTIONS` function shares with prefill a copy of its own,
+    marked :data:`FEW_ROWS_ATTR`, so that it gets the multi-row GEMV (each weight read once) instead of the
+    prefill GEMM (which first widens every weight column tile into a float32 panel: 3.4x a decode step
+    for 2 rows of SmolLM2 q0f16). Relax's BlockBuilder deduplicates structurally equal PrimFuncs, so
+    without the copy both functions call one kernel."""
+    from tvm import relax
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    copies: dict[str, tvm.ir.GlobalVar | None] = {}
+
+    @relax.expr_functor.mutator
+    class Retarget(relax.PyExprMutator):
+        def copy_of(self, gvar: tvm.ir.GlobalVar) -> tvm.ir.GlobalVar | None:
+            if gvar.name_hint not in copies:
+                func = mod[gvar]
+                try:
+                    info, _ = matmul_analysis.analyze(func)
+                except matmul_analysis.NotMatched:
+                    info = None
+                copies[gvar.name_hint] = self.builder_.add_func(func.with_attr(FEW_ROWS_ATTR, True),
+                                                                f"{gvar.name_hint}_few_rows") \
+                    if info is not None and info.dyn_m and info.seq_like else None
+            return copies[gvar.name_hint]
+
+        def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802  (TVM's visitor name)
+            call = super().visit_call_(call)
+            if call.op.same_as(call_tir) and isinstance(call.args[0], tvm.ir.GlobalVar) \
+                    and isinstance(mod[call.args[0]], tirx.PrimFunc):
+                target = self.copy_of(call.args[0])
+                if target is not None:
+                    return relax.Call(call.op, [target, *call.args[1:]], call.attrs, call.ty_args)
+            return call
+
+    retarget = Retarget(mod)
+    for gvar, func in list(mod.functions_items()):
+        if gvar.name_hint in FEW_ROW_FUNCTIONS and isinstance(func, relax.Function):
+            retarget.builder_.update_func(gvar, retarget.visit_expr(func))
+    return retarget.builder_.get()
+
 
 def vector_lanes(target: Any) -> int:
     """float32 lanes of the target's widest vector unit."""
@@ -67,8 +113,9 @@ def _schedule_matmul(func: Any, lanes: int, vnni: bool = False, on_failure: OnFa
     except matmul_analysis.NotMatched:
         return None
     rows = as_int(matmul_analysis._m_total(info))
+    few_rows = bool(func.attrs and func.attrs.get(FEW_ROWS_ATTR))
     candidates = []
-    if (info.dyn_m and info.seq_like) or (rows is not None and rows > GEMV_MAX_ROWS):
+    if (info.dyn_m and info.seq_like and not few_rows) or (rows is not None and rows > GEMV_MAX_ROWS):
         candidates.append(("gemm", lambda: cpu_matmul.build_gemm(info, lanes)))
     gq = matmul_analysis.match_group_quant(info)
     if gq is not None:
@@ -140,7 +187,7 @@ def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target, replace_at
     _REPORT.clear()
     if target.kind.name != "llvm":
         return mod
-    mod = mod.clone()
+    mod = split_few_row_matmuls(mod.clone())
     lanes = vector_lanes(target)
     vnni = cpu_qgemv_vnni.supported(target)
     updates = {}
