@@ -131,15 +131,16 @@ def test_eviction_under_page_pressure_keeps_outputs(bundle, plain):
 
 
 def test_preemption_when_pages_run_out_gives_the_unpressured_outputs(bundle, plain):
-    """8 requests with max_tokens unset (up to the 256-token context) on a cache of two contexts: admitted on
-    what their prompts need, the newest are pre-empted as the batch grows and recompute later."""
-    prompts = [ids(24 + 3 * i, 40 + i) for i in range(8)]
+    """16 concurrent requests with max_tokens unset (up to the 256-token context) on a cache of four contexts
+    (batches of 8): admitted on what their prompts need, the newest are pre-empted as the batch grows and
+    recompute later; every one finishes with the tokens of the unpressured run."""
+    prompts = [ids(24 + 3 * i, 40 + i) for i in range(16)]
     want = run(plain, prompts, max_tokens=None)
-    engine = Engine(bundle, kv_cache_tokens=512, prefix_cache=False)
+    engine = Engine(bundle, kv_cache_tokens=4 * 256, prefix_cache=False)
     try:
         assert run(engine, prompts, max_tokens=None) == want
         stats = engine.stats()
-        assert stats["preemptions"] > 0 and stats["kv_pages_in_use"] == 0 and stats["finished"] == 8, stats
+        assert stats["preemptions"] > 0 and stats["kv_pages_in_use"] == 0 and stats["finished"] == 16, stats
         assert max(stats["decode_batch_sizes"]) > 2  # admission did not wait for worst cases
     finally:
         engine.shutdown()
