@@ -465,8 +465,6 @@ class Engine:
         self.kv_cache_tokens = kv_cache_tokens
         if speculative_mode not in SPECULATIVE_MODES:
             raise ValueError(f"speculative_mode must be one of {SPECULATIVE_MODES}, not {speculative_mode!r}")
-        if speculative_mode != "off" and cc.tensor_parallel_shards > 1:  # not tested with shards yet
-            raise ValueError("speculative decoding is not supported with tensor_parallel_shards > 1")
         if (speculative_mode == "draft") != (draft is not None):
             raise ValueError("a draft bundle goes with speculative_mode='draft', and that mode needs one"
                              if draft is not None else "speculative_mode='draft' needs a draft bundle")

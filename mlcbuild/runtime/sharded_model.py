@@ -281,7 +281,7 @@ class ShardedModel:
     def forward_verify(self, seq_ids: list[int], chunks: list[list[int]]) -> np.ndarray:
         """Append each sequence's chunk; logits [total tokens, vocab] at every position (speculation)."""
         flat = [t for c in chunks for t in c]
-        return self._run("prefill", seq_ids, [len(c) for c in chunks], flat, list(range(len(flat))))
+        return self._run("verify", seq_ids, [len(c) for c in chunks], flat, list(range(len(flat))))
 
     def forward_decode(self, seq_ids: list[int], token_ids: list[int]) -> np.ndarray:
         """One new token per sequence; logits [len(seq_ids), vocab]."""

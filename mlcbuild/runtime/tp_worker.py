@@ -213,6 +213,10 @@ def _init(rank: int, bundle: str, library: str, address: str, shards: int, limit
     metadata = json.loads(vm["_metadata"]())
     state.update(vm=vm, device=device, shape=ShapeTuple,
                  params=_load_params(Path(bundle), [p["name"] for p in metadata["params"]], rank, device))
+    try:  # speculative verification (libraries built before it verify through batch_prefill)
+        state["verify"] = vm["batch_verify"]
+    except (AttributeError, KeyError, RuntimeError, ValueError):
+        state["verify"] = None
     state["kv"] = vm["create_paged_kv_cache"](
         ShapeTuple([lim["max_batch_size"]]), ShapeTuple([lim["kv_cache_tokens"]]), ShapeTuple([lim["prefill_chunk_size"]]),
         ShapeTuple([lim["page_size"]]), ShapeTuple([1 if lim["sliding_window"] else 0]))
@@ -264,7 +268,10 @@ def _forward(rank: int, kind: str, seq_ids: Any, lengths: Any, tokens: Any, posi
         if kind == "decode":
             embeddings = fn["reshape"](embeddings, shape([n, 1, hidden]))
             logits = vm["batch_decode"](embeddings, kv, params)
-        else:
+        elif kind == "verify" and state.get("verify") is not None:  # every position's logits
+            embeddings = fn["reshape"](embeddings, shape([1, n, hidden]))
+            logits = state["verify"](embeddings, kv, params)
+        else:  # prefill (and verify on libraries built before batch_verify: positions = every token)
             embeddings = fn["reshape"](embeddings, shape([1, n, hidden]))
             at = tvm.runtime.tensor(np.asarray(list(positions), dtype=np.int32), device)
             logits = vm["batch_prefill"](embeddings, at, kv, params)
