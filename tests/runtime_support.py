@@ -200,3 +200,23 @@ def tiny_draft(tiny: TinyBundle) -> TinyBundle:
         _BUILT["tiny_draft"] = TinyBundle(recipe=recipe, path=recipe.parent / "dist" / "tiny" / "q4f32_1-cpu",
                                           checkpoint=tiny.checkpoint)
     return _BUILT["tiny_draft"]
+
+
+def engine_tokens(engine: object, prompts: list[list[int]], config: object) -> list[list[int]]:
+    """Submit every prompt at once (one batch) with ``config`` (a GenerationConfig); each one's token ids."""
+    import queue
+
+    outputs: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in prompts]
+    for prompt, out in zip(prompts, outputs):
+        engine.submit(prompt, config, out.put)  # type: ignore[attr-defined]
+    tokens: list[list[int]] = []
+    for out in outputs:
+        got: list[int] = []
+        while True:
+            result = out.get(timeout=120)
+            assert result.error is None, result.error
+            got += [t for d in result.deltas for t in d.token_ids]
+            if result.finished:
+                break
+        tokens.append(got)
+    return tokens

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from subprocess_env import clean_env
+from runtime_support import engine_tokens
 
 WINDOW = 24
 RECIPE = """\
@@ -101,22 +102,11 @@ def run_engine(bundle_dir, prompts: list[list[int]], steps: int, prefill_chunk_s
     from mlcbuild.runtime.sampling import SamplingParams
 
     engine = Engine(Bundle.open(bundle_dir, "cpu"), max_batch_size=len(prompts), prefill_chunk_size=prefill_chunk_size)
-    outputs: list[queue.Queue] = [queue.Queue() for _ in prompts]
-    tokens: list[list[int]] = [[] for _ in prompts]
-    try:
+    try:  # submitted together: prefilled and decoded as a batch
         config = GenerationConfig(sampling=SamplingParams(temperature=0.0), max_tokens=steps, ignore_eos=True)
-        for prompt, out in zip(prompts, outputs):  # submitted together: prefilled and decoded as a batch
-            engine.submit(prompt, config, out.put)
-        for out, got in zip(outputs, tokens):
-            while True:
-                result = out.get(timeout=120)
-                assert result.error is None, result.error
-                got += [t for d in result.deltas for t in d.token_ids]
-                if result.finished:
-                    break
+        return engine_tokens(engine, prompts, config)
     finally:
         engine.shutdown()
-    return tokens
 
 
 @pytest.mark.parametrize("prefill_chunk_size", [None, 5, 16])

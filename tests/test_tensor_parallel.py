@@ -253,9 +253,8 @@ def test_engine_on_sharded_bundle(tiny_tp: Any) -> None:
 def test_speculation_on_sharded_bundle(tiny: Any, tiny_tp: Any) -> None:
     """Prompt lookup with 2 shards: drafts verified on every shard (batch_verify), rejected tokens popped on
     every shard; greedy tokens equal the single-shard engine's without speculation."""
-    import queue
-
     import numpy as np
+    from runtime_support import engine_tokens
 
     from mlcbuild.runtime.bundle import Bundle
     from mlcbuild.runtime.engine import Engine, GenerationConfig
@@ -266,26 +265,10 @@ def test_speculation_on_sharded_bundle(tiny: Any, tiny_tp: Any) -> None:
     prompts = [loop * 5, rng.integers(3, 300, size=30).tolist()]
     config = GenerationConfig(SamplingParams(temperature=0), max_tokens=40, ignore_eos=True)
 
-    def greedy(engine: Engine) -> list[list[int]]:
-        outs = [queue.SimpleQueue() for _ in prompts]
-        for prompt, out in zip(prompts, outs):
-            engine.submit(prompt, config, out.put)
-        tokens = []
-        for out in outs:
-            got: list[int] = []
-            while True:
-                o = out.get(timeout=120)
-                assert o.error is None, o.error
-                got += [t for d in o.deltas for t in d.token_ids]
-                if o.finished:
-                    break
-            tokens.append(got)
-        return tokens
-
     engines = [Engine(Bundle.open(tiny.path, "cpu"), prefix_cache=False),
                Engine(Bundle.open(tiny_tp.path, "cpu"), speculative_mode="prompt-lookup", speculative_tokens=4)]
     try:
-        plain, sharded = (greedy(e) for e in engines)
+        plain, sharded = (engine_tokens(e, prompts, config) for e in engines)
         assert sharded == plain
         stats = engines[1].stats()
         assert stats["spec_draft_tokens"] > 0 and stats["spec_accepted_tokens"] > 0, stats
