@@ -361,3 +361,30 @@ def test_recipe_speculative_section_and_bad_drafts(tiny, tiny_draft, bundle, dra
         check_draft(bundle, draft_bundle, 8, 512)
     with pytest.raises(ValueError, match="needs a draft bundle"):
         Engine(bundle, speculative_mode="draft")
+
+
+def test_draft_catches_up_a_long_prompt_a_chunk_per_step(draft_bundle):
+    """A new sequence's prompt enters the draft's cache a prefill chunk per step (no drafts until it is in),
+    so that one long prompt does not stall a batch's step; short catch-ups of the others go first."""
+    from mlcbuild.runtime.engine import CompiledModel
+    from mlcbuild.runtime.speculative import DraftModel
+
+    draft = DraftModel(CompiledModel(draft_bundle, max_batch_size=2, kv_cache_tokens=1024, prefill_chunk_size=32,
+                                     page_size=16), vocab_size=320, name="tiny")
+    context = ids(70, 96)
+    state = draft.new_state()
+    assert draft.propose([(state, context, 2)]) == [[]] and state.fed == 32
+    assert draft.propose([(state, context, 2)]) == [[]] and state.fed == 64
+    drafted = draft.propose([(state, context, 2)])[0]
+    assert state.fed == 70 and len(drafted) == 2
+    # what a sequence fed the same tokens directly drafts greedily
+    draft.model.add_sequence(999)
+    for start in range(0, 70, 32):
+        logits = draft.model.forward_prefill([999], [context[start:start + 32]])[0]
+    first = int(logits[:320].argmax())
+    second = int(draft.model.forward_decode([999], [first])[0][:320].argmax())
+    assert drafted == [first, second]
+    # a short catch-up goes first; the long one gets what is left of the chunk
+    long, short = draft.new_state(), draft.new_state()
+    got = draft.propose([(long, context, 2), (short, context[:5], 2)])
+    assert got[0] == [] and len(got[1]) == 2 and long.fed == 27 and short.fed == 5

@@ -100,7 +100,7 @@ class DraftModel:
 
     def propose(self, work: list[tuple[DraftState, list[int], int]]) -> list[list[int]]:
         """Draft ``k`` tokens for each ``(state, context, k)``: context is the sequence's prompt and every token
-        generated so far (its last one not yet in any cache)."""
+        generated so far (its last one not yet in any cache). A sequence still catching up drafts nothing."""
         drafts: list[list[int]] = [[] for _ in work]
         pending: dict[int, list[int]] = {}
         for i, (state, context, k) in enumerate(work):
@@ -112,13 +112,15 @@ class DraftModel:
                 state.fed = len(context) - 1
             pending[i] = context[state.fed:]
         last_logits: dict[int, np.ndarray] = {}
-        while pending:  # catch up, a prefill chunk of the draft per call
-            budget, batch = self.model.max_chunk_tokens, []
-            for i, rest in pending.items():
-                if budget <= 0:
-                    break
-                batch.append((i, rest[:budget]))
-                budget -= len(batch[-1][1])
+        # Catch up in one call of at most a prefill chunk: a sequence that needs more (a new prompt) gets that
+        # much now and its drafts on a later step, so that a long prompt does not stall the batch's step.
+        budget, batch = self.model.max_chunk_tokens, []
+        for i, rest in sorted(pending.items(), key=lambda item: len(item[1])):  # the short catch-ups first
+            if budget <= 0:
+                break
+            batch.append((i, rest[:budget]))
+            budget -= len(batch[-1][1])
+        if batch:
             ids = [work[i][0].seq_id for i, _ in batch]
             if all(len(chunk) == 1 for _, chunk in batch):
                 logits = self.model.forward_decode(ids, [chunk[0] for _, chunk in batch])
@@ -126,9 +128,7 @@ class DraftModel:
                 logits = self.model.forward_prefill(ids, [chunk for _, chunk in batch])
             for row, (i, chunk) in enumerate(batch):
                 work[i][0].fed += len(chunk)
-                pending[i] = pending[i][len(chunk):]
-                if not pending[i]:
-                    del pending[i]
+                if len(chunk) == len(pending[i]):
                     last_logits[i] = logits[row]
         for i, row_logits in last_logits.items():
             drafts[i].append(self._greedy(row_logits))
