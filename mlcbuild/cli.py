@@ -636,7 +636,7 @@ def serve(
     request_timeout: Optional[float] = typer.Option(None, "--request-timeout", min=0.001, help="Seconds a request may take from arrival; then its generation stops (504, or an error event ending the stream)."),
     max_body_bytes: int = typer.Option(4 << 20, "--max-body-bytes", min=1, help="Larger request bodies get 413."),
     allow_origins: list[str] = typer.Option([], "--allow-origins", help="A browser origin allowed by CORS (repeat it; '*' for any). Default: no CORS headers."),
-    prefix_cache: str = typer.Option("on", "--prefix-cache", help="on: reuse the KV cache of earlier requests' shared prompt prefixes (off for sliding-window and sharded bundles); off: prefill every prompt whole."),
+    prefix_cache: str = typer.Option("on", "--prefix-cache", help="on: reuse the KV cache of earlier requests' shared prompt prefixes (off for sliding-window bundles); off: prefill every prompt whole."),
     speculative_mode: Optional[str] = typer.Option(None, "--speculative-mode", help="off; prompt-lookup: propose tokens from n-grams of the prompt and output; draft: a smaller model (--draft) proposes them. Verified in one step of the model: greedy and seeded outputs unchanged. Default: the recipe's speculative section, else off."),
     speculative_tokens: Optional[int] = typer.Option(None, "--speculative-tokens", min=1, help="Tokens proposed per step (default: the recipe's, else 4)."),
     draft: Optional[str] = typer.Option(None, "--draft", help="Draft model for --speculative-mode draft (implied): a bundle directory or a recipe (built first unless --no-build). Same tokenizer and device as the model."),

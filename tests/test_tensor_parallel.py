@@ -278,6 +278,33 @@ def test_speculation_on_sharded_bundle(tiny: Any, tiny_tp: Any) -> None:
             engine.shutdown()
 
 
+def test_prefix_cache_on_sharded_bundle(tiny: Any, tiny_tp: Any) -> None:
+    """The prefix cache with 2 shards: every shard forks the cached prefix at the same position; a batch mixing
+    hits and misses gives the single-shard engine's tokens without a cache."""
+    import numpy as np
+    from runtime_support import engine_tokens
+
+    from mlcbuild.runtime.bundle import Bundle
+    from mlcbuild.runtime.engine import Engine, GenerationConfig
+    from mlcbuild.runtime.sampling import SamplingParams
+
+    rng = np.random.default_rng(6)
+    system = rng.integers(3, 300, size=50).tolist()  # three pages and a bit
+    prompts = [system + rng.integers(3, 300, size=8 + i).tolist() for i in range(3)] + [rng.integers(3, 300, size=20).tolist()]
+    config = GenerationConfig(SamplingParams(temperature=0), max_tokens=10, ignore_eos=True)
+    engines = [Engine(Bundle.open(tiny.path, "cpu"), prefix_cache=False), Engine(Bundle.open(tiny_tp.path, "cpu"))]
+    try:
+        want = engine_tokens(engines[0], prompts, config)
+        sharded = engines[1]
+        assert engine_tokens(sharded, prompts[:1], config) == want[:1]  # cached: the first prompt's sequence
+        assert engine_tokens(sharded, prompts, config) == want  # hits (forks at 50+) and a miss in one batch
+        stats = sharded.stats()
+        assert stats["prefix_cache_hit_tokens"] >= 3 * 48 and stats["kv_pages_in_use"] == 0, stats
+    finally:
+        for engine in engines:
+            engine.shutdown()
+
+
 def test_killed_worker_fails_requests_not_hangs(tiny_tp: Any) -> None:
     from mlcbuild.runtime.api import MLCEngine
     from mlcbuild.runtime.engine import GenerationConfig

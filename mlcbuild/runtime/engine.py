@@ -487,9 +487,7 @@ class Engine:
         eos = list(cc.eos_token_id) or [t for t in [self.tokenizer.eos_token_id] if t is not None]
         self.eos_token_ids: tuple[int, ...] = tuple(eos)
         # TVM's PagedKVCache refuses to fork a sequence with a sliding window: no prefix cache for those models.
-        # A sharded model's workers fork whole sequences only (no fork position yet): none for those either.
-        self.prefix_cache: PrefixCache | None = PrefixCache() \
-            if prefix_cache and not self.model.sliding_window and cc.tensor_parallel_shards <= 1 else None
+        self.prefix_cache: PrefixCache | None = PrefixCache() if prefix_cache and not self.model.sliding_window else None
 
         self._lock = threading.Condition()
         self._incoming: deque[_Request] = deque()

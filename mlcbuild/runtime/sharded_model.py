@@ -237,25 +237,26 @@ class ShardedModel:
             # bookkeeping of a failed model must not raise (the engine reads it outside its step's error
             # handling): every page reads as free, so a request is admitted and fails at its first call
             return self.total_pages
-        return int(self._call(self._kv, "pages", 0, 0))
+        return int(self._call(self._kv, "pages", 0, 0, 0))
 
     def add_sequence(self, seq_id: int) -> None:
         # on a failed model only the forward calls raise: the engine admits a request (it fails its
         # requests from their model steps; one that failed while being admitted would be lost)
         if self._failed is None:
-            self._call(self._kv, "add", seq_id, 0)
+            self._call(self._kv, "add", seq_id, 0, 0)
 
-    def fork_sequence(self, parent: int, child: int) -> None:
-        self._call(self._kv, "fork", parent, child)
+    def fork_sequence(self, parent: int, child: int, fork_pos: int = -1) -> None:
+        """``child`` shares ``parent``'s first ``fork_pos`` tokens (all of them: -1), on every shard."""
+        self._call(self._kv, "fork", parent, child, fork_pos)
 
     def remove_sequence(self, seq_id: int) -> None:
         if self._failed is None:  # freeing on a failed model: nothing to free (see available_pages)
-            self._call(self._kv, "remove", seq_id, 0)
+            self._call(self._kv, "remove", seq_id, 0, 0)
 
     def popn(self, seq_id: int, n: int) -> None:
         """Drop the last ``n`` tokens of a sequence (rejected speculative tokens), on every shard."""
         if n:
-            self._call(self._kv, "popn", seq_id, n)
+            self._call(self._kv, "popn", seq_id, n, 0)
 
     # --- forward passes ------------------------------------------------------------------------------------
     def _run(self, kind: str, seq_ids: list[int], lengths: list[int], tokens: list[int], positions: list[int]) -> np.ndarray:

@@ -230,15 +230,15 @@ def _init(rank: int, bundle: str, library: str, address: str, shards: int, limit
 
 @tvm_ffi.register_global_func("mlcbuild.tp.kv", override=True)
 @_guarded
-def _kv(rank: int, op: str, a: int, b: int) -> None:
+def _kv(rank: int, op: str, a: int, b: int, c: int) -> None:
     """A KV-cache bookkeeping call, the same on every shard (each holds its KV heads of every sequence)."""
     state = _state()
     fn, kv = state["fn"], state["kv"]
     window, sink = state["sliding"]
     if op == "add":
         fn["kv_state_add_sequence"](kv, a)
-    elif op == "fork":
-        fn["kv_state_fork_sequence"](kv, a, b, -1)
+    elif op == "fork":  # c: the fork position (-1: the whole parent)
+        fn["kv_state_fork_sequence"](kv, a, b, c)
     elif op == "remove":
         fn["kv_state_remove_sequence"](kv, a)
     elif op == "popn":
