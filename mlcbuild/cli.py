@@ -810,7 +810,7 @@ def _run_frontend(frontend: Any, model: str, no_build: bool, **kwargs: Any) -> N
         if kwargs.get("draft"):
             _build_first(kwargs["draft"], device, kwargs.get("draft_quantization"))
         elif kwargs.get("speculative_mode") is None and Path(model).is_file():  # the recipe's own draft
-            section = (_load(Path(model)).recipe.speculative)
+            section = _load(Path(model)).recipe.speculative
             if section is not None and section.draft_quantization is not None:
                 _build_first(model, device, section.draft_quantization)
     try:

@@ -204,18 +204,10 @@ class CompiledModel:
 
     def forward_prefill(self, seq_ids: list[int], chunks: list[list[int]]) -> np.ndarray:
         """Append each sequence's chunk to the cache; logits [len(seq_ids), vocab] at each chunk's end."""
-        flat = [t for chunk in chunks for t in chunk]
         ends = np.cumsum([len(c) for c in chunks]).astype(np.int32) - 1
-        if self._verify is not None and len(flat) <= FEW_ROWS_PREFILL:
+        if self._verify is not None and ends[-1] + 1 <= FEW_ROWS_PREFILL:
             return self.forward_verify(seq_ids, chunks)[ends]
-        embeddings = self._embed_tokens(flat, [1, len(flat)])
-        positions = self._tvm.runtime.tensor(ends, self.device)
-        self._begin(self.kv_cache, self._shape(seq_ids), self._shape([len(c) for c in chunks]))
-        try:
-            logits = self._prefill(embeddings, positions, self.kv_cache, self.params)
-        finally:
-            self._end(self.kv_cache)
-        return logits.numpy()[0].astype(np.float32, copy=False)
+        return self._prefill_logits(seq_ids, chunks, ends.tolist())
 
     def forward_prefill_at(self, seq_id: int, token_ids: list[int], positions: list[int]) -> np.ndarray:
         """Append one sequence's chunk to the cache; logits [len(positions), vocab] at those positions of
@@ -224,26 +216,26 @@ class CompiledModel:
 
     def _prefill_logits(self, seq_ids: list[int], chunks: list[list[int]], positions: list[int]) -> np.ndarray:
         """Append the chunks; logits at ``positions`` of the concatenated chunks."""
-        flat = [t for chunk in chunks for t in chunk]
-        embeddings = self._embed_tokens(flat, [1, len(flat)])
         at = self._tvm.runtime.tensor(np.asarray(positions, dtype=np.int32), self.device)
-        self._begin(self.kv_cache, self._shape(seq_ids), self._shape([len(c) for c in chunks]))
-        try:
-            logits = self._prefill(embeddings, at, self.kv_cache, self.params)
-        finally:
-            self._end(self.kv_cache)
-        return logits.numpy()[0].astype(np.float32, copy=False)
+        return self._forward_chunks(seq_ids, chunks, lambda embeddings: self._prefill(embeddings, at, self.kv_cache,
+                                                                                      self.params))
 
     def forward_verify(self, seq_ids: list[int], chunks: list[list[int]]) -> np.ndarray:
         """Append each sequence's chunk (speculation: its last token and the draft); logits [total tokens,
         vocab] at every position, chunk after chunk."""
-        if self._verify is None:
+        if self._verify is None:  # a library built before batch_verify existed
             return self._prefill_logits(seq_ids, chunks, list(range(sum(len(c) for c in chunks))))
+        return self._forward_chunks(seq_ids, chunks, lambda embeddings: self._verify(embeddings, self.kv_cache,
+                                                                                     self.params))
+
+    def _forward_chunks(self, seq_ids: list[int], chunks: list[list[int]], call: Callable[[Any], Any]) -> np.ndarray:
+        """Embed the concatenated chunks, run ``call`` on them inside the KV cache's forward for these
+        sequences and chunk lengths, and return its logits' first row as float32."""
         flat = [t for chunk in chunks for t in chunk]
         embeddings = self._embed_tokens(flat, [1, len(flat)])
         self._begin(self.kv_cache, self._shape(seq_ids), self._shape([len(c) for c in chunks]))
         try:
-            logits = self._verify(embeddings, self.kv_cache, self.params)
+            logits = call(embeddings)
         finally:
             self._end(self.kv_cache)
         return logits.numpy()[0].astype(np.float32, copy=False)
@@ -919,6 +911,15 @@ class Engine:
             self.draft.drop(seq.draft)
             seq.draft = None
 
+    def _discard(self, seq: _Sequence) -> None:
+        """Free a failed sequence in both KV caches, whichever no longer holds it (it failed before it was
+        added, or the cache is inconsistent after a failed step)."""
+        for remove in (lambda: self.model.remove_sequence(seq.seq_id), lambda: self._drop_draft(seq)):
+            try:
+                remove()
+            except Exception:
+                pass
+
     def _verify_step(self, seqs: list[tuple[_Request, _Sequence]], drafts: list[list[int]]) -> None:
         """One call over each sequence's last token and draft; accept the draft while the token drawn from
         the target's logits at each position equals it (Leviathan et al.'s rule for a draft that is one
@@ -1056,11 +1057,7 @@ class Engine:
         """Fail one request (already out of the prefilling/running lists) and free its pages."""
         logger.error("request %s failed: %r", request.request_id, exc)
         for seq in request.live:
-            for remove in (lambda: self.model.remove_sequence(seq.seq_id), lambda: self._drop_draft(seq)):
-                try:
-                    remove()
-                except Exception:  # not in the cache (failed before it was added)
-                    pass
+            self._discard(seq)
             seq.finish_reason = "abort"
         if request.admitted:
             self._free_slots += request.config.n
@@ -1078,11 +1075,7 @@ class Engine:
             self._incoming.clear()
         for request in list(self._waiting) + self._prefilling + self._running:
             for seq in request.live:
-                for remove in (lambda: self.model.remove_sequence(seq.seq_id), lambda: self._drop_draft(seq)):
-                    try:
-                        remove()
-                    except Exception:  # the cache may be inconsistent after a failed step
-                        pass
+                self._discard(seq)
                 seq.finish_reason = "abort"
             self._counters["aborted" if aborted else "failed"] += 1
             request.callback(RequestOutput(request.request_id, [], finished=True, stats=request.stats, error=exc))

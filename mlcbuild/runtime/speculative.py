@@ -74,8 +74,8 @@ class DraftModel:
     """A small model with its own paged KV cache proposing tokens for a target model's sequences.
 
     Each target sequence that speculates has a :class:`DraftState`. Before it drafts, the draft's cache
-    catches up with the sequence's context (the whole prompt the first time, in chunks; afterwards the one
-    or two tokens the last verification added), then drafts greedily, one batched decode call per
+    catches up with the sequence's context (a new prompt at most a prefill chunk per step; afterwards the
+    one or two tokens the last verification added), then drafts greedily, one batched decode call per
     position for all sequences at once. After the target verified, :meth:`rollback` pops the drafted
     tokens the target did not keep."""
 
