@@ -227,21 +227,31 @@ def main() -> None:
         print(f"   Ray overhead per node: {summary(ray_over)}")
         worst = max(ray_over, key=ray_over.__getitem__)
         worst_phases = next(e.get("phases", {}) for e in ray_events if e["event"] == "node_done" and e["node"] == worst)
-        print(f"     {worst}: " + ", ".join(f"{name.removesuffix('_s')} {value:.2f} s" for name, value in worst_phases.items()))
+        print(f"     {worst}: " + ", ".join(f"{name.removesuffix('_s')} {value:.2f} s" for name, value in worst_phases.items()
+                                           if name != "warm_up_s"))
         phases: dict[str, list[float]] = {}
+        warm_ups = []  # a warmed process's first node reports what readying it took (not in its wall)
         for event in ray_events:
             for name, value in (event.get("phases") or {}).items() if event["event"] == "node_done" else ():
-                phases.setdefault(name, []).append(value)
+                if name == "warm_up_s":
+                    warm_ups.append(value)
+                else:
+                    phases.setdefault(name, []).append(value)
         if phases:  # where it went (node_done's "phases"); the rest is the driver's own bookkeeping
             print("     mean per node: " + ", ".join(f"{name.removesuffix('_s')} {statistics.mean(values):.2f} s"
                                                      for name, values in phases.items()))
+        if warm_ups:
+            print(f"     worker processes readied at the run's first build (RayBackend.warm) that then built a node: "
+                  f"{len(warm_ups)}, readying took mean {statistics.mean(warm_ups):.2f} s, max {max(warm_ups):.2f} s "
+                  "(beside the first nodes; in no node's wall)")
         head = {n: v for n, v in ray_over.items() if n not in on_nvcc}
         nvcc = {n: v for n, v in ray_over.items() if n in on_nvcc}
         if head and nvcc:
             print(f"     head (shares the driver's cache): {summary(head)}")
             print(f"     nvcc node (own cache, pulls inputs, pushes outputs): {summary(nvcc)}")
         # A worker process's first node also imports the stage's modules (TVM for a compile),
-        # which the driver had imported before a local build's nodes started.
+        # which the driver had imported before a local build's nodes started, unless the process
+        # was readied beforehand (RayBackend.warm).
         seen: set[str] = set()
         first, later = {}, {}
         for event in ray_events:

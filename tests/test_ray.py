@@ -261,3 +261,18 @@ def test_a_worker_with_another_toolchain_than_the_key_says_refuses_the_node(clus
     assert "has other toolchain facts than the node's key was computed with" in error
     assert "fakecc: driver '1.0', worker '2.0'" in error
     assert "compile[q0f16,cuda:sm_80]" not in cluster.ran_log.read_text().split()
+
+
+def test_worker_processes_are_readied_for_the_nodes_to_come_on_the_machines_that_will_build_them(cluster, tmp_path):
+    # RayBackend.warm, at the run's first build: warm-up tasks import what each stage preloads
+    # (Stage.preload_modules; the fake CUDA compile's is tests/ray_preload.py, which logs where it
+    # was imported) on the machines that can take the stage's nodes: the CUDA compile's on the
+    # nvcc node, placed by a sliver of its custom resource, while the run goes on without them
+    code, events, err = fake_run(cluster, tmp_path, "[cpu, cuda:sm_80]", "--remote-cache", (tmp_path / "remote").as_uri())
+    assert code == 0, err[-3000:]
+    deadline = time.monotonic() + 60  # the run does not wait for them
+    while time.monotonic() < deadline and "preloaded:nvcc-node" not in cluster.ran_log.read_text():
+        time.sleep(0.2)
+    preloaded = [line for line in cluster.ran_log.read_text().split() if line.startswith("preloaded:")]
+    assert any(line.startswith("preloaded:nvcc-node:") for line in preloaded), preloaded
+    assert len(preloaded) <= 4  # up to 2 processes per placement class, not one per node

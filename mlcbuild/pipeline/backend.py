@@ -49,6 +49,15 @@ class BuildJob:
     code: str = ""  # digest of the stage's code the key was computed with (a worker checks its own)
 
 
+@dataclass(frozen=True)
+class ExpectedNode:
+    """A node this run may still build (for :meth:`Backend.warm`): its stage, params and needs."""
+
+    stage: str
+    params: dict[str, Any]
+    resources: Resources
+
+
 @dataclass
 class BuildOutcome:
     record: NodeRecord
@@ -57,7 +66,8 @@ class BuildOutcome:
     # it lives elsewhere (a worker's store and the remote cache) and must be pulled to be laid out.
     local: bool = True
     # Where a remote backend's wall time per node went, in seconds ("dispatch_s", "inputs_s",
-    # "checks_s", "publish_s", "push_s", "return_s"): reported in the node_done event.
+    # "checks_s", "publish_s", "push_s", "return_s"; "warm_up_s": what warming the worker process
+    # took before it got its first node, not part of this node's wall): reported in node_done.
     phases: dict[str, float] = field(default_factory=dict)
 
 
@@ -128,6 +138,11 @@ class Backend(ABC):
 
     @abstractmethod
     def build(self, job: BuildJob, emit: Emit) -> BuildOutcome: ...
+
+    def warm(self, expected: list[ExpectedNode]) -> None:
+        """The run is about to build: get ready for ``expected`` without waiting (a backend whose
+        workers start cold, as fresh processes, may start and prepare them now, beside the first
+        nodes, as Bazel's persistent workers are). Default: nothing to do."""
 
     def close(self) -> None:
         """Release what the backend holds (cluster connections)."""

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from filelock import FileLock
 
 from mlcbuild.cache.store import ArtifactStore, CorruptBlob, NodeRecord
-from mlcbuild.pipeline.backend import Backend, BuildJob, CorruptInput, LocalBackend
+from mlcbuild.pipeline.backend import Backend, BuildJob, CorruptInput, ExpectedNode, LocalBackend
 from mlcbuild.pipeline.code_digest import code_closure, code_digest
 from mlcbuild.pipeline.graph import Graph, Node
 from mlcbuild.pipeline import journal
@@ -104,6 +104,8 @@ class Executor:
         self.backend = backend or LocalBackend(store, self._stage)
         self.remote = remote  # a RemoteCache beneath the local store, or None
         self._read_files: set[Watch] = set()  # what keys were computed from (for the run journal)
+        self._warm_lock = threading.Lock()
+        self._warmed = False  # the backend was told what this run may build (see _warm_backend)
 
     # -- keys --------------------------------------------------------------------------------
     def _stage(self, name: str) -> Stage:
@@ -328,6 +330,7 @@ class Executor:
                     record = None if forced else self._pull(state, key)
                     outcome = "pulled"
                     if record is None:
+                        self._warm_backend(states)
                         record, local = self._build(state, inputs, described)  # type: ignore[arg-type]
                         outcome = "built"
         if outcome == "cached":
@@ -410,6 +413,19 @@ class Executor:
                         "message": f"remote cache {url} is unavailable ({exc}); building locally for the rest of this run"})
 
     # -- building --------------------------------------------------------------------------
+    def _warm_backend(self, states: dict[int, NodeState]) -> None:
+        """At the run's first build: tell the backend which nodes may follow (every node not yet
+        found, pulled or built), so that it can ready its workers while this one builds. A no-op
+        run never gets here, so it starts nothing."""
+        with self._warm_lock:
+            if self._warmed:
+                return
+            self._warmed = True
+            expected = [ExpectedNode(s.node.stage, s.node.params.model_dump(mode="json"),
+                                     self._stage(s.node.stage).resources(s.node.params))
+                        for s in states.values() if s.status in ("pending", "running")]
+        self.backend.warm(expected)
+
     def _build(self, state: NodeState, inputs: dict[str, NodeRecord], described: dict) -> tuple[NodeRecord, bool]:
         """Build one node through the backend; returns its record and whether it is in the local store."""
         node = state.node

@@ -69,7 +69,7 @@ import ray
 import ray.exceptions
 
 from mlcbuild.cache.store import ArtifactStore, CorruptBlob, NodeRecord
-from mlcbuild.pipeline.backend import Backend, BuildJob, BuildOutcome, CorruptInput, Emit, build_node
+from mlcbuild.pipeline.backend import Backend, BuildJob, BuildOutcome, CorruptInput, Emit, ExpectedNode, build_node
 from mlcbuild.pipeline.stage import Stage, StageError
 
 TASK_NAME_PREFIX = "mlcbuild.build"  # a building worker's process title: ray::mlcbuild.build:<label>
@@ -78,6 +78,11 @@ EVENT_POLL_S = 0.5  # how often the driver collects a running node's events
 EVENT_FLUSH_S = 0.5  # how often a task sends its buffered events
 LOCAL_OBJECT_STORE_BYTES = 256 << 20  # a local instance: only records and events go through it
 TOKEN_FILE = "token"  # in the driver's cache dir: a worker that reads the same token shares that dir
+# Warm-up (see RayBackend.warm): worker processes readied per placement class (nodes asking for the
+# same custom resources), and the share of each custom resource a warm-up task asks for (enough to
+# be placed where the class's nodes will run, too little to keep one of them waiting).
+WARM_PROCESSES_PER_CLASS = 2
+WARM_RESOURCE_SHARE = 0.001
 
 
 class ClusterError(StageError):
@@ -146,6 +151,9 @@ class RayBackend(Backend):
         self._relay_lock = threading.Lock()
         self._relay_broken = False
         self._nodes: tuple[float, list[dict]] = (0.0, [])
+        self._warming: list[Any] = []
+        self._to_warm: list[ExpectedNode] | None = None  # told by warm(), started after the next dispatch
+        self._warm_lock = threading.Lock()
 
     # -- building ----------------------------------------------------------------------------
     def build(self, job: BuildJob, emit: Emit) -> BuildOutcome:
@@ -166,6 +174,7 @@ class RayBackend(Backend):
         relay = self._event_relay()
         submitted = time.time()  # wall clock: compared with the worker's (one host, or NTP-close hosts)
         ref = _build_task.options(**options).remote(job, self._driver, build_id, relay)
+        self._start_warm_ups()  # after this node's task: it is the one the run waits for now
         while True:
             ready, _ = ray.wait([ref], timeout=EVENT_POLL_S)
             self._forward_events(relay, build_id, emit)
@@ -188,10 +197,60 @@ class RayBackend(Backend):
         phases = {"dispatch_s": clock["started"] - submitted, "inputs_s": clock["inputs_s"],
                   "checks_s": clock["checks_s"], "publish_s": clock["build_s"] - record.duration_s,
                   "push_s": clock["push_s"], "return_s": time.time() - clock["ended"]}
+        if clock.get("warm_up_s"):
+            phases["warm_up_s"] = clock["warm_up_s"]
         return BuildOutcome(record, worker=result["worker"], local=result["shared"],
                             phases={name: round(max(value, 0.0), 3) for name, value in phases.items()})
 
+    def warm(self, expected: list[ExpectedNode]) -> None:
+        """Start worker processes and ready them for the nodes to come, without waiting for them.
+
+        A Ray worker is a fresh Python process: before its first node it imports the stage's code
+        (for a compile, TVM: seconds on a small machine, more beside other builds) and, on a
+        machine with its own cache directory, computes the toolchain facts and code digests the
+        node's checks compare (memoized there afterwards). Done at the first node's dispatch it
+        adds all that to that node's wall; done here, at the run's first build, it overlaps the
+        nodes that must finish first (download, conversion), as Bazel's persistent workers keep a
+        compiler loaded. Per placement class (same custom resources: the same machines) up to
+        ``WARM_PROCESSES_PER_CLASS`` tasks run at once, so as many processes are readied; Ray then
+        reuses an idle worker process of the job for the next task (the warmed ones). A warm-up
+        asks for no CPU and a sliver of each custom resource, so it never holds a node back; one
+        that fails is ignored (the node's own task reports what is wrong). The warm-ups are
+        submitted right after the task of the node being dispatched, so they never get ahead of it."""
+        with self._warm_lock:
+            self._to_warm = list(expected)
+
+    def _start_warm_ups(self) -> None:
+        with self._warm_lock:
+            expected, self._to_warm = self._to_warm, None
+        if not expected:
+            return
+        classes: dict[tuple, list[ExpectedNode]] = {}
+        for node in expected:
+            custom = () if self._local else tuple(sorted(node.resources.custom.items()))
+            group = classes.setdefault(custom, [])
+            if all((n.stage, n.params) != (node.stage, node.params) for n in group):
+                group.append(node)
+        for custom, group in classes.items():
+            wanted = {name: WARM_RESOURCE_SHARE for name, _ in custom}
+            if not any(_fits(node, wanted) for node in self._alive_nodes()):
+                continue  # no machine can take these nodes: build() says what to start
+            # every process readies every stage of its class (which process gets which node is Ray's)
+            work = [(n.stage, n.params) for n in group]
+            options: dict[str, Any] = {"name": f"{TASK_NAME_PREFIX}:warm-up", "num_cpus": 0, "resources": wanted,
+                                       "max_retries": 0}
+            if self._runtime_env:
+                options["runtime_env"] = self._runtime_env
+            for _ in range(min(WARM_PROCESSES_PER_CLASS, len(group))):
+                self._warming.append(_warm_up_task.options(**options).remote(work, self._driver))
+
     def close(self) -> None:
+        for ref in self._warming:  # a run that ended early leaves nothing busy on the cluster
+            try:
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001 - finished or gone: nothing to stop
+                pass
+        self._warming = []
         with self._relay_lock:
             relay, self._relay = self._relay, None
         if relay is not None and ray.is_initialized():
@@ -396,10 +455,53 @@ def _ensure_inputs(job: BuildJob, store: ArtifactStore, open_remote: Callable[[]
                 f"key {record.key}) than the driver's record: that node does not build reproducibly")
 
 
+_warm_up_s = 0.0  # what RayBackend.warm spent readying this process, until its first node takes it
+
+
+# (Ray pickles a remote function by value, with a copy of its module's globals: the tasks share the
+# process's state through these plain functions, which pickle by reference to the real module.)
+def _add_warm_up(seconds: float) -> None:
+    global _warm_up_s
+    _warm_up_s += seconds
+
+
+def _take_warm_up() -> float:
+    global _warm_up_s
+    taken, _warm_up_s = _warm_up_s, 0.0
+    return taken
+
+
+@ray.remote
+def _warm_up_task(work: list[tuple[str, dict[str, Any]]], driver: _Driver) -> float:
+    """Ready this worker process for nodes of these stages (see ``RayBackend.warm``): import each
+    stage's code and what it preloads (``Stage.preload_modules``), and compute what its node's checks
+    will (toolchain facts, code digest: memoized in this machine's cache)."""
+    started = time.perf_counter()
+    os.environ["MLCBUILD_BUILDER_PROCESS"] = "1"
+    try:
+        store, _ = _worker_store(driver)
+        from mlcbuild.pipeline.code_digest import code_closure, code_digest
+
+        for name, params_json in work:
+            stage = _stage_resolver(driver.get_stage)(name)
+            params = stage.Params.model_validate(params_json)
+            stage.toolchain(params)
+            modules = stage.code_modules(params)
+            for module in [*modules, *stage.preload_modules(params)]:
+                importlib.import_module(module)
+            code_digest(code_closure(store.stat_cache, modules))
+    except Exception:  # noqa: BLE001 - a head start only: the node's own task reports the problem
+        pass
+    seconds = time.perf_counter() - started
+    _add_warm_up(seconds)
+    return seconds
+
+
 @ray.remote
 def _build_task(job: BuildJob, driver: _Driver, build_id: str, relay: Any) -> dict[str, Any]:
     """Build ``job`` on this worker; returns its record (JSON) and where it was built."""
-    clock = {"started": time.time(), "inputs_s": 0.0, "checks_s": 0.0, "build_s": 0.0, "push_s": 0.0}
+    clock = {"started": time.time(), "inputs_s": 0.0, "checks_s": 0.0, "build_s": 0.0, "push_s": 0.0,
+             "warm_up_s": _take_warm_up()}
     # This process builds: the stages' host probes may import what they ask about (mlcbuild.toolchain)
     # instead of starting a child Python per question.
     os.environ["MLCBUILD_BUILDER_PROCESS"] = "1"

@@ -102,6 +102,12 @@ class Stage(ABC):
         return list(dict.fromkeys(cls.__module__ for cls in type(self).__mro__
                                   if issubclass(cls, Stage) and cls is not Stage))
 
+    def preload_modules(self, params: Any) -> list[str]:
+        """Modules ``run`` imports that take long to import (TVM's): a backend that readies a
+        fresh worker process before its first node (``Backend.warm``) imports them then, so the
+        node does not wait for them. Default: none."""
+        return []
+
     def source_paths(self, params: Any) -> list[Path]:
         """Files or directories outside the cache whose content enters the key (digested through
         the stat cache, so an unchanged multi-GB source costs a stat per file, not a read)."""

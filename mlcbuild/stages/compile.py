@@ -67,6 +67,10 @@ class Compile(Stage):
             raise StageError("; ".join(problems))
         return toolchain_facts(device)
 
+    def preload_modules(self, params: CompileParams) -> list[str]:
+        # TVM (through the model definitions: seconds to import) and the compiler's own modules
+        return ["mlcbuild.models.base_nn", "mlcbuild.compiler.build"]
+
     def watch_paths(self, params: CompileParams) -> list[Path]:
         return tool_files(parse_device(params.device))
 

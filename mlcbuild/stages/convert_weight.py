@@ -52,6 +52,9 @@ class ConvertWeight(Stage):
         # numpy's rounding and float casts produce the stored bytes.
         return {"numpy": version("numpy"), "ml_dtypes": version("ml_dtypes")}
 
+    def preload_modules(self, params: ConvertWeightParams) -> list[str]:
+        return ["mlcbuild.models.base_nn"]  # the model definitions, on TVM's Relax nn frontend
+
     def resources(self, params: ConvertWeightParams) -> Resources:
         # Streams one tensor at a time: the interpreter with numpy, plus a few copies of the
         # largest tensor (read, widened to float32, quantized). The params do not know the
