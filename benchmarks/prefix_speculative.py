@@ -140,7 +140,7 @@ def bench_speculative(bundle: Bundle, draft: Bundle | None, rounds: int, max_tok
             cases += [(f"draft {draft.manifest.quantization}", "summarise", summary, {"draft": draft}),
                       (f"draft {draft.manifest.quantization}", "question", question, {"draft": draft})]
         for mode, name, prompt, options in cases:
-            for k in (1, 2, 4):
+            for k in (1, 2, 3, 4):
                 spec = Engine(bundle, max_batch_size=1, prefix_cache=False, speculative_tokens=k,
                               speculative_mode=options.get("speculative_mode", "draft"), draft=options.get("draft"))
                 try:

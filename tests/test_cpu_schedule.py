@@ -380,8 +380,9 @@ def test_float_4bit_gemv_prefetches_words_and_scales() -> None:
 @pytest.mark.parametrize("quant", ["q4f16_1", "q0f16"])
 def test_verify_matmuls_get_their_own_multi_row_gemv(quant: str) -> None:
     """batch_verify and batch_prefill compute the same matmuls, which Relax shares as one PrimFunc: the
-    schedule gives batch_verify its own copies (few rows: each weight read once, as GEMV) and leaves
-    prefill its GEMM; the copies compute what the unscheduled kernel does, at 5 rows."""
+    schedule gives batch_verify its own copies (few rows: each weight read once, as GEMV; float weights
+    get the blocked few-row GEMV) and leaves prefill its GEMM; the copies compute what the unscheduled
+    kernel does at 1, 2, 4 and 5 rows (5: a second block of rows, padded)."""
     from tvm import relax
 
     from mlcbuild.compiler.kernels.cpu_schedule import FEW_ROWS_ATTR
@@ -413,12 +414,16 @@ def test_verify_matmuls_get_their_own_multi_row_gemv(quant: str) -> None:
     assert prefill and len(verify) == len(prefill) and not set(prefill) & set(verify), (prefill, verify)
     assert {report[n] for n in prefill} == {"gemm"}
     assert all(report[n].startswith("gemv") and n.endswith("_few_rows") for n in verify), report
+    if spec.kind == "none":  # float weights: the blocked few-row kernel
+        assert {report[n] for n in verify} == {"gemv-few-rows"}, report
     funcs = _primfuncs(scheduled)
     assert all(funcs[n].attrs[FEW_ROWS_ATTR] for n in verify)
     rng = np.random.default_rng(3)
     for name in verify:
         original = before[name.removesuffix("_few_rows")]
-        arrays = _random_args(original, 5, rng)
-        want, got = _run(original, list(arrays)), _run(funcs[name], list(arrays))
-        np.testing.assert_allclose(got, want, rtol=0, atol=_tolerance(quant) * max(1.0, float(np.abs(want).max())))
+        for rows in (1, 2, 4, 5):
+            arrays = _random_args(original, rows, rng)
+            want, got = _run(original, list(arrays)), _run(funcs[name], list(arrays))
+            np.testing.assert_allclose(got, want, rtol=0, atol=_tolerance(quant) * max(1.0, float(np.abs(want).max())),
+                                       err_msg=f"{name} at {rows} rows")
     assert isinstance(scheduled["batch_verify"], relax.Function)

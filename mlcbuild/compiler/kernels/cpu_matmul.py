@@ -220,6 +220,102 @@ def schedule_gemv(func: Any, n: int, rows: int, sequential_rows: bool = False) -
     return sch.mod["main"]
 
 
+# ---- GEMV over a few rows (speculative verification) ---------------------------------------------
+
+# Rows of x computed together by the few-row GEMV (each weight vector loaded and widened once for all
+# of them): a verification of 1-3 drafted tokens (2-4 rows) is one pass over the weights, 4-7 drafted
+# tokens two. Measured on the demo's q0f16 projections (Intel Xeon, 2 threads, summed over the
+# model, one process): decode 12.5-13.1 ms; 2/3/4/5 rows 16.2/16.3/16.6/25.2 ms (the decode GEMV
+# looping over the rows: 18.7/23.8/28.9/34.0); blocks of 5 or 6 cost 17-18 ms at every row count up
+# to theirs, blocks of 8 24 ms.
+FEW_ROWS_BLOCK = 4
+# Weight rows interleaved per step: 2 x FEW_ROWS_BLOCK accumulators (4 weight rows spill registers).
+FEW_ROWS_WEIGHT_ROWS = 2
+
+
+def _lane_index(bits: tuple[Any, ...]) -> Any:
+    """A lane's index from its binary digits, most significant first."""
+    index = i64(0)
+    for bit in bits:
+        index = index * i64(2) + bit
+    return index
+
+
+def _add_halves(partial: Any, depth: int, shape: tuple[Any, ...]) -> Any:
+    """``partial`` [rows, n, 2 x depth] with its first lane digit summed away: one level of a tree."""
+    half = te.reduce_axis((i64(0), i64(2)), name=f"half{depth}")
+    return te.compute(shape, lambda m, n, *bits: te.sum(partial(m, n, half, *bits), axis=half), name=f"sum{depth - 1}")
+
+
+def build_gemv_few_rows(info: MatmulInfo, lanes: int, block: int = FEW_ROWS_BLOCK,
+                        weight_rows: int = FEW_ROWS_WEIGHT_ROWS) -> Any:
+    """A GEMV for a handful of rows (a dynamic count, typically 2-5: a speculative verification) of a
+    float weight: per step, one weight vector is loaded and widened once and multiplied into
+    ``block`` rows of x, so the weights stream once per ``block`` rows instead of once per row.
+
+    The rows are padded up to a multiple of ``block`` by repeating the last one (its results are not
+    stored), so the block's inner loop has no bounds test; x is widened to float32 once up front (a
+    few KB), not per weight row. A row's ``lanes`` partial sums are added as a tree (log2(lanes)
+    vector adds): LLVM keeps the order of an unrolled float reduction, and the 16 dependent scalar
+    adds of a plain horizontal sum per row and block row cost more than the dot product itself once
+    the weight is reused (compute, not memory, bounds a few-row GEMV on a small core count)."""
+    tes = _placeholders(info)
+    X, W = _x_fn(info, tes), _w_fn(info, tes)
+    K, N = info.k_extent, info.n_extent
+    vl = lanes if K % lanes == 0 else _divisor(K, [8, 4, 2])
+    if vl < 2:
+        raise NotMatched(f"few-row GEMV: K={K} has no vector-length divisor")
+    depth = vl.bit_length() - 1
+    M = _m_total(info)
+    padded = tirx.floordiv(M + i64(block - 1), i64(block)) * i64(block)
+    xw = te.compute((padded, i64(K)), lambda m, k: X(tirx.min(m, M - i64(1)), k), name="xw")
+    ko = te.reduce_axis((i64(0), i64(K // vl)), name="ko")
+    rf = te.compute((padded, i64(N)) + (i64(2),) * depth,
+                    lambda m, n, *bits: te.sum(xw(m, ko * vl + _lane_index(bits)) * W(n, ko * vl + _lane_index(bits)),
+                                               axis=ko), name="rf")
+    partial, levels = rf, []
+    for d in range(depth, 0, -1):
+        partial = _add_halves(partial, d, (padded, i64(N)) + (i64(2),) * (d - 1))
+        levels.append(partial.op.name)
+    y = te.compute((M, i64(N)), lambda m, n: partial(m, n), name="y")
+    out = _out_compute(info, tes, lambda m, n: y(m, n))
+    func = _finish(info, tes, out)
+
+    weight_rows = _divisor(N, [weight_rows, 1])
+    sch = s_tir.Schedule(func)
+    loops = sch.get_loops(sch.get_sblock("rf"))
+    rows, cols, lane_loops, k = loops[0], loops[1], loops[2:-1], loops[-1]
+    lane = sch.fuse(*lane_loops) if len(lane_loops) > 1 else lane_loops[0]
+    mo, mi = sch.split(rows, [None, block])
+    no, ni = sch.split(cols, [None, weight_rows])
+    sch.reorder(no, mo, k, ni, mi, lane)
+    sch.parallel(no)
+    xl = sch.get_loops(sch.get_sblock("xw"))
+    sch.vectorize(sch.split(xl[-1], [None, vl])[-1])
+    for name in levels:  # each level right after the block's dot products, vectorized over its lanes
+        level = sch.get_sblock(name)
+        sch.reverse_compute_at(level, mo)
+        ll = sch.get_loops(level)
+        spatial = len(sch.get(level).iter_vars) - 3  # its lane digits (less the one summed)
+        sch.unroll(ll[-1])
+        if spatial:
+            sch.reorder(ll[-1], *ll[-1 - spatial:-1])
+            sch.vectorize(sch.fuse(*ll[-1 - spatial:-1]) if spatial > 1 else ll[-2])
+    sch.reverse_compute_at(sch.get_sblock("y"), mo)
+    sch.reverse_compute_at(sch.get_sblock("out"), mo)
+    sch.vectorize(lane)
+    sch.unroll(mi)
+    if weight_rows > 1:
+        sch.unroll(ni)
+    init = sch.decompose_reduction(sch.get_sblock("rf"), k)
+    sch.vectorize(sch.get_loops(init)[-1])
+    scheduled = sch.mod["main"]
+    weights = [load for load in loads_in(info.w_expr) if [as_int(d) for d in load.source.shape] == [N, K]]
+    if len(weights) == 1:  # a plain [N, K] weight: prefetch its stream as the decode GEMV does
+        scheduled = prefetch_rows_ahead(scheduled, weight_rows, weights[0].source.name)
+    return scheduled
+
+
 # ---- GEMM ---------------------------------------------------------------------------------------
 
 

@@ -118,6 +118,8 @@ def _schedule_matmul(func: Any, lanes: int, vnni: bool = False, on_failure: OnFa
     if (info.dyn_m and info.seq_like and not few_rows) or (rows is not None and rows > GEMV_MAX_ROWS):
         candidates.append(("gemm", lambda: cpu_matmul.build_gemm(info, lanes)))
     gq = matmul_analysis.match_group_quant(info)
+    if few_rows and gq is None:
+        candidates.append(("gemv-few-rows", lambda: cpu_matmul.build_gemv_few_rows(info, lanes)))
     if gq is not None:
         if vnni:
             candidates.append(("gemv-q-vnni", lambda: cpu_qgemv_vnni.build(info, gq)))
