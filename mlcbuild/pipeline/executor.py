@@ -421,9 +421,15 @@ class Executor:
             if self._warmed:
                 return
             self._warmed = True
-            expected = [ExpectedNode(s.node.stage, s.node.params.model_dump(mode="json"),
-                                     self._stage(s.node.stage).resources(s.node.params))
-                        for s in states.values() if s.status in ("pending", "running")]
+            expected = []
+            for state in states.values():
+                if state.status not in ("pending", "running"):
+                    continue
+                try:
+                    resources = self._stage(state.node.stage).resources(state.node.params)
+                except Exception:  # noqa: BLE001 - a head start only: that node's own build reports it
+                    continue
+                expected.append(ExpectedNode(state.node.stage, state.node.params.model_dump(mode="json"), resources))
         self.backend.warm(expected)
 
     def _build(self, state: NodeState, inputs: dict[str, NodeRecord], described: dict) -> tuple[NodeRecord, bool]:
