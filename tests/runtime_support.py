@@ -93,12 +93,18 @@ def cli_server(*args: str, timeout: float = 60, check_exit: bool = False) -> Ite
     port = free_port()
     cmd = [sys.executable, "-c", "from mlcbuild.cli import main; main()", "serve", *args, "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # read its output as it comes: a server that logs more than a pipe holds must not block on it
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     finished = False
     try:
         while True:
-            assert proc.poll() is None, proc.stdout.read()
+            if proc.poll() is not None:
+                reader.join(5)
+                raise AssertionError("".join(output))
             try:
                 if httpx.get(url + "/health").status_code == 200:
                     break
@@ -114,8 +120,9 @@ def cli_server(*args: str, timeout: float = 60, check_exit: bool = False) -> Ite
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+    reader.join(5)
     if check_exit and finished:
-        assert proc.wait() == 0, f"mlcbuild serve exited {proc.returncode} on Ctrl-C:\n{proc.stdout.read()[-3000:]}"
+        assert proc.wait() == 0, f"mlcbuild serve exited {proc.returncode} on Ctrl-C:\n{''.join(output)[-3000:]}"
 
 
 class ServerThread:
