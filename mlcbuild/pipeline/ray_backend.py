@@ -71,6 +71,7 @@ import ray.exceptions
 from mlcbuild.cache.store import ArtifactStore, CorruptBlob, NodeRecord
 from mlcbuild.pipeline.backend import Backend, BuildJob, BuildOutcome, CorruptInput, Emit, ExpectedNode, build_node
 from mlcbuild.pipeline.stage import Stage, StageError
+from mlcbuild.toolchain import BUILDER_PROCESS_ENV
 
 TASK_NAME_PREFIX = "mlcbuild.build"  # a building worker's process title: ray::mlcbuild.build:<label>
 MAX_RETRIES = 3  # runs of a task after its worker died (system failures only)
@@ -455,6 +456,22 @@ def _ensure_inputs(job: BuildJob, store: ArtifactStore, open_remote: Callable[[]
                 f"key {record.key}) than the driver's record: that node does not build reproducibly")
 
 
+def _stage_checks(driver: _Driver, store: ArtifactStore, name: str, params_json: dict[str, Any],
+                  with_code: bool) -> tuple[Stage, Any, dict[str, str], str]:
+    """Stage ``name`` as this worker has it, with ``params_json`` validated, its toolchain facts here, and the
+    digest of its code here ("" without ``with_code``): what a node's task compares with the facts and code
+    digest its key was computed with on the driver (and what a warm-up computes ahead, memoized)."""
+    stage = _stage_resolver(driver.get_stage)(name)
+    params = stage.Params.model_validate(params_json)
+    facts = stage.toolchain(params)
+    code = ""
+    if with_code:
+        from mlcbuild.pipeline.code_digest import code_closure, code_digest
+
+        code = code_digest(code_closure(store.stat_cache, stage.code_modules(params)))
+    return stage, params, facts, code
+
+
 _warm_up_s = 0.0  # what RayBackend.warm spent readying this process, until its first node takes it
 
 
@@ -477,21 +494,18 @@ def _warm_up_task(work: list[tuple[str, dict[str, Any]]], driver: _Driver) -> fl
     stage's code and what it preloads (``Stage.preload_modules``), and compute what its node's checks
     will (toolchain facts, code digest: memoized in this machine's cache)."""
     started = time.perf_counter()
-    os.environ["MLCBUILD_BUILDER_PROCESS"] = "1"
+    os.environ[BUILDER_PROCESS_ENV] = "1"  # as _build_task: the host probes import here
     try:
         store, _ = _worker_store(driver)
-        from mlcbuild.pipeline.code_digest import code_closure, code_digest
-
-        for name, params_json in work:
-            stage = _stage_resolver(driver.get_stage)(name)
-            params = stage.Params.model_validate(params_json)
-            stage.toolchain(params)
-            modules = stage.code_modules(params)
-            for module in [*modules, *stage.preload_modules(params)]:
+    except Exception:  # noqa: BLE001 - a head start only: the nodes' own tasks report the problem
+        work = []
+    for name, params_json in work:
+        try:
+            stage, params, _, _ = _stage_checks(driver, store, name, params_json, with_code=True)
+            for module in [*stage.code_modules(params), *stage.preload_modules(params)]:
                 importlib.import_module(module)
-            code_digest(code_closure(store.stat_cache, modules))
-    except Exception:  # noqa: BLE001 - a head start only: the node's own task reports the problem
-        pass
+        except Exception:  # noqa: BLE001 - as above, and the other stages are still readied
+            pass
     seconds = time.perf_counter() - started
     _add_warm_up(seconds)
     return seconds
@@ -504,7 +518,7 @@ def _build_task(job: BuildJob, driver: _Driver, build_id: str, relay: Any) -> di
              "warm_up_s": _take_warm_up()}
     # This process builds: the stages' host probes may import what they ask about (mlcbuild.toolchain)
     # instead of starting a child Python per question.
-    os.environ["MLCBUILD_BUILDER_PROCESS"] = "1"
+    os.environ[BUILDER_PROCESS_ENV] = "1"
     worker = _worker_identity()
     events = _TaskEvents(relay, build_id)
     try:
@@ -538,8 +552,7 @@ def _build_task(job: BuildJob, driver: _Driver, build_id: str, relay: Any) -> di
         _ensure_inputs(job, store, open_remote, worker)
         clock["inputs_s"] = time.perf_counter() - mark
         mark = time.perf_counter()
-        stage = _stage_resolver(driver.get_stage)(job.stage)
-        facts = stage.toolchain(stage.Params.model_validate(job.params))
+        stage, _, facts, here = _stage_checks(driver, store, job.stage, job.params, with_code=bool(job.code))
         if facts != job.toolchain:
             differ = ", ".join(f"{name}: driver {job.toolchain.get(name)!r}, worker {facts.get(name)!r}"
                                for name in sorted(facts.keys() | job.toolchain.keys())
@@ -548,16 +561,11 @@ def _build_task(job: BuildJob, driver: _Driver, build_id: str, relay: Any) -> di
                 f"{job.label}: worker {worker} has other toolchain facts than the node's key was computed with "
                 f"on the driver ({differ}); give the workers the driver's toolchain, or make what differs a "
                 "param of the recipe")
-        if job.code:
-            from mlcbuild.pipeline.code_digest import code_closure, code_digest
-
-            params = stage.Params.model_validate(job.params)
-            here = code_digest(code_closure(store.stat_cache, stage.code_modules(params)))
-            if here != job.code:
-                raise StageError(
-                    f"{job.label}: worker {worker} has other code for stage {job.stage!r} than the driver computed "
-                    f"the node's key with (code digest {here[:12]}, driver {job.code[:12]}): install the driver's "
-                    "mlcbuild on every worker, or its artifacts would be cached under keys that do not describe them")
+        if job.code and here != job.code:
+            raise StageError(
+                f"{job.label}: worker {worker} has other code for stage {job.stage!r} than the driver computed "
+                f"the node's key with (code digest {here[:12]}, driver {job.code[:12]}): install the driver's "
+                "mlcbuild on every worker, or its artifacts would be cached under keys that do not describe them")
         clock["checks_s"] = time.perf_counter() - mark
         mark = time.perf_counter()
         try:
