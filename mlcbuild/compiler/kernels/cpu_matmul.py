@@ -118,13 +118,18 @@ def build_gemv(info: MatmulInfo, lanes: int, rows: int = 4) -> Any:
     y = te.compute((M, i64(N)), lambda m, n: te.sum(rf(m, n, lr), axis=lr), name="y")
     out = _out_compute(info, tes, lambda m, n: y(m, n))
     func = _finish(info, tes, out)
-    weights = [load for load in loads_in(info.w_expr) if [as_int(d) for d in load.source.shape] == [N, K]]
     row_bytes = K * max((tvm.DataType(str(load.source.dtype)).bits // 8 for load in loads_in(info.w_expr)), default=4)
     rows = _divisor(N, [rows, 4, 2, 1])
-    scheduled = schedule_gemv(func, N, rows, sequential_rows=row_bytes < SEQUENTIAL_ROW_BYTES)
-    if len(weights) == 1:  # a plain [N, K] weight (16/32-bit, read as stored)
-        scheduled = prefetch_rows_ahead(scheduled, rows, weights[0].source.name)
-    return scheduled
+    return _prefetch_plain_weight(schedule_gemv(func, N, rows, sequential_rows=row_bytes < SEQUENTIAL_ROW_BYTES),
+                                  info, rows)
+
+
+def _prefetch_plain_weight(func: Any, info: MatmulInfo, rows: int) -> Any:
+    """A scheduled GEMV with its weight stream prefetched (``prefetch_rows_ahead``) where the weight
+    factor is one plain [N, K] buffer (16/32-bit, read as stored); ``func`` itself otherwise."""
+    weights = [load for load in loads_in(info.w_expr)
+               if [as_int(d) for d in load.source.shape] == [info.n_extent, info.k_extent]]
+    return prefetch_rows_ahead(func, rows, weights[0].source.name) if len(weights) == 1 else func
 
 
 # Software prefetch distance of a GEMV's weight stream (bytes ahead of the rows being read). A
@@ -309,11 +314,7 @@ def build_gemv_few_rows(info: MatmulInfo, lanes: int, block: int = FEW_ROWS_BLOC
         sch.unroll(ni)
     init = sch.decompose_reduction(sch.get_sblock("rf"), k)
     sch.vectorize(sch.get_loops(init)[-1])
-    scheduled = sch.mod["main"]
-    weights = [load for load in loads_in(info.w_expr) if [as_int(d) for d in load.source.shape] == [N, K]]
-    if len(weights) == 1:  # a plain [N, K] weight: prefetch its stream as the decode GEMV does
-        scheduled = prefetch_rows_ahead(scheduled, weight_rows, weights[0].source.name)
-    return scheduled
+    return _prefetch_plain_weight(sch.mod["main"], info, weight_rows)
 
 
 # ---- GEMM ---------------------------------------------------------------------------------------
