@@ -130,6 +130,22 @@ def test_eviction_under_page_pressure_keeps_outputs(bundle, plain):
         engine.shutdown()
 
 
+def test_a_cached_prefix_too_big_to_keep_beside_the_prompt_is_evicted_not_waited_for(bundle, plain):
+    """A cache of one context (17 pages): a 150-token sequence stays cached, then a 200-token prompt shares
+    only its 50-token system prompt. Forking that prefix would keep the cached sequence's 10 pages beside the
+    prompt's 10 more: it never fits, and nothing running would free pages (a chat's second turn, with the
+    history re-tokenized, waited for ever). The cached sequence is evicted and the prompt prefilled whole."""
+    engine = Engine(bundle, kv_cache_tokens=256, max_batch_size=1)
+    try:
+        first, second = SYSTEM + ids(80, 70), SYSTEM + ids(150, 71)
+        assert run(engine, [first], max_tokens=20) == run(plain, [first], max_tokens=20)
+        assert run(engine, [second], max_tokens=8) == run(plain, [second], max_tokens=8)
+        stats = engine.stats()
+        assert stats["prefix_cache_evictions"] >= 1 and stats["kv_pages_in_use"] == 0, stats
+    finally:
+        engine.shutdown()
+
+
 def test_preemption_when_pages_run_out_gives_the_unpressured_outputs(bundle, plain):
     """16 concurrent requests with max_tokens unset (up to the 256-token context) on a cache of four contexts
     (batches of 8): admitted on what their prompts need, the newest are pre-empted as the batch grows and

@@ -639,12 +639,14 @@ class Engine:
             if request.config.n > self._free_slots:
                 break
             parent, hit = self._lookup(request)
-            # the prompt's pages (a fork copies at most one partial page), one page per extra choice, and a
-            # page for each running sequence's next decode step so admission does not force a pre-emption
-            need = -(-(len(request.fill) - hit) // self.model.page_size) + 1 + (request.config.n - 1) \
-                + sum(len(r.live) for r in self._running)
-            if not self._evict_for(need, keep=parent):
-                break
+            if not self._evict_for(self._pages_to_admit(request, hit), keep=parent):
+                # Keeping the cached prefix may be what leaves too little room (a long cached sequence that
+                # shares only a short prefix): without the fork the whole prompt may fit, once it is evicted.
+                # Otherwise nothing running could ever free enough for the fork, and the request would wait
+                # for ever.
+                if parent is None or not self._evict_for(self._pages_to_admit(request, 0)):
+                    break
+                parent, hit = None, 0
             self._waiting.popleft()
             if request.fill is request.prompt and not request.admitted:
                 request.cache_hit = hit
@@ -666,6 +668,13 @@ class Engine:
                 self.model.add_sequence(seq.seq_id)
             seq.kv_len = request.prefilled = hit
             self._prefilling.append(request)
+
+    def _pages_to_admit(self, request: _Request, hit: int) -> int:
+        """Free pages admitting ``request`` needs with ``hit`` prompt tokens forked from the cache: the rest of
+        the prompt's pages (a fork copies at most one partial page), one page per extra choice, and a page for
+        each running sequence's next decode step so admission does not force a pre-emption."""
+        return -(-(len(request.fill) - hit) // self.model.page_size) + 1 + (request.config.n - 1) \
+            + sum(len(r.live) for r in self._running)
 
     def _lookup(self, request: _Request) -> tuple[int | None, int]:
         """The cached sequence to fork for this request and how many of its tokens to share."""
