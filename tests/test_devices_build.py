@@ -50,7 +50,14 @@ def _need(condition: bool, why: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def device_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One artifact cache for this module's builds: TVM's web runtime, built on the first webgpu
+    compile (a minute), is kept there for the next."""
+    return tmp_path_factory.mktemp("device-cache")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, device_cache: Path) -> dict:
     """`mlcbuild run` of the recipe: its JSON events and bundle directories."""
     problems = [p for d in DEVICES for p in build_problems(d)]
     _need(not problems, "toolchains missing (see mlcbuild doctor): " + "; ".join(problems))
@@ -60,7 +67,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("devices")
     write_tokenizer(make_checkpoint("llama", root / "src"), TINY["vocab_size"])
     (root / "tiny.yaml").write_text(RECIPE)
-    env = clean_env(MLCBUILD_CACHE_DIR=str(root / "cache"), MLCBUILD_VERIFY_CACHE=str(root / "verified"))
+    env = clean_env(MLCBUILD_CACHE_DIR=str(device_cache), MLCBUILD_VERIFY_CACHE=str(root / "verified"))
     done = subprocess.run([sys.executable, "-m", "mlcbuild", "run", str(root / "tiny.yaml"), "--json", "-j", "2"],
                           capture_output=True, text=True, env=env, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -471,7 +478,7 @@ def test_android_bundle_is_a_static_tar_of_aarch64_android_objects_with_opencl_k
 
 # ---- the demo model's shapes: f16 kernels with 64-wide heads (a tiny model's 16-wide f32 ones hid these) --
 
-def test_smollm2_shaped_f16_model_builds_for_metal_and_webgpu(tmp_path, request):
+def test_smollm2_shaped_f16_model_builds_for_metal_and_webgpu(tmp_path, request, device_cache):
     """SmolLM2-135M's layer shapes at q4f16_1 (hidden 576, 9 heads of 64, 3 KV heads, MLP 1536), one
     layer: Metal has no 8-wide half vectors (the GEMV's loads are capped at 4 lanes there) and TVM's
     tree-attention kernel for a 64-wide f16 head needs 16.6 KiB of workgroup storage (WebGPU's limit is
@@ -486,7 +493,7 @@ def test_smollm2_shaped_f16_model_builds_for_metal_and_webgpu(tmp_path, request)
     (tmp_path / "shaped.yaml").write_text("name: shaped\nsource: src\nconv_template: auto\nquantization: [q4f16_1]\n"
                                           "devices: [metal, webgpu]\n"
                                           "overrides:\n  context_window_size: 2048\n  prefill_chunk_size: 512\n")
-    env = clean_env(MLCBUILD_CACHE_DIR=str(tmp_path / "cache"), MLCBUILD_VERIFY_CACHE=str(tmp_path / "verified"))
+    env = clean_env(MLCBUILD_CACHE_DIR=str(device_cache), MLCBUILD_VERIFY_CACHE=str(tmp_path / "verified"))
     done = subprocess.run([sys.executable, "-m", "mlcbuild", "run", str(tmp_path / "shaped.yaml"), "--json", "--keep-going"],
                           capture_output=True, text=True, env=env, timeout=900)
     failed = [e for e in map(json.loads, filter(lambda line: line.startswith("{"), done.stdout.splitlines()))

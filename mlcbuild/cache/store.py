@@ -41,6 +41,10 @@ class CorruptBlob(Exception):
     def __init__(self, digest: str, reason: str) -> None:
         super().__init__(f"blob {digest} is corrupt ({reason}); dropped, it will be rebuilt")
         self.digest = digest
+        self.reason = reason
+
+    def __reduce__(self) -> tuple:  # pickled across processes (a builder process, a Ray task)
+        return (type(self), (self.digest, self.reason))
 
 
 class OutputFile(BaseModel):

@@ -3,12 +3,14 @@
 A ``BuildJob`` carries everything needed to build one node anywhere (the stage's name, its
 params as JSON, the records of its inputs, its key and toolchain facts, the resources its stage
 declares); ``build_node`` builds it into an artifact store. Backends never know what a stage
-does: the local backend calls ``build_node`` on a thread of this process, the Ray backend
+does: the local backend calls ``build_node`` on a thread of this process (or in a builder process
+of its own, for a stage that cannot share the process: ``pipeline.builder_process``), the Ray backend
 (``mlcbuild.pipeline.ray_backend``) in a task on a cluster worker.
 """
 
 from __future__ import annotations
 
+import pickle
 import shutil
 import threading
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mlcbuild.cache.store import ArtifactStore, CorruptBlob, NodeRecord
+from mlcbuild.pipeline.builder_process import BuilderPool
 from mlcbuild.pipeline.stage import Resources, Stage, StageContext
 
 # (event kind, extra fields) -> None: a backend's way to report a node's log lines, progress and
@@ -32,6 +35,9 @@ class CorruptInput(Exception):
         super().__init__(str(cause))
         self.input_name = input_name
         self.cause = cause
+
+    def __reduce__(self) -> tuple:  # it crosses from a builder process (builder_process.py)
+        return (type(self), (self.input_name, self.cause))
 
 
 @dataclass
@@ -149,14 +155,50 @@ class Backend(ABC):
 
 
 class LocalBackend(Backend):
-    """Builds on a thread of this process, into the executor's own store."""
+    """Builds on a thread of this process, into the executor's own store.
+
+    A stage that is not thread-safe runs on this process's thread when no other such node is
+    running here; while one is, the next ones go to up to ``builder_processes`` builder
+    processes (``pipeline.builder_process``) instead of waiting, so a fan-out over devices and
+    quantizations compiles on every core. With 0 they wait their turn."""
 
     name = "local"
 
-    def __init__(self, store: ArtifactStore, get_stage: Callable[[str], Stage]) -> None:
+    def __init__(self, store: ArtifactStore, get_stage: Callable[[str], Stage], builder_processes: int = 0) -> None:
         self.store = store
         self.get_stage = get_stage
-        self._exclusive = threading.Lock()  # held while a non-thread-safe stage runs
+        self._exclusive = threading.Lock()  # held while a non-thread-safe stage runs in this process
+        self._builders = BuilderPool(builder_processes)
+        self._picklable: dict[str, bool] = {}
 
     def build(self, job: BuildJob, emit: Emit) -> BuildOutcome:
-        return BuildOutcome(build_node(job, self.store, self.get_stage(job.stage), emit, self._exclusive))
+        stage = self.get_stage(job.stage)
+        if stage.thread_safe:
+            return BuildOutcome(build_node(job, self.store, stage, emit))
+        if self._exclusive.acquire(blocking=False):
+            try:
+                return BuildOutcome(build_node(job, self.store, stage, emit))
+            finally:
+                self._exclusive.release()
+        builder = self._builders.take() if self._can_send(job.stage, stage) else None
+        if builder is None:  # every builder busy (or none allowed): wait for this process's turn
+            return BuildOutcome(build_node(job, self.store, stage, emit, self._exclusive))
+        try:
+            record = builder.build(job, stage, self.store.root, emit)
+        finally:
+            self._builders.give_back(builder)
+        return BuildOutcome(record, worker=f"builder process {builder.pid}")
+
+    def _can_send(self, name: str, stage: Stage) -> bool:
+        """Whether ``stage`` pickles (a stage defined in a script's ``__main__`` or holding a
+        live object does not): such a stage waits for this process instead."""
+        if name not in self._picklable:
+            try:
+                pickle.dumps(stage)
+                self._picklable[name] = True
+            except Exception:  # noqa: BLE001 - any pickling failure means "keep it here"
+                self._picklable[name] = False
+        return self._picklable[name]
+
+    def close(self) -> None:
+        self._builders.close()

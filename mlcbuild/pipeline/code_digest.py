@@ -29,6 +29,7 @@ import json
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -52,6 +53,10 @@ _DOTTED = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
 # content digest -> the file's imports as parsed by _parse_imports (content-addressed: valid for
 # any path, any process lifetime)
 _IMPORTS: dict[str, list] = {}
+# CPython 3.11's ast.parse is not thread-safe: two threads converting trees at once fail with
+# "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905); the executor
+# computes the keys of several nodes on its threads.
+_PARSE_LOCK = threading.Lock()
 
 
 class CodeFile(NamedTuple):
@@ -197,7 +202,8 @@ def _parse_imports(source: bytes, filename: str) -> list:
     """Every import of a module's source, wherever it is (top level, function, ``if`` block):
     ``["import", name]``, ``["from", level, module, [names]]``, and ``["name", dotted]`` for a
     string literal that could name a module."""
-    tree = ast.parse(source, filename=filename)
+    with _PARSE_LOCK:
+        tree = ast.parse(source, filename=filename)
     found: list = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

@@ -101,7 +101,9 @@ class Executor:
         self._on_event = on_event
         self._event_lock = threading.Lock()
         self._stages: dict[str, Stage] = {}
-        self.backend = backend or LocalBackend(store, self._stage)
+        # A backend made here is closed after each run (its builder processes end with the run).
+        self._owns_backend = backend is None
+        self.backend = backend or LocalBackend(store, self._stage, builder_processes=max(0, options.jobs - 1))
         self.remote = remote  # a RemoteCache beneath the local store, or None
         self._read_files: set[Watch] = set()  # what keys were computed from (for the run journal)
         self._warm_lock = threading.Lock()
@@ -249,6 +251,13 @@ class Executor:
 
     # -- run -----------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        try:
+            return self._run()
+        finally:
+            if self._owns_backend:
+                self.backend.close()
+
+    def _run(self) -> RunResult:
         started = time.perf_counter()
         states = {id(n): NodeState(n) for n in self.graph.nodes}
         stop = False

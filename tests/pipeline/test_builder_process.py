@@ -1,0 +1,133 @@
+"""Nodes of a stage that is not thread-safe build side by side: the first in this process, the next
+in builder processes (``pipeline.builder_process``), into the same store, with their events relayed.
+In process, with stages defined here (they pickle by reference to this module)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from mlcbuild.cache.store import ArtifactStore
+from mlcbuild.pipeline.executor import Executor, RunOptions
+from mlcbuild.pipeline.graph import Graph, Node
+from mlcbuild.pipeline.stage import Stage, StageContext, StageError, StageParams
+from mlcbuild.toolchain import BUILDER_PROCESS_ENV
+
+
+class MeetParams(StageParams):
+    name: str
+    meet: str  # a directory where every node of the run announces itself
+    expect: int  # how many nodes must be there at once for this one to finish
+    # The first node of the run to start in a builder process fails ("error": raises StageError;
+    # "kill": its process is killed), as the one that creates the file ``victim`` says.
+    fail: str = ""
+    victim: str = ""
+
+
+class Meet(Stage):
+    """Finishes only once ``expect`` nodes are running at once: nodes built one after the
+    other would wait for ever (here: 60 s, then fail)."""
+
+    name = "meet"
+    version = "1"
+    Params = MeetParams
+    thread_safe = False
+
+    def run(self, ctx: StageContext) -> None:
+        p = ctx.params
+        meet = Path(p.meet)
+        in_builder = bool(os.environ.get(BUILDER_PROCESS_ENV))
+        ctx.log(f"{p.name} in pid {os.getpid()}")
+        if p.fail and in_builder and _claim(Path(p.victim)):
+            if p.fail == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise StageError(f"{p.name} refuses")
+        (meet / p.name).write_text(str(os.getpid()))
+        deadline = time.monotonic() + 60
+        while len(list(meet.iterdir())) < p.expect:
+            if time.monotonic() > deadline:
+                raise StageError(f"{p.name}: only {sorted(x.name for x in meet.iterdir())} ran beside it")
+            time.sleep(0.02)
+        ctx.warn(f"{p.name} met the others")
+        (ctx.out / "result").write_text(f"{p.name} pid={os.getpid()} builder={in_builder}\n")
+
+
+def _claim(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+STAGES = {"meet": Meet()}
+
+
+def _graph(meet: Path, names: list[str], expect: int, fail: str = "") -> Graph:
+    g = Graph()
+    for name in names:
+        params = MeetParams(name=name, meet=str(meet), expect=expect, fail=fail, victim=str(meet.parent / "victim"))
+        g.add(Node("meet", params, {}, f"meet[{name}]", {}))
+    return g
+
+
+def _run(cache: Path, graph: Graph, jobs: int) -> tuple[object, list[dict]]:
+    events: list[dict] = []
+    store = ArtifactStore(cache)
+    result = Executor(store, graph, STAGES.__getitem__, RunOptions(jobs=jobs), on_event=events.append).run()
+    return result, events
+
+
+def test_three_non_thread_safe_nodes_build_at_once_in_three_processes(tmp_path):
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    result, events = _run(tmp_path / "cache", _graph(meet, ["a", "b", "c"], expect=3), jobs=3)
+    assert result.ok, [s.error for s in result.states]
+    pids = {p.read_text() for p in meet.iterdir()}
+    assert len(pids) == 3 and str(os.getpid()) in pids  # one here, two in builder processes
+    done = [e for e in events if e["event"] == "node_done"]
+    assert sorted(e.get("worker", "") for e in done)[1:] == sorted(
+        f"builder process {p}" for p in pids if p != str(os.getpid()))
+    # a builder's logs and warnings reach the run's events, each under its own node
+    for name in "abc":
+        logs = [e["message"] for e in events if e["event"] == "log" and e["node"] == f"meet[{name}]"]
+        assert len(logs) == 1 and logs[0].startswith(f"{name} in pid")
+    store = ArtifactStore(tmp_path / "cache")
+    for state in result.states:
+        assert store.get_record(state.record.key).warnings == [f"{state.node.params.name} met the others"]
+    # the builder processes ended with the run
+    for pid in pids - {str(os.getpid())}:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_one_job_builds_them_one_after_the_other_in_this_process(tmp_path):
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    result, _ = _run(tmp_path / "cache", _graph(meet, ["a", "b"], expect=1), jobs=1)
+    assert result.ok
+    assert {p.read_text() for p in meet.iterdir()} == {str(os.getpid())}
+
+
+@pytest.mark.parametrize("how", ["error", "kill"])
+def test_a_node_failing_in_a_builder_process_fails_alone(tmp_path, how):
+    """Four nodes, three at a time: the first to start in a builder process raises, or its process
+    is killed; the other three build (the fourth in a fresh process when the victim's died)."""
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    graph = _graph(meet, ["a", "b", "c", "d"], expect=2, fail=how)
+    store = ArtifactStore(tmp_path / "cache")
+    result = Executor(store, graph, STAGES.__getitem__, RunOptions(jobs=3, keep_going=True)).run()
+    failed = [s for s in result.states if s.status == "failed"]
+    assert len(failed) == 1 and result.count("built") == 3, [(s.node.label, s.status, s.error) for s in result.states]
+    victim = failed[0].node.params.name
+    if how == "error":
+        assert failed[0].error == f"{victim} refuses"
+    else:
+        assert "builder process" in failed[0].error and "SIGKILL" in failed[0].error, failed[0].error
