@@ -3,6 +3,8 @@ kill (SIGKILL) and start again on the same port:
 
 - ``MotoServer``: moto's standalone S3-compatible server (in memory: a killed one forgets all);
   ``env`` holds the AWS variables that point s3fs/boto3 at it.
+- ``GcsServer``: gcp-storage-emulator, Google Cloud Storage's JSON API (in memory, as moto);
+  ``env`` holds ``STORAGE_EMULATOR_HOST``, which points gcsfs at it.
 - ``HttpCacheServer``: ``bazel_http_cache.py`` (the Bazel HTTP cache protocol), storing under a
   directory that outlives the process; ``throttle(seconds)`` slows every 64 KiB it moves.
 
@@ -110,6 +112,66 @@ class MotoServer(ServerProcess):
 
     def create_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
+
+
+class GcsServer(ServerProcess):
+    """gcp-storage-emulator: Google Cloud Storage's JSON API in memory (a killed one forgets all;
+    its bucket is made again at each start). ``env`` points gcsfs at it."""
+
+    def __init__(self, log: Path, bucket: str) -> None:
+        super().__init__(log)
+        self.bucket = bucket
+
+    def command(self) -> list[str]:
+        # A request per thread, as GCS serves them: the emulator's single-threaded HTTPServer would
+        # keep a test's own request waiting behind an upload whose client is blocked in the test's
+        # progress callback.
+        launch = ("import http.server, sys; http.server.HTTPServer = http.server.ThreadingHTTPServer; "
+                  "from gcp_storage_emulator.__main__ import main; sys.argv[0] = 'gcp-storage-emulator'; main()")
+        return [sys.executable, "-c", launch, "start", "-H", "127.0.0.1", "--port", str(self.port),
+                "--default-bucket", self.bucket, "--in-memory", "--quiet"]
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"STORAGE_EMULATOR_HOST": self.endpoint}
+
+    # Raw access over the JSON API with httpx (not gcsfs: a test reads the bucket from inside
+    # mlcbuild's progress callbacks, which gcsfs calls on its event loop).
+    def _object_url(self, name: str) -> str:
+        from urllib.parse import quote
+
+        return f"{self.endpoint}/storage/v1/b/{self.bucket}/o/{quote(name, safe='')}"
+
+    def get(self, name: str) -> bytes | None:
+        import httpx
+
+        response = httpx.get(self._object_url(name), params={"alt": "media"}, timeout=30)
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.content
+
+    def put(self, name: str, data: bytes) -> None:
+        import httpx
+
+        httpx.post(f"{self.endpoint}/upload/storage/v1/b/{self.bucket}/o", params={"uploadType": "media", "name": name},
+                   content=data, headers={"Content-Type": "application/octet-stream"}, timeout=30).raise_for_status()
+
+    def list(self, prefix: str) -> list[str]:
+        import httpx
+
+        response = httpx.get(f"{self.endpoint}/storage/v1/b/{self.bucket}/o", params={"prefix": prefix}, timeout=30)
+        response.raise_for_status()
+        return [item["name"] for item in response.json().get("items", [])]
+
+    def delete(self, name: str) -> None:
+        import httpx
+
+        httpx.delete(self._object_url(name), timeout=30).raise_for_status()
 
 
 class HttpCacheServer(ServerProcess):

@@ -1,5 +1,5 @@
-"""The remote cache against real remotes: a file:// directory, moto's S3 server and a Bazel HTTP
-cache server, each in its own process on 127.0.0.1 (tests/remote_servers.py). Records are made
+"""The remote cache against real remotes: a file:// directory, moto's S3 server, a Google Cloud
+Storage emulator and a Bazel HTTP cache server, each in its own process on 127.0.0.1 (tests/remote_servers.py). Records are made
 by ArtifactStore.publish from a few small files; a blob of 2 MiB gives a transfer time to cut."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from mlcbuild.cache.remote import RemoteCache, RemoteCorrupt, RemoteUnavailable, ac_id
 from mlcbuild.cache.store import ArtifactStore, NodeRecord
-from remote_servers import HttpCacheServer, MotoServer, client_command
+from remote_servers import GcsServer, HttpCacheServer, MotoServer, client_command
 
 BUCKET = "mlcbuild-remote-test"
 BIG = 2 << 20
@@ -36,6 +36,16 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer
             patch.delenv(name, raising=False)
         with server:
             server.create_bucket(BUCKET)
+            yield server
+
+
+@pytest.fixture(scope="module")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsServer]:
+    server = GcsServer(tmp_path_factory.mktemp("gcs") / "server.log", BUCKET)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in server.env.items():
+            patch.setenv(name, value)
+        with server:
             yield server
 
 
@@ -89,7 +99,7 @@ def _nothing(*args: object) -> None:
     pass
 
 
-@pytest.fixture(params=["file", "s3", "http"])
+@pytest.fixture(params=["file", "s3", "gs", "http"])
 def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
     prefix = f"p{uuid.uuid4().hex[:8]}"
     if request.param == "file":
@@ -100,6 +110,8 @@ def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
         request.addfinalizer(lambda: server.throttle(None))
         return Remote("http", server.url(prefix), *_dir_access(server.root / prefix), server.kill, server.start,
                       server.throttle)
+    if request.param == "gs":
+        return _gs_remote(request.getfixturevalue("gcs_server"), prefix)
     moto: MotoServer = request.getfixturevalue("moto_server")
 
     def s3_get(path: str) -> bytes | None:
@@ -123,6 +135,15 @@ def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Remote:
         moto.create_bucket(BUCKET)
 
     return Remote("s3", f"s3://{BUCKET}/{prefix}", s3_get, s3_put, s3_ls, s3_delete, moto.kill, s3_restart, _nothing)
+
+
+def _gs_remote(server: GcsServer, prefix: str) -> Remote:
+    def gs_ls(directory: str) -> list[str]:
+        return sorted(name.rsplit("/", 1)[1] for name in server.list(f"{prefix}/{directory}/"))
+
+    return Remote("gs", f"gs://{BUCKET}/{prefix}", lambda rel: server.get(f"{prefix}/{rel}"),
+                  lambda rel, data: server.put(f"{prefix}/{rel}", data), gs_ls,
+                  lambda rel: server.delete(f"{prefix}/{rel}"), server.kill, server.start, _nothing)
 
 
 # -- records -------------------------------------------------------------------------------------
@@ -387,7 +408,7 @@ def test_killed_mid_pull_leaves_nothing_half_written_locally(remote: Remote, sto
         assert_nothing_published(b, key)
         remote.restart()
         remote.throttle(None)
-        if remote.kind == "s3":  # moto forgot everything: push again
+        if remote.kind in ("s3", "gs"):  # the in-memory server forgot everything: push again
             cache.push(record, a)
     assert cache.pull(key, b) == record
     assert_same_blobs(record, a, b)

@@ -12,6 +12,7 @@ same directory and renamed.
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from pathlib import Path
@@ -39,6 +40,12 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     try:
+        from gcsfs.retry import HttpError as GcsHttpError  # what gcsfs raises for a 4xx/5xx answer
+
+        errors.append(GcsHttpError)
+    except ImportError:
+        pass
+    try:
         from aiohttp import ClientError as AiohttpError
 
         errors.append(AiohttpError)
@@ -55,7 +62,13 @@ class _Sent(Callback):
         self._sent = sent
 
     def relative_update(self, inc: int = 1) -> None:
+        self.value += inc
         self._sent(inc)
+
+    def absolute_update(self, value: int) -> None:  # gcsfs reports the bytes done so far, not the step
+        step, self.value = value - self.value, value
+        if step > 0:
+            self._sent(step)
 
 
 class FsspecTransport:
@@ -81,11 +94,10 @@ class FsspecTransport:
             if not parts.netloc:
                 raise ValueError(f"remote cache URL {url!r}: expected gs://bucket[/prefix]")
             try:
-                import gcsfs  # noqa: F401
+                self.fs = _gcs_filesystem()
             except ImportError:
                 raise ValueError(f"remote cache URL {url!r}: gs:// needs the gcsfs package (pip install gcsfs)") from None
             self.root = (parts.netloc + parts.path).rstrip("/")
-            self.fs = fsspec.filesystem("gs", skip_instance_cache=True)
         else:
             raise ValueError(f"remote cache URL {url!r}: not a file://, s3:// or gs:// URL")
         self.local = scheme == "file"
@@ -198,3 +210,29 @@ def _s3_filesystem() -> Any:
     )
     fs.retries = ATTEMPTS  # s3fs's own retry loop around botocore's
     return fs
+
+
+def _gcs_filesystem() -> Any:
+    """gcsfs with the settings the S3 one has: no listings cache (other machines write to the
+    bucket), and ``ATTEMPTS`` tries per request. Credentials as gcsfs finds them (application
+    default, then anonymous); ``STORAGE_EMULATOR_HOST`` points it at an emulator."""
+    return _gcs_class()(skip_instance_cache=True, use_listings_cache=False)
+
+
+@functools.cache
+def _gcs_class() -> type:
+    """gcsfs's core class (not fsspec's "gs" default, its hierarchical-namespace subclass, which
+    first probes each bucket's type through another API) with its request methods retried
+    ``ATTEMPTS`` times: gcsfs makes 6 attempts over ~30 s of back-off, a count fixed when its class
+    is defined, so a dead endpoint would hold a build for half a minute per request."""
+    from gcsfs.core import GCSFileSystem
+    from gcsfs.retry import retry_request
+
+    class BoundedRetriesGCSFileSystem(GCSFileSystem):
+        pass
+
+    for name in ("_request", "_get_file_request", "_get_file_concurrent"):
+        inner = getattr(getattr(GCSFileSystem, name, None), "__wrapped__", None)  # under gcsfs's retry
+        if inner is not None:
+            setattr(BoundedRetriesGCSFileSystem, name, retry_request(retries=ATTEMPTS)(inner))
+    return BoundedRetriesGCSFileSystem
