@@ -10,14 +10,16 @@ of its own, for a stage that cannot share the process: ``pipeline.builder_proces
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 import threading
 import time
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from mlcbuild.cache.store import ArtifactStore, CorruptBlob, NodeRecord
 from mlcbuild.pipeline.builder_process import BuilderPool
@@ -136,6 +138,41 @@ def build_node(job: BuildJob, store: ArtifactStore, stage: Stage, emit: Emit,
         shutil.rmtree(work, ignore_errors=True)
 
 
+def default_memory_budget() -> int:
+    """Two thirds of this machine's physical RAM (Bazel's default for local actions)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 2 // 3
+    except (ValueError, OSError):
+        return 1 << 62  # not knowable here: no limit
+
+
+class MemoryBudget:
+    """Memory that running nodes declare, held while they run: a node waits until its amount fits
+    beside those running (one asking more than the whole budget waits until nothing else runs)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.held = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, amount: int, emit: Emit | None = None) -> Iterator[None]:
+        amount = max(0, min(amount, self.total))
+        with self._changed:
+            if self.held and self.held + amount > self.total and emit is not None:
+                emit("log", {"message": f"waiting for memory: needs {amount / 2**30:.1f} GiB, "
+                                        f"{self.held / 2**30:.1f} of {self.total / 2**30:.1f} GiB held by running nodes"})
+            while self.held and self.held + amount > self.total:
+                self._changed.wait()
+            self.held += amount
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.held -= amount
+                self._changed.notify_all()
+
+
 class Backend(ABC):
     """Runs build jobs somewhere. ``build`` blocks until the node is built (the executor calls it
     from one of its threads per running node) and raises the stage's exception on failure."""
@@ -160,18 +197,28 @@ class LocalBackend(Backend):
     A stage that is not thread-safe runs on this process's thread when no other such node is
     running here; while one is, the next ones go to up to ``builder_processes`` builder
     processes (``pipeline.builder_process``) instead of waiting, so a fan-out over devices and
-    quantizations compiles on every core. With 0 they wait their turn."""
+    quantizations compiles on every core. With 0 they wait their turn.
+
+    Nodes run at once only while the memory their stages declare (``Resources.memory_bytes``)
+    fits in ``memory_bytes`` (default: two thirds of the machine's RAM, as Bazel's
+    ``--local_ram_resources``); a node declaring more than that runs alone."""
 
     name = "local"
 
-    def __init__(self, store: ArtifactStore, get_stage: Callable[[str], Stage], builder_processes: int = 0) -> None:
+    def __init__(self, store: ArtifactStore, get_stage: Callable[[str], Stage], builder_processes: int = 0,
+                 memory_bytes: int | None = None) -> None:
         self.store = store
         self.get_stage = get_stage
         self._exclusive = threading.Lock()  # held while a non-thread-safe stage runs in this process
         self._builders = BuilderPool(builder_processes)
         self._picklable: dict[str, bool] = {}
+        self._memory = MemoryBudget(memory_bytes if memory_bytes is not None else default_memory_budget())
 
     def build(self, job: BuildJob, emit: Emit) -> BuildOutcome:
+        with self._memory.hold(job.resources.memory_bytes, emit):
+            return self._build(job, emit)
+
+    def _build(self, job: BuildJob, emit: Emit) -> BuildOutcome:
         stage = self.get_stage(job.stage)
         if stage.thread_safe:
             return BuildOutcome(build_node(job, self.store, stage, emit))

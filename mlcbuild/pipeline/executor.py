@@ -41,6 +41,9 @@ class RunOptions:
     force: bool = False
     force_stages: frozenset[str] = frozenset()
     output_dir: Path | None = None  # where nodes with ``materialize`` are laid out
+    # Memory the local backend lets running nodes declare at once (``Resources.memory_bytes``);
+    # None: two thirds of the machine's RAM, as Bazel's --local_ram_resources.
+    local_memory_bytes: int | None = None
 
 
 @dataclass
@@ -103,7 +106,8 @@ class Executor:
         self._stages: dict[str, Stage] = {}
         # A backend made here is closed after each run (its builder processes end with the run).
         self._owns_backend = backend is None
-        self.backend = backend or LocalBackend(store, self._stage, builder_processes=max(0, options.jobs - 1))
+        self.backend = backend or LocalBackend(store, self._stage, builder_processes=max(0, options.jobs - 1),
+                                               memory_bytes=options.local_memory_bytes)
         self.remote = remote  # a RemoteCache beneath the local store, or None
         self._read_files: set[Watch] = set()  # what keys were computed from (for the run journal)
         self._warm_lock = threading.Lock()

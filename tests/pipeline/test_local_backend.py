@@ -1,6 +1,7 @@
-"""Nodes of a stage that is not thread-safe build side by side: the first in this process, the next
-in builder processes (``pipeline.builder_process``), into the same store, with their events relayed.
-In process, with stages defined here (they pickle by reference to this module)."""
+"""The local backend: nodes of a stage that is not thread-safe build side by side, the first in this
+process, the next in builder processes (``pipeline.builder_process``), into the same store, with their
+events relayed; and nodes run at once only while the memory they declare fits the budget. In process,
+with a stage defined here (it pickles by reference to this module)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from mlcbuild.cache.store import ArtifactStore
 from mlcbuild.pipeline.executor import Executor, RunOptions
 from mlcbuild.pipeline.graph import Graph, Node
-from mlcbuild.pipeline.stage import Stage, StageContext, StageError, StageParams
+from mlcbuild.pipeline.stage import Resources, Stage, StageContext, StageError, StageParams
 from mlcbuild.toolchain import BUILDER_PROCESS_ENV
 
 
@@ -26,6 +27,7 @@ class MeetParams(StageParams):
     # "kill": its process is killed), as the one that creates the file ``victim`` says.
     fail: str = ""
     victim: str = ""
+    memory: int = 0  # bytes the node declares (Resources.memory_bytes)
 
 
 class Meet(Stage):
@@ -37,7 +39,11 @@ class Meet(Stage):
     Params = MeetParams
     thread_safe = False
 
+    def resources(self, params: MeetParams) -> Resources:
+        return Resources(memory_bytes=params.memory)
+
     def run(self, ctx: StageContext) -> None:
+        started = time.monotonic()
         p = ctx.params
         meet = Path(p.meet)
         in_builder = bool(os.environ.get(BUILDER_PROCESS_ENV))
@@ -54,6 +60,7 @@ class Meet(Stage):
             time.sleep(0.02)
         ctx.warn(f"{p.name} met the others")
         (ctx.out / "result").write_text(f"{p.name} pid={os.getpid()} builder={in_builder}\n")
+        (meet.parent / f"span-{p.name}").write_text(f"{started} {time.monotonic()}")
 
 
 def _claim(path: Path) -> bool:
@@ -67,18 +74,20 @@ def _claim(path: Path) -> bool:
 STAGES = {"meet": Meet()}
 
 
-def _graph(meet: Path, names: list[str], expect: int, fail: str = "") -> Graph:
+def _graph(meet: Path, names: list[str], expect: int, fail: str = "", memory: int = 0) -> Graph:
     g = Graph()
     for name in names:
-        params = MeetParams(name=name, meet=str(meet), expect=expect, fail=fail, victim=str(meet.parent / "victim"))
+        params = MeetParams(name=name, meet=str(meet), expect=expect, fail=fail, victim=str(meet.parent / "victim"),
+                            memory=memory)
         g.add(Node("meet", params, {}, f"meet[{name}]", {}))
     return g
 
 
-def _run(cache: Path, graph: Graph, jobs: int) -> tuple[object, list[dict]]:
+def _run(cache: Path, graph: Graph, jobs: int, memory: int | None = None) -> tuple[object, list[dict]]:
     events: list[dict] = []
     store = ArtifactStore(cache)
-    result = Executor(store, graph, STAGES.__getitem__, RunOptions(jobs=jobs), on_event=events.append).run()
+    options = RunOptions(jobs=jobs, local_memory_bytes=memory)
+    result = Executor(store, graph, STAGES.__getitem__, options, on_event=events.append).run()
     return result, events
 
 
@@ -131,3 +140,30 @@ def test_a_node_failing_in_a_builder_process_fails_alone(tmp_path, how):
         assert failed[0].error == f"{victim} refuses"
     else:
         assert "builder process" in failed[0].error and "SIGKILL" in failed[0].error, failed[0].error
+
+
+def test_nodes_whose_memory_does_not_fit_together_run_one_after_the_other(tmp_path):
+    """Budget 10 GiB, nodes of 6 GiB, 3 jobs: never two at once, and the waiting one says why."""
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    result, events = _run(tmp_path / "cache", _graph(meet, ["a", "b", "c"], expect=1, memory=6 << 30), jobs=3,
+                          memory=10 << 30)
+    assert result.ok
+    spans = sorted(tuple(map(float, (tmp_path / f"span-{n}").read_text().split())) for n in "abc")
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), spans
+    waits = [e["message"] for e in events if e["event"] == "log" and e["message"].startswith("waiting for memory")]
+    assert waits and "needs 6.0 GiB, 6.0 of 10.0 GiB held" in waits[0]
+
+
+def test_nodes_whose_memory_fits_together_run_at_once(tmp_path):
+    """Budget 12 GiB: two 6 GiB nodes meet (each finishes only when both run); a node declaring more
+    than the whole budget still runs (alone)."""
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    result, _ = _run(tmp_path / "cache", _graph(meet, ["a", "b"], expect=2, memory=6 << 30), jobs=2,
+                     memory=12 << 30)
+    assert result.ok
+    big = tmp_path / "big"
+    big.mkdir()
+    result, _ = _run(tmp_path / "cache2", _graph(big, ["huge"], expect=1, memory=64 << 30), jobs=2, memory=12 << 30)
+    assert result.ok
