@@ -184,7 +184,8 @@ def main() -> None:
         print(f"\n1. local build, cold: {local_s:.1f} s for {nodes} nodes "
               f"(stage run times: {sum(stage_s.values()):.1f} s in all)")
         print(f"   local backend overhead per node: {summary(local_over)}\n"
-              "     (the mean and max include compile nodes waiting for one another: a process compiles one at a time)")
+              "     (compiles beside another run in builder processes, started at the run's first build: "
+              "LocalBackend.warm)")
         print(f"   push to the file:// remote per node: {summary(pushes)}")
 
         # 2. warm pull from R into an empty cache, right away: keys cover the code, so an edit of

@@ -236,6 +236,25 @@ class LocalBackend(Backend):
             self._builders.give_back(builder)
         return BuildOutcome(record, worker=f"builder process {builder.pid}")
 
+    def warm(self, expected: list[ExpectedNode]) -> None:
+        """With two or more nodes to come of stages that cannot share this process, start the
+        builder processes the second and later will use, importing what those stages preload
+        (TVM, for compiles), beside the run's first nodes."""
+        modules: list[str] = []
+        count = 0
+        for node in expected:
+            try:
+                stage = self.get_stage(node.stage)
+                if stage.thread_safe or not self._can_send(node.stage, stage):
+                    continue
+                params = stage.Params.model_validate(node.params)
+                modules += [*stage.code_modules(params), *stage.preload_modules(params)]
+            except Exception:  # noqa: BLE001 - a head start only: the node's own build reports it
+                continue
+            count += 1
+        if count > 1:
+            self._builders.prestart(count - 1, list(dict.fromkeys(modules)))
+
     def _can_send(self, name: str, stage: Stage) -> bool:
         """Whether ``stage`` pickles (a stage defined in a script's ``__main__`` or holding a
         live object does not): such a stage waits for this process instead."""

@@ -9,8 +9,9 @@ persistent workers. They build into the same artifact store (whose publishing is
 processes: it is shared by concurrent CI jobs already).
 
 Protocol (pickled messages over two pipes of their own, so whatever a stage prints goes to stderr
-and cannot corrupt it): the parent sends ``(sys.path, job, pickled stage, store root)``; the child
-answers with any number of ``("event", kind, fields)`` (the node's logs, progress and warnings)
+and cannot corrupt it): the parent sends ``("preload", sys.path, modules)`` (import them; no answer:
+``LocalBackend.warm`` starts builders that way before the run needs them) or ``("build", sys.path,
+job, pickled stage, store root)``, which the child answers with any number of ``("event", kind, fields)`` (the node's logs, progress and warnings)
 and then one ``("done", record)`` or ``("error", exception, traceback text)``. EOF on its input
 ends the child. A child that dies mid-node fails that node only (``BuilderDied``); the next node
 gets a fresh process.
@@ -20,6 +21,7 @@ Run as ``python -m mlcbuild.pipeline.builder_process READ_FD WRITE_FD`` (by ``Bu
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import signal
@@ -68,11 +70,18 @@ class BuilderProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def preload(self, modules: list[str]) -> None:
+        """Have the child import ``modules`` now (no answer; a later build waits behind it)."""
+        try:
+            self._send.send(("preload", list(sys.path), modules))
+        except OSError:
+            pass  # a head start only: a dead child is found by the next build
+
     def build(self, job: Any, stage: Any, store_root: Path, emit: Any) -> NodeRecord:
         """Build ``job`` with ``stage`` into the store at ``store_root``; ``emit(kind, fields)``
         relays the node's events. Raises what the stage raised, or ``BuilderDied``."""
         try:
-            self._send.send((list(sys.path), job, pickle.dumps(stage), str(store_root)))
+            self._send.send(("build", list(sys.path), job, pickle.dumps(stage), str(store_root)))
             while True:
                 message = self._recv.recv()
                 if message[0] == "event":
@@ -131,6 +140,24 @@ class BuilderPool:
                 self._started -= 1
             raise
 
+    def prestart(self, count: int, modules: list[str]) -> None:
+        """Start up to ``count`` more builders now (within ``size``), each importing ``modules``:
+        a run's first concurrent nodes then find them ready (TVM imported) instead of waiting."""
+        for _ in range(count):
+            with self._lock:
+                if self._started >= self.size:
+                    return
+                self._started += 1
+            try:
+                builder = BuilderProcess()
+            except BaseException:
+                with self._lock:
+                    self._started -= 1
+                raise
+            builder.preload(modules)
+            with self._lock:
+                self._idle.append(builder)
+
     def give_back(self, builder: BuilderProcess) -> None:
         with self._lock:
             if builder.alive():
@@ -161,10 +188,18 @@ def _serve(read_fd: int, write_fd: int) -> int:
 
     while True:
         try:
-            path, job, stage_bytes, store_root = incoming.recv()
+            kind, path, *message = incoming.recv()
         except EOFError:
             return 0
         sys.path.extend(p for p in path if p not in sys.path)  # where the parent found the stage's module
+        if kind == "preload":
+            for module in message[0]:
+                try:
+                    importlib.import_module(module)
+                except Exception:  # noqa: BLE001 - a head start only: the node that needs it reports it
+                    pass
+            continue
+        job, stage_bytes, store_root = message
         try:
             stage = pickle.loads(stage_bytes)
             record = build_node(job, ArtifactStore(Path(store_root)), stage,

@@ -42,6 +42,9 @@ class Meet(Stage):
     def resources(self, params: MeetParams) -> Resources:
         return Resources(memory_bytes=params.memory)
 
+    def preload_modules(self, params: MeetParams) -> list[str]:
+        return ["preload_marker"]
+
     def run(self, ctx: StageContext) -> None:
         started = time.monotonic()
         p = ctx.params
@@ -167,3 +170,50 @@ def test_nodes_whose_memory_fits_together_run_at_once(tmp_path):
     big.mkdir()
     result, _ = _run(tmp_path / "cache2", _graph(big, ["huge"], expect=1, memory=64 << 30), jobs=2, memory=12 << 30)
     assert result.ok
+
+
+def test_builder_processes_start_at_the_first_build_and_preload_the_stages_modules(tmp_path, monkeypatch):
+    """A source node first, then three meet nodes: the run's first build (the source) starts the two
+    builder processes the meet nodes will need, which import the stage's preload module before
+    any meet node starts; those two processes then build the two meet nodes not built here."""
+    marker = tmp_path / "preloaded"
+    monkeypatch.setenv("MLCBUILD_TEST_PRELOAD_MARKER", str(marker))
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    g = Graph()
+    gate = g.add(Node("slow", SlowParams(marker=str(marker)), {}, "slow", {}))
+    for name in "abc":
+        g.add(Node("meet", MeetParams(name=name, meet=str(meet), expect=3), {"after": gate}, f"meet[{name}]", {}))
+    events: list[dict] = []
+    stages = {"meet": Meet(), "slow": Slow()}
+    result = Executor(ArtifactStore(tmp_path / "cache"), g, stages.__getitem__, RunOptions(jobs=3),
+                      on_event=events.append).run()
+    assert result.ok, [s.error for s in result.states]
+    seen_by_slow = (tmp_path / "slow-saw").read_text().split()
+    assert len(seen_by_slow) == 2  # both builders had imported the preload module before slow ended
+    builders = {e["worker"].rsplit(" ", 1)[1] for e in events if e["event"] == "node_done" and e.get("worker")}
+    assert builders == set(seen_by_slow)
+
+
+class SlowParams(StageParams):
+    marker: str
+
+
+class Slow(Stage):
+    """Waits until two pids are in ``marker`` (at most 60 s), then notes which it saw."""
+
+    name = "slow"
+    version = "1"
+    Params = SlowParams
+
+    def run(self, ctx: StageContext) -> None:
+        marker = Path(ctx.params.marker)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(_pids(marker)) < 2:
+            time.sleep(0.05)
+        (marker.parent / "slow-saw").write_text("\n".join(_pids(marker)))
+        (ctx.out / "done").write_text("ok")
+
+
+def _pids(marker: Path) -> list[str]:
+    return marker.read_text().split() if marker.exists() else []
