@@ -16,7 +16,8 @@ and then one ``("done", record)`` or ``("error", exception, traceback text)``. E
 ends the child. A child that dies mid-node fails that node only (``BuilderDied``); the next node
 gets a fresh process.
 
-Run as ``python -m mlcbuild.pipeline.builder_process READ_FD WRITE_FD`` (by ``BuilderProcess``).
+Run as ``python -m mlcbuild.pipeline.builder_process READ_FD WRITE_FD PARENT_PID`` (by
+``BuilderProcess``); it exits when its parent is gone, even mid-node.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -54,7 +56,8 @@ class BuilderProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mlcbuild.pipeline.builder_process", str(to_child_r), str(from_child_w)],
+                [sys.executable, "-m", "mlcbuild.pipeline.builder_process", str(to_child_r), str(from_child_w),
+                 str(os.getpid())],
                 pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, env=env,
             )
         finally:
@@ -220,8 +223,21 @@ def _picklable(exc: Exception) -> Exception:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
+def _exit_with_parent(parent: int, interval_s: float = 0.5) -> None:
+    """End this process as soon as the one that started it is gone (killed, crashed): EOF on the
+    input pipe tells the same, but only once the node being built is done, which can be minutes
+    of a CPU nobody wants any more."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mlcbuild-parent-watch", daemon=True).start()
+
+
 def main(argv: list[str]) -> int:
-    read_fd, write_fd = int(argv[1]), int(argv[2])
+    read_fd, write_fd, parent = int(argv[1]), int(argv[2]), int(argv[3])
+    _exit_with_parent(parent)
     os.dup2(2, 1)  # what stage code prints goes to stderr: the protocol has pipes of its own
     os.environ[BUILDER_PROCESS_ENV] = "1"
     return _serve(read_fd, write_fd)

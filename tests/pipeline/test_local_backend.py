@@ -217,3 +217,51 @@ class Slow(Stage):
 
 def _pids(marker: Path) -> list[str]:
     return marker.read_text().split() if marker.exists() else []
+
+
+def test_a_builder_process_ends_when_its_parent_is_killed_mid_node(tmp_path):
+    """A parent process (a run) starts a builder on a node that never finishes, then is SIGKILLed:
+    the builder exits within seconds instead of finishing the node for nobody."""
+    import subprocess
+    import sys
+
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    script = f"""
+import sys, threading
+sys.path[:0] = {sys.path!r}
+from pathlib import Path
+from mlcbuild.cache.store import ArtifactStore
+from mlcbuild.pipeline.backend import BuildJob
+from mlcbuild.pipeline.builder_process import BuilderProcess
+from test_local_backend import Meet, MeetParams
+builder = BuilderProcess()
+print(builder.pid, flush=True)
+params = MeetParams(name="x", meet={str(meet)!r}, expect=2)  # alone: it waits (60 s) for a second node
+job = BuildJob(key="k" * 32, label="meet[x]", stage="meet", params=params.model_dump(mode="json"), inputs={{}},
+               toolchain={{}})
+builder.build(job, Meet(), Path({str(tmp_path / "cache")!r}), lambda kind, fields: None)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        builder_pid = int(parent.stdout.readline())
+        deadline = time.monotonic() + 30
+        while not (meet / "x").exists():  # the node is running in the builder
+            assert time.monotonic() < deadline and parent.poll() is None
+            time.sleep(0.05)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(builder_pid):
+            assert time.monotonic() < deadline, "the builder outlived its parent"
+            time.sleep(0.05)
+    finally:
+        parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
