@@ -86,6 +86,7 @@ def test_every_bundle_builds_from_one_weight_conversion_and_verifies(built):
     started = [e for e in built["events"] if e["event"] == "node_start"]
     assert sum(1 for e in started if e["stage"] == "convert_weight") == 1  # weights shared by all 6 devices
     assert sum(1 for e in started if e["stage"] == "compile") == len(DEVICES)
+    assert [e["node"] for e in started if e["stage"] == "web_runtime"] == ["web_runtime"]  # for the webgpu compile
     formats = {"cpu": ("elf-shared", "x86_64-linux", None), "aarch64": ("elf-shared", "aarch64-linux", None),
                "cuda:sm_90": ("elf-shared", "x86_64-linux", "cuda"), "rocm:gfx942": ("elf-shared", "x86_64-linux", "rocm"),
                "metal": ("macho-dylib", "arm64-macos", "metal"), "webgpu": ("wasm", "wasm32", "webgpu")}
@@ -476,9 +477,20 @@ def test_android_bundle_is_a_static_tar_of_aarch64_android_objects_with_opencl_k
 
 
 
+def test_web_runtime_rebuilds_byte_identical(built):
+    """TVM's web runtime rebuilt from scratch gives the same bytes (no temp path in its objects): the
+    webgpu compile that links it keeps its key, so nothing else rebuilds."""
+    done = subprocess.run([sys.executable, "-m", "mlcbuild", "run", str(built["root"] / "tiny.yaml"), "--json",
+                           "--force-stage", "web_runtime"], capture_output=True, text=True, env=built["env"], timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [e["node"] for e in events if e["event"] == "node_start"] == ["web_runtime"]
+    assert any(e["event"] == "node_cached" and e["node"] == "compile[q4f32_1,webgpu]" for e in events)
+
+
 # ---- the demo model's shapes: f16 kernels with 64-wide heads (a tiny model's 16-wide f32 ones hid these) --
 
-def test_smollm2_shaped_f16_model_builds_for_metal_and_webgpu(tmp_path, request, device_cache):
+def test_smollm2_shaped_f16_model_builds_for_metal_and_webgpu(tmp_path, request, device_cache, built):
     """SmolLM2-135M's layer shapes at q4f16_1 (hidden 576, 9 heads of 64, 3 KV heads, MLP 1536), one
     layer: Metal has no 8-wide half vectors (the GEMV's loads are capped at 4 lanes there) and TVM's
     tree-attention kernel for a 64-wide f16 head needs 16.6 KiB of workgroup storage (WebGPU's limit is
@@ -496,9 +508,11 @@ def test_smollm2_shaped_f16_model_builds_for_metal_and_webgpu(tmp_path, request,
     env = clean_env(MLCBUILD_CACHE_DIR=str(device_cache), MLCBUILD_VERIFY_CACHE=str(tmp_path / "verified"))
     done = subprocess.run([sys.executable, "-m", "mlcbuild", "run", str(tmp_path / "shaped.yaml"), "--json", "--keep-going"],
                           capture_output=True, text=True, env=env, timeout=900)
-    failed = [e for e in map(json.loads, filter(lambda line: line.startswith("{"), done.stdout.splitlines()))
-              if e["event"] == "node_failed"]
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    failed = [e for e in events if e["event"] == "node_failed"]
     assert done.returncode == 0 and not failed, json.dumps(failed, indent=1) + done.stderr[-2000:]
+    # TVM's web runtime is a node of its own: the other recipe built it in this cache, this one reuses it
+    assert [e["event"] for e in events if e.get("node") == "web_runtime"][:1] == ["node_cached"]
     dist = tmp_path / "dist" / "shaped"
     _, metal = _library(dist / bf.bundle_dirname("q4f16_1", "metal"))
     (tmp_path / "metal").mkdir()

@@ -17,11 +17,11 @@ from typing import Any
 
 from mlcbuild import bundle_format
 from mlcbuild.devices import parse_device
-from mlcbuild.pipeline.graph import Graph, StageTemplate, expand
+from mlcbuild.pipeline.graph import Graph, Node, StageTemplate, expand
 from mlcbuild.pipeline.stage import Stage
 from mlcbuild.recipe import LoadedRecipe
 
-STAGE_MODULES = ("download", "gen_config", "convert_weight", "compile", "package")
+STAGE_MODULES = ("download", "gen_config", "convert_weight", "compile", "package", "web_runtime")
 
 LLM_TEMPLATE: tuple[StageTemplate, ...] = (
     StageTemplate("download"),
@@ -106,7 +106,8 @@ def get_stage(name: str) -> Stage:
 
 def build_graph(loaded: LoadedRecipe) -> Graph:
     """Expand a recipe into its DAG: one download; per quantization one gen_config and one
-    convert_weight; per (quantization, device) one compile and one package."""
+    convert_weight; per (quantization, device) one compile and one package; and, when a device is
+    webgpu, one web_runtime that its compiles link with."""
     recipe = loaded.recipe
     axes = {"quantization": list(recipe.quantization), "device": list(recipe.devices)}
     shards = recipe.overrides.shard_counts()
@@ -119,7 +120,24 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
         return stage_class(stage).params_for(loaded, dict(values))  # type: ignore[attr-defined]
 
     graph = expand(template, axes, make_params, namespace=str(loaded.path))
+    graph = _with_web_runtime(graph, make_params, str(loaded.path))
     # Outputs land in this recipe's output dir whatever the run's other recipes are.
     for node in graph.nodes:
         node.materialize = [str(loaded.output_dir / sub) for sub in node.materialize]
     return graph
+
+
+def _with_web_runtime(graph: Graph, make_params: Any, namespace: str) -> Graph:
+    """``graph`` with one ``web_runtime`` node as an input of every webgpu compile (none when there
+    is no webgpu device: other recipes' graphs and keys are unchanged)."""
+    webgpu = [n for n in graph.nodes if n.stage == "compile" and parse_device(n.params.device).kind == "webgpu"]
+    if not webgpu:
+        return graph
+    rebuilt = Graph()
+    runtime = rebuilt.add(Node("web_runtime", make_params("web_runtime", {}), {}, "web_runtime", {},
+                               namespace=namespace))
+    for node in graph.nodes:  # in order: inputs stay before their users
+        if any(node is w for w in webgpu):
+            node.inputs["web_runtime"] = runtime
+        rebuilt.add(node)
+    return rebuilt

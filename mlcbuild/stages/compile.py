@@ -97,7 +97,13 @@ class Compile(Stage):
         fallbacks: list[ScheduleFallback] = []
         from mlcbuild.compiler.build import build_library  # imports tvm: only when a node builds
 
-        build_library(chat, device, out, ctx.params.kernels, fallbacks)
+        if "web_runtime" in ctx.inputs:  # the webgpu library links with the run's web_runtime node
+            from mlcbuild.compiler.web import use_runtime
+
+            with use_runtime(ctx.inputs["web_runtime"]):
+                build_library(chat, device, out, ctx.params.kernels, fallbacks)
+        else:
+            build_library(chat, device, out, ctx.params.kernels, fallbacks)
         # Never silent: a kernel that fell back to a slower schedule is a warning of this node
         # (kept in its record) and listed in the bundle's manifest by the package stage.
         report = [f.model_dump() for f in fallbacks]
