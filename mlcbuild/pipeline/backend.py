@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from mlcbuild.cache.store import ArtifactStore, CorruptBlob, NodeRecord
-from mlcbuild.pipeline.builder_process import BuilderPool
+from mlcbuild.pipeline.builder_process import BuilderPool, StageNotLoadable
 from mlcbuild.pipeline.stage import Resources, Stage, StageContext
 
 # (event kind, extra fields) -> None: a backend's way to report a node's log lines, progress and
@@ -232,6 +232,10 @@ class LocalBackend(Backend):
             return BuildOutcome(build_node(job, self.store, stage, emit, self._exclusive))
         try:
             record = builder.build(job, stage, self.store.root, emit)
+        except StageNotLoadable as exc:  # nothing was built there: this stage builds here from now on
+            self._picklable[job.stage] = False
+            emit("log", {"message": f"{exc}; building in this process"})
+            return BuildOutcome(build_node(job, self.store, stage, emit, self._exclusive))
         finally:
             self._builders.give_back(builder)
         return BuildOutcome(record, worker=f"builder process {builder.pid}")
@@ -256,8 +260,9 @@ class LocalBackend(Backend):
             self._builders.prestart(count - 1, list(dict.fromkeys(modules)))
 
     def _can_send(self, name: str, stage: Stage) -> bool:
-        """Whether ``stage`` pickles (a stage defined in a script's ``__main__`` or holding a
-        live object does not): such a stage waits for this process instead."""
+        """Whether ``stage`` pickles (one holding a live object does not) and, once tried, a builder
+        could load it (one whose class lives in this process's ``__main__`` cannot): a stage that
+        cannot go to a builder waits for this process instead."""
         if name not in self._picklable:
             try:
                 pickle.dumps(stage)

@@ -12,7 +12,8 @@ Protocol (pickled messages over two pipes of their own, so whatever a stage prin
 and cannot corrupt it): the parent sends ``("preload", sys.path, modules)`` (import them; no answer:
 ``LocalBackend.warm`` starts builders that way before the run needs them) or ``("build", sys.path,
 job, pickled stage, store root)``, which the child answers with any number of ``("event", kind, fields)`` (the node's logs, progress and warnings)
-and then one ``("done", record)`` or ``("error", exception, traceback text)``. EOF on its input
+and then one ``("done", record)`` or ``("error", exception, traceback text)``, or at once
+``("unloadable", why)`` when it cannot unpickle the stage. EOF on its input
 ends the child. A child that dies mid-node fails that node only (``BuilderDied``); the next node
 gets a fresh process.
 
@@ -41,6 +42,11 @@ from mlcbuild.toolchain import BUILDER_PROCESS_ENV
 
 class BuilderDied(RuntimeError):
     """The builder process exited while building a node (killed, out of memory, a crash in native code)."""
+
+
+class StageNotLoadable(RuntimeError):
+    """The builder could not unpickle the stage (its class is not importable there, e.g. defined in
+    the parent's ``__main__``): nothing was built; build it in the parent instead."""
 
 
 class BuilderProcess:
@@ -91,6 +97,8 @@ class BuilderProcess:
                     emit(message[1], message[2])
                 elif message[0] == "done":
                     return message[1]
+                elif message[0] == "unloadable":
+                    raise StageNotLoadable(f"builder process {self.pid} cannot load stage {job.stage!r}: {message[1]}")
                 else:
                     _, exc, trace = message
                     exc.add_note(f"(in builder process {self.pid})\n{trace}")
@@ -205,6 +213,10 @@ def _serve(read_fd: int, write_fd: int) -> int:
         job, stage_bytes, store_root = message
         try:
             stage = pickle.loads(stage_bytes)
+        except Exception as exc:  # noqa: BLE001 - e.g. a stage class defined in the parent's __main__
+            send(("unloadable", f"{type(exc).__name__}: {exc}"))
+            continue
+        try:
             record = build_node(job, ArtifactStore(Path(store_root)), stage,
                                 lambda kind, fields: send(("event", kind, fields)))
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the parent

@@ -28,6 +28,7 @@ class MeetParams(StageParams):
     fail: str = ""
     victim: str = ""
     memory: int = 0  # bytes the node declares (Resources.memory_bytes)
+    linger: float = 0.0  # seconds to stay running once met
 
 
 class Meet(Stage):
@@ -61,6 +62,7 @@ class Meet(Stage):
             if time.monotonic() > deadline:
                 raise StageError(f"{p.name}: only {sorted(x.name for x in meet.iterdir())} ran beside it")
             time.sleep(0.02)
+        time.sleep(p.linger)
         ctx.warn(f"{p.name} met the others")
         (ctx.out / "result").write_text(f"{p.name} pid={os.getpid()} builder={in_builder}\n")
         (meet.parent / f"span-{p.name}").write_text(f"{started} {time.monotonic()}")
@@ -77,11 +79,11 @@ def _claim(path: Path) -> bool:
 STAGES = {"meet": Meet()}
 
 
-def _graph(meet: Path, names: list[str], expect: int, fail: str = "", memory: int = 0) -> Graph:
+def _graph(meet: Path, names: list[str], expect: int, fail: str = "", memory: int = 0, linger: float = 0.0) -> Graph:
     g = Graph()
     for name in names:
         params = MeetParams(name=name, meet=str(meet), expect=expect, fail=fail, victim=str(meet.parent / "victim"),
-                            memory=memory)
+                            memory=memory, linger=linger)
         g.add(Node("meet", params, {}, f"meet[{name}]", {}))
     return g
 
@@ -146,11 +148,12 @@ def test_a_node_failing_in_a_builder_process_fails_alone(tmp_path, how):
 
 
 def test_nodes_whose_memory_does_not_fit_together_run_one_after_the_other(tmp_path):
-    """Budget 10 GiB, nodes of 6 GiB, 3 jobs: never two at once, and the waiting one says why."""
+    """Budget 10 GiB, nodes of 6 GiB that run 0.5 s each, 3 jobs: never two at once, and the waiting
+    ones say why."""
     meet = tmp_path / "meet"
     meet.mkdir()
-    result, events = _run(tmp_path / "cache", _graph(meet, ["a", "b", "c"], expect=1, memory=6 << 30), jobs=3,
-                          memory=10 << 30)
+    result, events = _run(tmp_path / "cache", _graph(meet, ["a", "b", "c"], expect=1, memory=6 << 30, linger=0.5),
+                          jobs=3, memory=10 << 30)
     assert result.ok
     spans = sorted(tuple(map(float, (tmp_path / f"span-{n}").read_text().split())) for n in "abc")
     assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), spans
@@ -265,3 +268,31 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def test_a_stage_a_builder_cannot_load_builds_in_this_process(tmp_path):
+    """A stage class only this process can import (as one defined in a script's __main__): the
+    builder says it cannot load it, nothing is built there, and both nodes build here."""
+    import types
+
+    module = types.ModuleType("stages_only_the_parent_has")
+    sys_modules = __import__("sys").modules
+    sys_modules[module.__name__] = module
+    try:
+        local = type("LocalMeet", (Meet,), {"__module__": module.__name__})
+        module.LocalMeet = local
+        meet = tmp_path / "meet"
+        meet.mkdir()
+        events: list[dict] = []
+        graph = Graph()
+        for name in "ab":  # each lingers 1 s: while the first runs here, the second is sent to a builder
+            graph.add(Node("meet", MeetParams(name=name, meet=str(meet), expect=1, linger=1.0), {}, f"meet[{name}]", {}))
+        result = Executor(ArtifactStore(tmp_path / "cache"), graph, {"meet": local()}.__getitem__,
+                          RunOptions(jobs=2), on_event=events.append).run()
+    finally:
+        del sys_modules[module.__name__]
+    assert result.ok, [s.error for s in result.states]
+    assert {p.read_text() for p in meet.iterdir()} == {str(os.getpid())}
+    assert not any(e.get("worker") for e in events if e["event"] == "node_done")
+    tried = [e["message"] for e in events if e["event"] == "log" and "cannot load stage" in e["message"]]
+    assert len(tried) == 1 and "building in this process" in tried[0]
