@@ -228,17 +228,17 @@ class LocalBackend(Backend):
             finally:
                 self._exclusive.release()
         builder = self._builders.take() if self._can_send(job.stage, stage) else None
-        if builder is None:  # every builder busy (or none allowed): wait for this process's turn
-            return BuildOutcome(build_node(job, self.store, stage, emit, self._exclusive))
-        try:
-            record = builder.build(job, stage, self.store.root, emit)
-        except StageNotLoadable as exc:  # nothing was built there: this stage builds here from now on
-            self._picklable[job.stage] = False
-            emit("log", {"message": f"{exc}; building in this process"})
-            return BuildOutcome(build_node(job, self.store, stage, emit, self._exclusive))
-        finally:
-            self._builders.give_back(builder)
-        return BuildOutcome(record, worker=f"builder process {builder.pid}")
+        if builder is not None:
+            try:
+                return BuildOutcome(builder.build(job, stage, self.store.root, emit),
+                                    worker=f"builder process {builder.pid}")
+            except StageNotLoadable as exc:  # nothing was built there: this stage builds here from now on
+                self._picklable[job.stage] = False
+                emit("log", {"message": f"{exc}; building in this process"})
+            finally:
+                self._builders.give_back(builder)
+        # every builder busy (or none allowed, or it could not load the stage): wait for this process's turn
+        return BuildOutcome(build_node(job, self.store, stage, emit, self._exclusive))
 
     def warm(self, expected: list[ExpectedNode]) -> None:
         """With two or more nodes to come of stages that cannot share this process, start the

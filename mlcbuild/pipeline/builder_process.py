@@ -141,6 +141,22 @@ class BuilderPool:
                     return builder
                 builder.close()
                 self._started -= 1
+        return self._start()
+
+    def prestart(self, count: int, modules: list[str]) -> None:
+        """Start up to ``count`` more builders now (within ``size``), each importing ``modules``:
+        a run's first concurrent nodes then find them ready (TVM imported) instead of waiting."""
+        for _ in range(count):
+            builder = self._start()
+            if builder is None:
+                return
+            builder.preload(modules)
+            with self._lock:
+                self._idle.append(builder)
+
+    def _start(self) -> BuilderProcess | None:
+        """A new builder if fewer than ``size`` exist, else None."""
+        with self._lock:
             if self._started >= self.size:
                 return None
             self._started += 1
@@ -150,24 +166,6 @@ class BuilderPool:
             with self._lock:
                 self._started -= 1
             raise
-
-    def prestart(self, count: int, modules: list[str]) -> None:
-        """Start up to ``count`` more builders now (within ``size``), each importing ``modules``:
-        a run's first concurrent nodes then find them ready (TVM imported) instead of waiting."""
-        for _ in range(count):
-            with self._lock:
-                if self._started >= self.size:
-                    return
-                self._started += 1
-            try:
-                builder = BuilderProcess()
-            except BaseException:
-                with self._lock:
-                    self._started -= 1
-                raise
-            builder.preload(modules)
-            with self._lock:
-                self._idle.append(builder)
 
     def give_back(self, builder: BuilderProcess) -> None:
         with self._lock:

@@ -130,14 +130,14 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
 def _with_web_runtime(graph: Graph, make_params: Any, namespace: str) -> Graph:
     """``graph`` with one ``web_runtime`` node as an input of every webgpu compile (none when there
     is no webgpu device: other recipes' graphs and keys are unchanged)."""
-    webgpu = [n for n in graph.nodes if n.stage == "compile" and parse_device(n.params.device).kind == "webgpu"]
+    webgpu = {id(n) for n in graph.nodes if n.stage == "compile" and parse_device(n.params.device).kind == "webgpu"}
     if not webgpu:
         return graph
     rebuilt = Graph()
     runtime = rebuilt.add(Node("web_runtime", make_params("web_runtime", {}), {}, "web_runtime", {},
                                namespace=namespace))
     for node in graph.nodes:  # in order: inputs stay before their users
-        if any(node is w for w in webgpu):
+        if id(node) in webgpu:
             node.inputs["web_runtime"] = runtime
         rebuilt.add(node)
     return rebuilt

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from mlcbuild.bundle_format import CHAT_CONFIG_FILE, SCHEDULE_REPORT_FILE, ScheduleFallback
@@ -97,12 +98,12 @@ class Compile(Stage):
         fallbacks: list[ScheduleFallback] = []
         from mlcbuild.compiler.build import build_library  # imports tvm: only when a node builds
 
+        linking = nullcontext()
         if "web_runtime" in ctx.inputs:  # the webgpu library links with the run's web_runtime node
             from mlcbuild.compiler.web import use_runtime
 
-            with use_runtime(ctx.inputs["web_runtime"]):
-                build_library(chat, device, out, ctx.params.kernels, fallbacks)
-        else:
+            linking = use_runtime(ctx.inputs["web_runtime"])
+        with linking:
             build_library(chat, device, out, ctx.params.kernels, fallbacks)
         # Never silent: a kernel that fell back to a slower schedule is a warning of this node
         # (kept in its record) and listed in the bundle's manifest by the package stage.

@@ -35,13 +35,11 @@ class WebRuntime(Stage):
         return build_problems(parse_device("webgpu"))
 
     def toolchain(self, params: WebRuntimeParams) -> dict[str, str]:
-        from mlcbuild.compiler.web import sources_digest
-        from mlcbuild.toolchain import tool_version, tvm_version
+        from mlcbuild.compiler.web import runtime_facts
 
         if problems := build_problems(parse_device("webgpu")):
             raise StageError("; ".join(problems))
-        # TVM's web runtime sources come with the apache-tvm wheel (its version names them)
-        return {"tvm": tvm_version(), "emcc": tool_version("emcc"), "tvmjs_sources": sources_digest()}
+        return runtime_facts()
 
     def resources(self, params: WebRuntimeParams) -> Resources:
         return Resources(cpus=1, memory_bytes=1 << 30, custom={"emcc": 1})

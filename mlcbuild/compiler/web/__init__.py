@@ -38,6 +38,14 @@ def sources_digest() -> str:
     return digest.hexdigest()
 
 
+def runtime_facts() -> dict[str, str]:
+    """What the web runtime's bytes depend on: TVM (whose wheel ships its sources), emcc, and the
+    headers vendored here (the ``web_runtime`` node's toolchain facts)."""
+    from mlcbuild.toolchain import tool_version, tvm_version
+
+    return {"tvm": tvm_version(), "emcc": tool_version("emcc"), "tvmjs_sources": sources_digest()}
+
+
 def tvmjs_runtime_dir() -> Path:
     """A TVM_HOME-like directory whose ``web/dist/wasm`` holds TVM's web runtime bitcode for the
     installed TVM and emcc: the one :func:`use_runtime` names (the pipeline's ``web_runtime`` node),
@@ -46,11 +54,8 @@ def tvmjs_runtime_dir() -> Path:
     if given is not None:
         return given
     from mlcbuild.cache.location import default_cache_dir
-    from mlcbuild.toolchain import tool_version, tvm_version
 
-    if shutil.which("emcc") is None:
-        raise RuntimeError("emcc is not on PATH: apt-get install emscripten")
-    key = hashlib.sha256("\n".join([tvm_version(), tool_version("emcc"), sources_digest()]).encode()).hexdigest()[:24]
+    key = hashlib.sha256("\n".join(runtime_facts().values()).encode()).hexdigest()[:24]
     home = Path(default_cache_dir()) / "tvmjs-runtime" / key
     if all((home / RUNTIME_SUBDIR / f"{part}.bc").is_file() for part in RUNTIME_PARTS):
         return home
