@@ -395,7 +395,10 @@ class MlcbuildRunner(Runner):
         self.row = Row("mlcbuild", quant, 4 if quant.startswith("q4") else 16)
         bundle = Bundle.open(bundle_dir, "cpu")
         page = bundle.chat_config.page_size
-        self.engine = Engine(bundle, max_batch_size=1, kv_cache_tokens=prompt_len + gen_len + 2 + 2 * page)
+        # No prefix cache: every repeat sends the same prompt, which would be a whole-prompt hit after the
+        # warm-up (prefill then measures a fork, not a prefill); the peers prefill every repeat too.
+        self.engine = Engine(bundle, max_batch_size=1, kv_cache_tokens=prompt_len + gen_len + 2 + 2 * page,
+                             prefix_cache=False)
         self.row.weight_bytes = weights_bytes(bundle)
 
     def measure(self, prompt: list[int], gen: int) -> tuple[float, float, list[int]]:
