@@ -346,6 +346,44 @@ def test_gemv_prefetches_the_rows_ahead(quant: str) -> None:
     assert len(first) == rows * -(-row_bytes // 64)  # every line of every row once
 
 
+def test_cpu_family_picks_the_gemv_tuning() -> None:
+    """The tuning follows the target's mcpu (never the build host): znver* gets AMD Zen's choices (one
+    row per iteration, no software prefetch), every other x86 CPU the Intel-tuned default."""
+    from mlcbuild.compiler.kernels.cpu_tuning import AMD_ZEN, INTEL, tuning_for
+
+    def target(mcpu: str) -> Any:
+        return tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+
+    assert tuning_for(target("znver4")) == AMD_ZEN and tuning_for(target("znver3")) == AMD_ZEN
+    for mcpu in ("sapphirerapids", "skylake-avx512", "x86-64-v3"):
+        assert tuning_for(target(mcpu)) == INTEL, mcpu
+    assert AMD_ZEN.prefetch_bytes == 0 and AMD_ZEN.gemv_rows == 1 and INTEL.prefetch_bytes > 0
+
+
+@pytest.mark.parametrize("family_name", ["intel", "amd-zen"])
+@pytest.mark.parametrize("quant", ["q0f16", "q0f32", "q4f16_1"])
+def test_each_cpu_familys_gemv_computes_the_same(quant: str, family_name: str) -> None:
+    """Both families' decode GEMVs, built on this host whatever it is, compute what the unscheduled kernel
+    computes; Intel's prefetches the rows ahead, AMD Zen's has no prefetch and (16/32-bit weights) runs one
+    output row per parallel iteration."""
+    from mlcbuild.compiler.kernels.cpu_schedule import schedule_func, vector_lanes
+    from mlcbuild.compiler.kernels.cpu_tuning import AMD_ZEN, INTEL
+
+    tuning = {"intel": INTEL, "amd-zen": AMD_ZEN}[family_name]
+    mod, _ = _fused_module(quant, [1, 1], k=128)
+    funcs = _primfuncs(mod)
+    name = next(n for n in funcs if "matmul" in n and "add" in n)
+    new, rule = schedule_func(funcs[name], vector_lanes(TARGET), cpu_qgemv_vnni.supported(TARGET), tuning=tuning)
+    assert rule.startswith("gemv"), rule
+    text = new.script()
+    assert ("llvm.prefetch" in text) == (tuning is INTEL), text
+    if rule == "gemv":
+        assert f"T.parallel(T.int64({N // tuning.gemv_rows}))" in text, text
+    arrays = _random_args(funcs[name], 1, np.random.default_rng(2))
+    want, got = _run(funcs[name], list(arrays)), _run(new, list(arrays))
+    np.testing.assert_allclose(got, want, rtol=0, atol=_tolerance(quant) * max(1.0, float(np.abs(want).max())))
+
+
 def test_vnni_gemv_prefetches_the_rows_ahead() -> None:
     """The same for the 4-bit VNNI kernel: packed words and scales of the row ahead."""
     from mlcbuild.compiler.kernels import cpu_matmul, matmul_analysis

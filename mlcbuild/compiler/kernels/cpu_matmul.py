@@ -102,7 +102,9 @@ def _divisor(n: int, choices: list[int]) -> int:
 # ---- GEMV ---------------------------------------------------------------------------------------
 
 
-def build_gemv(info: MatmulInfo, lanes: int, rows: int = 4) -> Any:
+def build_gemv(info: MatmulInfo, lanes: int, rows: int = 4, prefetch_bytes: int | None = None) -> Any:
+    """``rows``: output rows per parallel iteration; ``prefetch_bytes``: how far ahead the weight rows are
+    prefetched (None: ``PREFETCH_BYTES``; 0: not at all). Per CPU family: ``cpu_tuning``."""
     tes = _placeholders(info)
     X, W = _x_fn(info, tes), _w_fn(info, tes)
     K, N = info.k_extent, info.n_extent
@@ -121,15 +123,16 @@ def build_gemv(info: MatmulInfo, lanes: int, rows: int = 4) -> Any:
     row_bytes = K * max((tvm.DataType(str(load.source.dtype)).bits // 8 for load in loads_in(info.w_expr)), default=4)
     rows = _divisor(N, [rows, 4, 2, 1])
     return _prefetch_plain_weight(schedule_gemv(func, N, rows, sequential_rows=row_bytes < SEQUENTIAL_ROW_BYTES),
-                                  info, rows)
+                                  info, rows, prefetch_bytes)
 
 
-def _prefetch_plain_weight(func: Any, info: MatmulInfo, rows: int) -> Any:
+def _prefetch_plain_weight(func: Any, info: MatmulInfo, rows: int, prefetch_bytes: int | None = None) -> Any:
     """A scheduled GEMV with its weight stream prefetched (``prefetch_rows_ahead``) where the weight
     factor is one plain [N, K] buffer (16/32-bit, read as stored); ``func`` itself otherwise."""
     weights = [load for load in loads_in(info.w_expr)
                if [as_int(d) for d in load.source.shape] == [info.n_extent, info.k_extent]]
-    return prefetch_rows_ahead(func, rows, weights[0].source.name) if len(weights) == 1 else func
+    return prefetch_rows_ahead(func, rows, weights[0].source.name, prefetch_bytes=prefetch_bytes) \
+        if len(weights) == 1 else func
 
 
 # Software prefetch distance of a GEMV's weight stream (bytes ahead of the rows being read). A
@@ -137,16 +140,19 @@ def _prefetch_plain_weight(func: Any, info: MatmulInfo, rows: int) -> Any:
 # too short for the hardware prefetcher to ramp up. Measured on the demo's decode (one process,
 # bundles alternating, 16 rounds of 64 steps): q4f16_1 (VNNI kernel) 7.15 ms/step without, 6.29 /
 # 6.21 / 6.02 with 4, 8 and 16 KB ahead, 7.89 -> 6.01 for the final build; q0f16 16.44 -> 14.68;
-# q4f16_1 for cpu:x86-64-v3 (float 4-bit kernel) 9.72 -> 7.96.
+# q4f16_1 for cpu:x86-64-v3 (float 4-bit kernel) 9.72 -> 7.96. (Intel Xeon; AMD Zen 4 streams faster
+# without: ``cpu_tuning``.)
 PREFETCH_BYTES = 16384
 
 
-def prefetch_rows_ahead(func: Any, rows: int, weight: str, *row_aligned: str) -> Any:
+def prefetch_rows_ahead(func: Any, rows: int, weight: str, *row_aligned: str, prefetch_bytes: int | None = None) -> Any:
     """``func`` (a scheduled GEMV: a parallel loop over chunks of ``rows`` rows of the [N, K]
-    buffer named ``weight``) with a prefetch of every 64-byte line of the rows ``PREFETCH_BYTES``
-    of ``weight`` ahead at the top of each chunk, and of the same rows of the ``row_aligned``
-    buffers ([N, ...]: the scales of packed weights); ``func`` itself where it has no such loop
-    or buffer."""
+    buffer named ``weight``) with a prefetch of every 64-byte line of the rows ``prefetch_bytes``
+    (None: ``PREFETCH_BYTES``) of ``weight`` ahead at the top of each chunk, and of the same rows of
+    the ``row_aligned`` buffers ([N, ...]: the scales of packed weights); ``func`` itself where it has
+    no such loop or buffer, or ``prefetch_bytes`` is 0."""
+    if prefetch_bytes == 0:
+        return func
     names = (weight, *row_aligned)
     found: dict[str, Any] = {}
 
@@ -161,7 +167,7 @@ def prefetch_rows_ahead(func: Any, rows: int, weight: str, *row_aligned: str) ->
         return func
     buffers = [found[name] for name in names if name in found]
     n = as_int(buffers[0].shape[0])
-    ahead = rows_ahead(buffers[0])
+    ahead = rows_ahead(buffers[0], prefetch_bytes)
 
     def prefetches(loop: Any) -> list[Any]:
         no, dtype = loop.loop_var, dtype_of(loop.min)
@@ -183,9 +189,11 @@ def prefetch_rows_ahead(func: Any, rows: int, weight: str, *row_aligned: str) ->
     return map_body(func, loop=add)
 
 
-def rows_ahead(weight: Any) -> int:
-    """How many rows of the [N, ...] buffer ``weight`` are ``PREFETCH_BYTES`` (at least one)."""
-    return max(1, PREFETCH_BYTES // ((as_int(weight.shape[1]) or 1) * tvm.DataType(str(weight.dtype)).bits // 8))
+def rows_ahead(weight: Any, prefetch_bytes: int | None = None) -> int:
+    """How many rows of the [N, ...] buffer ``weight`` are ``prefetch_bytes`` (None: ``PREFETCH_BYTES``;
+    at least one)."""
+    ahead = PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes
+    return max(1, ahead // ((as_int(weight.shape[1]) or 1) * tvm.DataType(str(weight.dtype)).bits // 8))
 
 
 def line_starts(buf: Any) -> range:
@@ -253,7 +261,7 @@ def _add_halves(partial: Any, depth: int, shape: tuple[Any, ...]) -> Any:
 
 
 def build_gemv_few_rows(info: MatmulInfo, lanes: int, block: int = FEW_ROWS_BLOCK,
-                        weight_rows: int = FEW_ROWS_WEIGHT_ROWS) -> Any:
+                        weight_rows: int = FEW_ROWS_WEIGHT_ROWS, prefetch_bytes: int | None = None) -> Any:
     """A GEMV for a handful of rows (a dynamic count, typically 2-5: a speculative verification) of a
     float weight: per step, one weight vector is loaded and widened once and multiplied into
     ``block`` rows of x, so the weights stream once per ``block`` rows instead of once per row.
@@ -314,7 +322,7 @@ def build_gemv_few_rows(info: MatmulInfo, lanes: int, block: int = FEW_ROWS_BLOC
         sch.unroll(ni)
     init = sch.decompose_reduction(sch.get_sblock("rf"), k)
     sch.vectorize(sch.get_loops(init)[-1])
-    return _prefetch_plain_weight(sch.mod["main"], info, weight_rows)
+    return _prefetch_plain_weight(sch.mod["main"], info, weight_rows, prefetch_bytes)
 
 
 # ---- GEMM ---------------------------------------------------------------------------------------
@@ -409,7 +417,7 @@ def schedule_gemm(func: Any, n: int, lanes: int, nb: int, mb: int) -> Any:
 # ---- group-quantized GEMV: dequantize in registers, scale and zero point factored out -----------
 
 
-def build_gemv_q(info: MatmulInfo, gq: GroupQuant, lanes: int, rows: int = 4) -> Any:
+def build_gemv_q(info: MatmulInfo, gq: GroupQuant, lanes: int, rows: int = 4, prefetch_bytes: int | None = None) -> Any:
     K, N = info.k_extent, info.n_extent
     P = gq.per_word
     # Rows are stored zero-padded to whole groups (q3f16_1: 576 -> 600 elements in 60 words):
@@ -479,7 +487,8 @@ def build_gemv_q(info: MatmulInfo, gq: GroupQuant, lanes: int, rows: int = 4) ->
     out = _out_compute(info, tes, lambda m, n: y(m, n))
     func = _finish(info, tes, out)
     rows = _divisor(N, [rows, 4, 2, 1])
-    return prefetch_rows_ahead(schedule_gemv_q(func, N, rows), rows, gq.weight.name, gq.scale.name)
+    return prefetch_rows_ahead(schedule_gemv_q(func, N, rows), rows, gq.weight.name, gq.scale.name,
+                               prefetch_bytes=prefetch_bytes)
 
 
 def schedule_gemv_q(func: Any, n: int, rows: int) -> Any:

@@ -175,11 +175,13 @@ def main({handles}):
 """
 
 
-def _prefetch_lines(weight: str, scale: str, gq: GroupQuant, rows: int, n: int) -> str:
+def _prefetch_lines(weight: str, scale: str, gq: GroupQuant, rows: int, n: int, prefetch_bytes: int | None) -> str:
     """Kernel text: software prefetches of the packed words and the scales of the row
-    ``PREFETCH_BYTES`` ahead of each row the loop is about to read, one per 64-byte line (why and
-    how far: ``cpu_matmul.PREFETCH_BYTES``, the same rule as ``prefetch_rows_ahead``)."""
-    ahead = rows_ahead(gq.weight)
+    ``prefetch_bytes`` ahead of each row the loop is about to read, one per 64-byte line (why and
+    how far: ``cpu_matmul.PREFETCH_BYTES``, the same rule as ``prefetch_rows_ahead``); none for 0."""
+    if prefetch_bytes == 0:
+        return ""
+    ahead = rows_ahead(gq.weight, prefetch_bytes)
     lines = []
     for ni in range(rows):
         row = f"T.min(no * {rows} + {ni + ahead}, {n - 1})"
@@ -205,7 +207,7 @@ def _split_planes(planes: int, group: int) -> str:
     return "\n".join(lines)
 
 
-def build(info: MatmulInfo, gq: GroupQuant, rows: int = 1) -> Any:
+def build(info: MatmulInfo, gq: GroupQuant, rows: int = 1, prefetch_bytes: int | None = None) -> Any:
     """The GEMV as an (already scheduled) PrimFunc with the fused function's signature.
 
     ``rows``: output rows per iteration of the parallel loop, their words interleaved. One row at
@@ -228,7 +230,7 @@ def build(info: MatmulInfo, gq: GroupQuant, rows: int = 1) -> Any:
         raise NotMatched("groups do not tile the vector")
     rows = _divisor(N, [rows, 2, 1])
     sig = signature(info, gq, RESERVED)
-    prefetch = _prefetch_lines(sig.weight, sig.scale, gq, rows, N)
+    prefetch = _prefetch_lines(sig.weight, sig.scale, gq, rows, N, prefetch_bytes)
     text = KERNEL.format(
         handles=sig.handles, symbols=sig.symbols, buffers=sig.buffers, W=sig.weight, S=sig.scale,
         M=sig.m_extent, NG=K // gq.group, KW=kw, WO=kw // vl, VL=vl, VL4=4 * vl, G=gq.group, GW=gw,

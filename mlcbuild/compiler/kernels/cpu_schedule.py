@@ -33,6 +33,7 @@ from tvm import tirx
 
 from mlcbuild.bundle_format import ScheduleFallback
 from mlcbuild.compiler.kernels import cpu_attention, cpu_generic, cpu_matmul, cpu_qgemv_vnni, matmul_analysis
+from mlcbuild.compiler.kernels.cpu_tuning import INTEL, CPUTuning, tuning_for
 from mlcbuild.compiler.kernels._tir_math import vectorizable_transcendentals
 from mlcbuild.compiler.kernels._tir_expr import as_int, is_scheduled
 
@@ -107,7 +108,8 @@ def vector_lanes(target: Any) -> int:
     return 4
 
 
-def _schedule_matmul(func: Any, lanes: int, vnni: bool = False, on_failure: OnFailure | None = None) -> tuple[Any, str] | None:
+def _schedule_matmul(func: Any, lanes: int, vnni: bool = False, on_failure: OnFailure | None = None,
+                     tuning: CPUTuning = INTEL) -> tuple[Any, str] | None:
     try:
         info, _ = matmul_analysis.analyze(func)
     except matmul_analysis.NotMatched:
@@ -119,12 +121,14 @@ def _schedule_matmul(func: Any, lanes: int, vnni: bool = False, on_failure: OnFa
         candidates.append(("gemm", lambda: cpu_matmul.build_gemm(info, lanes)))
     gq = matmul_analysis.match_group_quant(info)
     if few_rows and gq is None:
-        candidates.append(("gemv-few-rows", lambda: cpu_matmul.build_gemv_few_rows(info, lanes)))
+        candidates.append(("gemv-few-rows", lambda: cpu_matmul.build_gemv_few_rows(
+            info, lanes, prefetch_bytes=tuning.prefetch_bytes)))
     if gq is not None:
         if vnni:
-            candidates.append(("gemv-q-vnni", lambda: cpu_qgemv_vnni.build(info, gq)))
-        candidates.append(("gemv-q", lambda: cpu_matmul.build_gemv_q(info, gq, lanes)))
-    candidates.append(("gemv", lambda: cpu_matmul.build_gemv(info, lanes)))
+            candidates.append(("gemv-q-vnni", lambda: cpu_qgemv_vnni.build(info, gq, prefetch_bytes=tuning.prefetch_bytes)))
+        candidates.append(("gemv-q", lambda: cpu_matmul.build_gemv_q(info, gq, lanes, prefetch_bytes=tuning.prefetch_bytes)))
+    candidates.append(("gemv", lambda: cpu_matmul.build_gemv(info, lanes, rows=tuning.gemv_rows,
+                                                             prefetch_bytes=tuning.prefetch_bytes)))
     # most specific first; a kernel that does not apply, or fails, falls back to the next one
     for name, build in candidates:
         try:
@@ -136,10 +140,12 @@ def _schedule_matmul(func: Any, lanes: int, vnni: bool = False, on_failure: OnFa
     return None
 
 
-def schedule_func(func: Any, lanes: int, vnni: bool = False, on_failure: OnFailure | None = None) -> tuple[Any, str] | None:
+def schedule_func(func: Any, lanes: int, vnni: bool = False, on_failure: OnFailure | None = None,
+                  tuning: CPUTuning = INTEL) -> tuple[Any, str] | None:
     """The scheduled function and the rule's name, or None (no rule applies, or every one that
-    did failed). A rule that applies and fails is passed to ``on_failure``; without one, it raises."""
-    result = _schedule_matmul(func, lanes, vnni, on_failure)
+    did failed). A rule that applies and fails is passed to ``on_failure``; without one, it raises.
+    ``tuning``: the CPU family's choices (``cpu_tuning.tuning_for(target)``)."""
+    result = _schedule_matmul(func, lanes, vnni, on_failure, tuning)
     if result is not None:
         return result
     for rule, name in (
@@ -192,6 +198,7 @@ def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target, replace_at
     mod = split_few_row_matmuls(mod.clone())
     lanes = vector_lanes(target)
     vnni = cpu_qgemv_vnni.supported(target)
+    tuning = tuning_for(target)
     updates = {}
     start = time.perf_counter()
 
@@ -229,7 +236,7 @@ def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target, replace_at
             fell_back(name, rule, err)
 
         try:
-            result = schedule_func(vectorizable_transcendentals(func), lanes, vnni, on_failure)
+            result = schedule_func(vectorizable_transcendentals(func), lanes, vnni, on_failure, tuning)
         except Exception as err:  # noqa: BLE001  (a rule bug must not break the build: recorded)
             on_failure("schedule", err)
             result = None
@@ -241,7 +248,7 @@ def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target, replace_at
         _REPORT[name] = rule
     for gvar, func in updates.items():
         mod[gvar] = func
-    log.info("cpu schedules: %d functions in %.1f s", len(updates), time.perf_counter() - start)
+    log.info("cpu schedules (%s): %d functions in %.1f s", tuning.family, len(updates), time.perf_counter() - start)
     return mod
 
 
