@@ -18,9 +18,9 @@ template around a fixed user text, cut or padded to exactly ``--prompt-len`` tok
 Repeats run round-robin over the engines (one repeat of each, then the next), so slow phases of a
 noisy shared machine hit every row alike; the table shows medians. Ratios compare each mlcbuild row
 with the llama.cpp row of equal bits (4-bit rows with Q4_1, 16/32-bit rows with F16). The
-bandwidth bound is measured in the same run (numpy copy of a 1 GiB array, read + write bytes, best
-of 5, one and ``--threads`` threads, the faster counts): bound = bandwidth / weight bytes read per
-decode step. No assertions: numbers to compare within one run. Peers are optional
+bandwidth bound is measured in the same run (a numpy reduction reading a 1 GiB array, best of 5, one
+and ``--threads`` threads, the faster counts: a decode step is a read stream): bound = read bandwidth /
+weight bytes read per decode step; the copy bandwidth (read + write bytes) is printed beside it. No assertions: numbers to compare within one run. Peers are optional
 (``pip install -e ".[bench]"``); a missing one prints as "not installed".
 """
 
@@ -266,27 +266,35 @@ def build_bundles(work: Path, cache_dir: Path, quants: list[str], rebuild: bool)
 # ----------------------------------------------------------------------------------------------
 
 
-def copy_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
-    """Bytes/s of a numpy copy of ``nbytes`` (read + write counted), best of ``repeats``, with one
-    thread and with ``threads`` threads each copying a slice (numpy releases the GIL in a copy)."""
-    src = np.ones(nbytes // 8, dtype=np.float64)
+def stream_bandwidth(threads: int, kind: str, nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
+    """Bytes/s of streaming ``nbytes`` with numpy, best of ``repeats``, with one thread and with ``threads``
+    threads each on a slice (numpy releases the GIL in both): ``kind`` "read" reduces the array
+    (``bitwise_or.reduce``: the read stream of a decode step, nothing written), "copy" copies it (read +
+    write bytes counted)."""
+    src = np.ones(nbytes // 8, dtype=np.int64)
     dst = np.empty_like(src)
     np.copyto(dst, src)  # fault the pages in
+
+    def work(part: slice) -> None:
+        if kind == "read":
+            np.bitwise_or.reduce(src[part])
+        else:
+            np.copyto(dst[part], src[part])
 
     def timed(n: int) -> float:
         bounds = np.linspace(0, src.size, n + 1).astype(int)
         best = float("inf")
         for _ in range(repeats):
             parts = [(slice(bounds[i], bounds[i + 1])) for i in range(n)]
-            workers = [threading.Thread(target=np.copyto, args=(dst[p], src[p])) for p in parts[1:]]
+            workers = [threading.Thread(target=work, args=(p,)) for p in parts[1:]]
             start = time.perf_counter()
             for w in workers:
                 w.start()
-            np.copyto(dst[parts[0]], src[parts[0]])
+            work(parts[0])
             for w in workers:
                 w.join()
             best = min(best, time.perf_counter() - start)
-        return 2 * nbytes / best
+        return (1 if kind == "read" else 2) * nbytes / best
 
     out = {"1": timed(1)}
     if threads > 1:
@@ -746,8 +754,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.wait_idle > 0:
         wait_for_idle(args.wait_idle)
     meter = OthersMeter()
-    log("measuring copy bandwidth (1 GiB, best of 5)")
-    bw = copy_bandwidth(args.threads)
+    log("measuring read and copy bandwidth (1 GiB, best of 5)")
+    bw = stream_bandwidth(args.threads, "read")
+    copy_bw = stream_bandwidth(args.threads, "copy")
     bandwidth = max(bw.values())
     for runner in list(runners):
         try:
@@ -788,9 +797,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.threads} threads, median of {args.repeats} (round-robin)")
     print(f"{notes['date']}  {notes['cpu']}, {notes['cores']} cores{' (AVX-512)' if notes['avx512'] else ''}, "
           f"load avg at start {', '.join(f'{x:.2f}' for x in notes['loadavg_at_start'])}")
-    print("copy bandwidth (read+write, 1 GiB, best of 5): "
-          + ", ".join(f"{k} thread{'s' if k != '1' else ''} {v / 1e9:.1f} GB/s" for k, v in bw.items())
-          + f"; bound = {bandwidth / 1e9:.1f} GB/s / MB read per token")
+    def threads_gbs(measured: dict[str, float]) -> str:
+        return ", ".join(f"{k} thread{'s' if k != '1' else ''} {v / 1e9:.1f} GB/s" for k, v in measured.items())
+
+    print(f"read bandwidth (numpy reduction of 1 GiB, best of 5): {threads_gbs(bw)}; "
+          f"bound = {bandwidth / 1e9:.1f} GB/s / MB read per token")
+    print(f"(copy bandwidth, read + write bytes: {threads_gbs(copy_bw)})")
     print()
     print(table)
     print()
@@ -813,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "notes": notes, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "repeats": args.repeats,
-            "bandwidth_bytes_s": bw, "rows": [asdict(r) for r in rows],
+            "read_bandwidth_bytes_s": bw, "copy_bandwidth_bytes_s": copy_bw, "rows": [asdict(r) for r in rows],
         }, indent=2, default=str) + "\n")
     return 0
 
