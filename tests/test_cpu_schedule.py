@@ -384,6 +384,30 @@ def test_each_cpu_familys_gemv_computes_the_same(quant: str, family_name: str) -
     np.testing.assert_allclose(got, want, rtol=0, atol=_tolerance(quant) * max(1.0, float(np.abs(want).max())))
 
 
+@pytest.mark.parametrize("quant", ["q0f16", "q0f32"])
+def test_few_row_gemv_keeps_half_x_past_its_limit(quant: str) -> None:
+    """AMD Zen's few-row GEMV: where a block of float32 x would pass ``x_widen_bytes``, a float16 x is staged
+    as float16 and widened at each use (float32 x is what it is); the results are the unscheduled kernel's
+    at 1, 2 and 5 rows, and the Zen tuning applies it to a verification's down projection (K = 1536)."""
+    from mlcbuild.compiler.kernels import cpu_matmul, matmul_analysis
+    from mlcbuild.compiler.kernels.cpu_tuning import AMD_ZEN
+
+    assert 4 * 576 * 4 <= AMD_ZEN.few_rows_x_widen_bytes < 4 * 1536 * 4
+    mod, _ = _fused_module(quant, [1, "seq_len"])
+    funcs = _primfuncs(mod)
+    name = next(n for n in funcs if "matmul" in n and "add" in n)
+    info, _ = matmul_analysis.analyze(funcs[name])
+    new = cpu_matmul.build_gemv_few_rows(info, 16, weight_rows=1, prefetch_bytes=0, x_widen_bytes=4 * K * 4 - 1)
+    staged = [line for line in new.script().splitlines() if "xw = T." in line and "alloc_buffer" in line]
+    assert staged and ('"float16"' in staged[0]) == (quant == "q0f16"), staged
+    rng = np.random.default_rng(4)
+    for rows in (1, 2, 5):
+        arrays = _random_args(funcs[name], rows, rng)
+        want, got = _run(funcs[name], list(arrays)), _run(new, list(arrays))
+        np.testing.assert_allclose(got, want, rtol=0, atol=_tolerance(quant) * max(1.0, float(np.abs(want).max())),
+                                   err_msg=f"{rows} rows")
+
+
 def test_vnni_gemv_prefetches_the_rows_ahead() -> None:
     """The same for the 4-bit VNNI kernel: packed words and scales of the row ahead."""
     from mlcbuild.compiler.kernels import cpu_matmul, matmul_analysis
@@ -415,12 +439,15 @@ def test_float_4bit_gemv_prefetches_words_and_scales() -> None:
     assert sorted(hits) == sorted((name, str(ahead + r)) for r in range(4) for name in ("proj_q_scale", "proj_q_weight")), hits
 
 
+@pytest.mark.parametrize("prefill_rows", ["seq_len", "batch_size"])
 @pytest.mark.parametrize("quant", ["q4f16_1", "q0f16"])
-def test_verify_matmuls_get_their_own_multi_row_gemv(quant: str) -> None:
+def test_verify_matmuls_get_their_own_multi_row_gemv(quant: str, prefill_rows: str) -> None:
     """batch_verify and batch_prefill compute the same matmuls, which Relax shares as one PrimFunc: the
     schedule gives batch_verify its own copies (few rows: each weight read once, as GEMV; float weights
     get the blocked few-row GEMV) and leaves prefill its GEMM; the copies compute what the unscheduled
-    kernel does at 1, 2, 4 and 5 rows (5: a second block of rows, padded)."""
+    kernel does at 1, 2, 4 and 5 rows (5: a second block of rows, padded). ``batch_size``: the shared
+    PrimFunc names its rows as the model's logits at each sequence's last position do (the lm_head, which
+    batch_verify ran as a decode GEMV once per row): prefill gets a GEMV, verify still its few-row copy."""
     from tvm import relax
 
     from mlcbuild.compiler.kernels.cpu_schedule import FEW_ROWS_ATTR
@@ -437,7 +464,9 @@ def test_verify_matmuls_get_their_own_multi_row_gemv(quant: str) -> None:
     family(spec).quantize_model(model, spec)
     one = {"x": nn.spec.Tensor([1, "seq_len", K], spec.model_dtype), "res": nn.spec.Tensor([1, "seq_len", N], spec.model_dtype),
            "$": {"param_mode": "plain", "effect_mode": "none"}}
-    mod, _ = model.export_tvm(spec={"batch_prefill": one, "batch_verify": dict(one)})
+    first = {**one, "x": nn.spec.Tensor([1, prefill_rows, K], spec.model_dtype),
+             "res": nn.spec.Tensor([1, prefill_rows, N], spec.model_dtype)}
+    mod, _ = model.export_tvm(spec={"batch_prefill": first, "batch_verify": dict(one)})
     with TARGET:
         mod = tvm.transform.Sequential(fusion_passes())(mod)
     before = _primfuncs(mod)
@@ -450,7 +479,7 @@ def test_verify_matmuls_get_their_own_multi_row_gemv(quant: str) -> None:
 
     prefill, verify = matmuls("batch_prefill"), matmuls("batch_verify")
     assert prefill and len(verify) == len(prefill) and not set(prefill) & set(verify), (prefill, verify)
-    assert {report[n] for n in prefill} == {"gemm"}
+    assert all(report[n] == "gemm" if prefill_rows == "seq_len" else report[n].startswith("gemv") for n in prefill), report
     assert all(report[n].startswith("gemv") and n.endswith("_few_rows") for n in verify), report
     if spec.kind == "none":  # float weights: the blocked few-row kernel
         assert {report[n] for n in verify} == {"gemv-few-rows"}, report

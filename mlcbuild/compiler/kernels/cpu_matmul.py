@@ -25,6 +25,8 @@ from typing import Any
 
 import tvm
 from tvm import s_tir, te, tirx
+from tvm.ir import expr as ir_expr
+from tvm.ir.prim import expr as pe
 
 from mlcbuild.compiler.kernels._tir_expr import Rewriter, as_int, dtype_of, loads_in, map_body
 from mlcbuild.compiler.kernels.matmul_analysis import (
@@ -261,7 +263,8 @@ def _add_halves(partial: Any, depth: int, shape: tuple[Any, ...]) -> Any:
 
 
 def build_gemv_few_rows(info: MatmulInfo, lanes: int, block: int = FEW_ROWS_BLOCK,
-                        weight_rows: int = FEW_ROWS_WEIGHT_ROWS, prefetch_bytes: int | None = None) -> Any:
+                        weight_rows: int = FEW_ROWS_WEIGHT_ROWS, prefetch_bytes: int | None = None,
+                        x_widen_bytes: int | None = None) -> Any:
     """A GEMV for a handful of rows (a dynamic count, typically 2-5: a speculative verification) of a
     float weight: per step, one weight vector is loaded and widened once and multiplied into
     ``block`` rows of x, so the weights stream once per ``block`` rows instead of once per row.
@@ -271,7 +274,11 @@ def build_gemv_few_rows(info: MatmulInfo, lanes: int, block: int = FEW_ROWS_BLOC
     few KB), not per weight row. A row's ``lanes`` partial sums are added as a tree (log2(lanes)
     vector adds): LLVM keeps the order of an unrolled float reduction, and the 16 dependent scalar
     adds of a plain horizontal sum per row and block row cost more than the dot product itself once
-    the weight is reused (compute, not memory, bounds a few-row GEMV on a small core count)."""
+    the weight is reused (compute, not memory, bounds a few-row GEMV on a small core count).
+
+    ``x_widen_bytes``: where a block's float32 x would be larger (None: no limit) and x is a plain float16
+    load, x is staged as float16 and widened at each use instead, so that it stays in L1 beside the
+    streaming weights (a verification's down projection, K = 1536: 24 KB of float32 x; ``cpu_tuning``)."""
     tes = _placeholders(info)
     X, W = _x_fn(info, tes), _w_fn(info, tes)
     K, N = info.k_extent, info.n_extent
@@ -281,10 +288,18 @@ def build_gemv_few_rows(info: MatmulInfo, lanes: int, block: int = FEW_ROWS_BLOC
     depth = vl.bit_length() - 1
     M = _m_total(info)
     padded = tirx.floordiv(M + i64(block - 1), i64(block)) * i64(block)
-    xw = te.compute((padded, i64(K)), lambda m, k: X(tirx.min(m, M - i64(1)), k), name="xw")
+    half_x = x_widen_bytes is not None and block * K * 4 > x_widen_bytes and _is_half_load(info.x_expr)
+    if half_x:  # the float16 values themselves (exact), widened where they are used
+        xw = te.compute((padded, i64(K)), lambda m, k: X(tirx.min(m, M - i64(1)), k).astype("float16"), name="xw")
+    else:
+        xw = te.compute((padded, i64(K)), lambda m, k: X(tirx.min(m, M - i64(1)), k), name="xw")
+
+    def x_at(m: Any, k: Any) -> Any:
+        return xw(m, k).astype("float32") if half_x else xw(m, k)
+
     ko = te.reduce_axis((i64(0), i64(K // vl)), name="ko")
     rf = te.compute((padded, i64(N)) + (i64(2),) * depth,
-                    lambda m, n, *bits: te.sum(xw(m, ko * vl + _lane_index(bits)) * W(n, ko * vl + _lane_index(bits)),
+                    lambda m, n, *bits: te.sum(x_at(m, ko * vl + _lane_index(bits)) * W(n, ko * vl + _lane_index(bits)),
                                                axis=ko), name="rf")
     partial, levels = rf, []
     for d in range(depth, 0, -1):
@@ -323,6 +338,13 @@ def build_gemv_few_rows(info: MatmulInfo, lanes: int, block: int = FEW_ROWS_BLOC
     init = sch.decompose_reduction(sch.get_sblock("rf"), k)
     sch.vectorize(sch.get_loops(init)[-1])
     return _prefetch_plain_weight(sch.mod["main"], info, weight_rows, prefetch_bytes)
+
+
+def _is_half_load(x: Any) -> bool:
+    """Whether ``x`` is a float16 load, or one widened: its values are float16 values, exactly."""
+    if isinstance(x, pe.Cast):
+        x = x.value
+    return isinstance(x, ir_expr.TensorLoad) and dtype_of(x) == "float16"
 
 
 # ---- GEMM ---------------------------------------------------------------------------------------

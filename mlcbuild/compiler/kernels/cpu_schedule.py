@@ -74,9 +74,12 @@ def split_few_row_matmuls(mod: tvm.IRModule) -> tvm.IRModule:
                     info, _ = matmul_analysis.analyze(func)
                 except matmul_analysis.NotMatched:
                     info = None
+                # Every matmul over a symbolic row count: its rows are the few verified tokens here even
+                # where the shared PrimFunc names them otherwise (the lm_head is shared with batch_prefill's
+                # logits, [1, batch_size]: not sequence-like, so it ran as a decode GEMV once per row).
                 copies[gvar.name_hint] = self.builder_.add_func(func.with_attr(FEW_ROWS_ATTR, True),
                                                                 f"{gvar.name_hint}_few_rows") \
-                    if info is not None and info.dyn_m and info.seq_like else None
+                    if info is not None and info.dyn_m else None
             return copies[gvar.name_hint]
 
         def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: N802  (TVM's visitor name)
@@ -122,7 +125,8 @@ def _schedule_matmul(func: Any, lanes: int, vnni: bool = False, on_failure: OnFa
     gq = matmul_analysis.match_group_quant(info)
     if few_rows and gq is None:
         candidates.append(("gemv-few-rows", lambda: cpu_matmul.build_gemv_few_rows(
-            info, lanes, prefetch_bytes=tuning.prefetch_bytes)))
+            info, lanes, weight_rows=tuning.few_rows_weight_rows, prefetch_bytes=tuning.prefetch_bytes,
+            x_widen_bytes=tuning.few_rows_x_widen_bytes)))
     if gq is not None:
         if vnni:
             candidates.append(("gemv-q-vnni", lambda: cpu_qgemv_vnni.build(info, gq, prefetch_bytes=tuning.prefetch_bytes)))
