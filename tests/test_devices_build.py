@@ -418,15 +418,18 @@ def _standin_ndk(root: Path) -> Path:
     The real NDK (not packaged by Debian, not on PyPI) drives the same clang and lld with Android's
     sysroot; the build only links the objects into a throwaway shared object to prove the app's link
     would take them, which needs no sysroot (-nostdlib, symbols of TVM's runtime left unresolved)."""
+    from mlcbuild.toolchain import tool_command
+
     clang = shutil.which("clang-14") or shutil.which("clang")
-    _need(clang is not None and shutil.which("ld.lld") is not None,
+    lld = tool_command("ld.lld")  # lld-19 installs it as ld.lld-19 where no other package gives ld.lld
+    _need(clang is not None and lld is not None,
           "clang and ld.lld are missing (they come with emscripten and lld-19)")
     ndk = root / "android-ndk-standin"
     bin_dir = ndk / "toolchains" / "llvm" / "prebuilt" / "linux-x86_64" / "bin"
     bin_dir.mkdir(parents=True)
     (ndk / "source.properties").write_text("Pkg.Desc = Android NDK (stand-in: LLVM clang + lld)\nPkg.Revision = 27.0.0-standin\n")
     wrapper = bin_dir / "aarch64-linux-android24-clang"
-    wrapper.write_text(f'#!/bin/sh\nexec {clang} --target=aarch64-linux-android24 -fuse-ld=lld -nostdlib "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\nexec {clang} --target=aarch64-linux-android24 -fuse-ld=lld --ld-path={lld} -nostdlib "$@"\n')
     wrapper.chmod(0o755)
     return ndk
 
