@@ -20,8 +20,9 @@ noisy shared machine hit every row alike; the table shows medians. Ratios compar
 with the llama.cpp row of equal bits (4-bit rows with Q4_1, 16/32-bit rows with F16). The
 bandwidth bound is measured in the same run (a numpy reduction reading a 1 GiB array, best of 5, one
 and ``--threads`` threads, the faster counts: a decode step is a read stream): bound = read bandwidth /
-weight bytes read per decode step; the copy bandwidth (read + write bytes) is printed beside it. No assertions: numbers to compare within one run. Peers are optional
-(``pip install -e ".[bench]"``); a missing one prints as "not installed".
+weight bytes read per decode step; the copy bandwidth (read + write bytes) is printed beside it. No
+assertions: numbers to compare within one run. Peers are optional (``pip install -e ".[bench]"``); a
+missing one prints as "not installed".
 """
 
 from __future__ import annotations

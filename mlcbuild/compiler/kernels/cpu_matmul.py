@@ -101,12 +101,22 @@ def _divisor(n: int, choices: list[int]) -> int:
     return 1
 
 
+# Software prefetch distance of a GEMV's weight stream (bytes ahead of the rows being read). A
+# thread's rows are contiguous, but a decode GEMV of SmolLM2 reads only 0.1-0.5 MB per thread:
+# too short for the hardware prefetcher to ramp up. Measured on the demo's decode (one process,
+# bundles alternating, 16 rounds of 64 steps): q4f16_1 (VNNI kernel) 7.15 ms/step without, 6.29 /
+# 6.21 / 6.02 with 4, 8 and 16 KB ahead, 7.89 -> 6.01 for the final build; q0f16 16.44 -> 14.68;
+# q4f16_1 for cpu:x86-64-v3 (float 4-bit kernel) 9.72 -> 7.96. (Intel Xeon; AMD Zen 4 streams faster
+# without: ``cpu_tuning``.)
+PREFETCH_BYTES = 16384
+
+
 # ---- GEMV ---------------------------------------------------------------------------------------
 
 
-def build_gemv(info: MatmulInfo, lanes: int, rows: int = 4, prefetch_bytes: int | None = None) -> Any:
+def build_gemv(info: MatmulInfo, lanes: int, rows: int = 4, prefetch_bytes: int = PREFETCH_BYTES) -> Any:
     """``rows``: output rows per parallel iteration; ``prefetch_bytes``: how far ahead the weight rows are
-    prefetched (None: ``PREFETCH_BYTES``; 0: not at all). Per CPU family: ``cpu_tuning``."""
+    prefetched (0: not at all). Per CPU family: ``cpu_tuning``."""
     tes = _placeholders(info)
     X, W = _x_fn(info, tes), _w_fn(info, tes)
     K, N = info.k_extent, info.n_extent
@@ -128,7 +138,7 @@ def build_gemv(info: MatmulInfo, lanes: int, rows: int = 4, prefetch_bytes: int 
                                   info, rows, prefetch_bytes)
 
 
-def _prefetch_plain_weight(func: Any, info: MatmulInfo, rows: int, prefetch_bytes: int | None = None) -> Any:
+def _prefetch_plain_weight(func: Any, info: MatmulInfo, rows: int, prefetch_bytes: int = PREFETCH_BYTES) -> Any:
     """A scheduled GEMV with its weight stream prefetched (``prefetch_rows_ahead``) where the weight
     factor is one plain [N, K] buffer (16/32-bit, read as stored); ``func`` itself otherwise."""
     weights = [load for load in loads_in(info.w_expr)
@@ -137,20 +147,12 @@ def _prefetch_plain_weight(func: Any, info: MatmulInfo, rows: int, prefetch_byte
         if len(weights) == 1 else func
 
 
-# Software prefetch distance of a GEMV's weight stream (bytes ahead of the rows being read). A
-# thread's rows are contiguous, but a decode GEMV of SmolLM2 reads only 0.1-0.5 MB per thread:
-# too short for the hardware prefetcher to ramp up. Measured on the demo's decode (one process,
-# bundles alternating, 16 rounds of 64 steps): q4f16_1 (VNNI kernel) 7.15 ms/step without, 6.29 /
-# 6.21 / 6.02 with 4, 8 and 16 KB ahead, 7.89 -> 6.01 for the final build; q0f16 16.44 -> 14.68;
-# q4f16_1 for cpu:x86-64-v3 (float 4-bit kernel) 9.72 -> 7.96. (Intel Xeon; AMD Zen 4 streams faster
-# without: ``cpu_tuning``.)
-PREFETCH_BYTES = 16384
 
 
-def prefetch_rows_ahead(func: Any, rows: int, weight: str, *row_aligned: str, prefetch_bytes: int | None = None) -> Any:
+def prefetch_rows_ahead(func: Any, rows: int, weight: str, *row_aligned: str, prefetch_bytes: int = PREFETCH_BYTES) -> Any:
     """``func`` (a scheduled GEMV: a parallel loop over chunks of ``rows`` rows of the [N, K]
     buffer named ``weight``) with a prefetch of every 64-byte line of the rows ``prefetch_bytes``
-    (None: ``PREFETCH_BYTES``) of ``weight`` ahead at the top of each chunk, and of the same rows of
+    of ``weight`` ahead at the top of each chunk, and of the same rows of
     the ``row_aligned`` buffers ([N, ...]: the scales of packed weights); ``func`` itself where it has
     no such loop or buffer, or ``prefetch_bytes`` is 0."""
     if prefetch_bytes == 0:
@@ -191,11 +193,9 @@ def prefetch_rows_ahead(func: Any, rows: int, weight: str, *row_aligned: str, pr
     return map_body(func, loop=add)
 
 
-def rows_ahead(weight: Any, prefetch_bytes: int | None = None) -> int:
-    """How many rows of the [N, ...] buffer ``weight`` are ``prefetch_bytes`` (None: ``PREFETCH_BYTES``;
-    at least one)."""
-    ahead = PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes
-    return max(1, ahead // ((as_int(weight.shape[1]) or 1) * tvm.DataType(str(weight.dtype)).bits // 8))
+def rows_ahead(weight: Any, prefetch_bytes: int = PREFETCH_BYTES) -> int:
+    """How many rows of the [N, ...] buffer ``weight`` are ``prefetch_bytes`` (at least one)."""
+    return max(1, prefetch_bytes // ((as_int(weight.shape[1]) or 1) * tvm.DataType(str(weight.dtype)).bits // 8))
 
 
 def line_starts(buf: Any) -> range:
@@ -263,7 +263,7 @@ def _add_halves(partial: Any, depth: int, shape: tuple[Any, ...]) -> Any:
 
 
 def build_gemv_few_rows(info: MatmulInfo, lanes: int, block: int = FEW_ROWS_BLOCK,
-                        weight_rows: int = FEW_ROWS_WEIGHT_ROWS, prefetch_bytes: int | None = None,
+                        weight_rows: int = FEW_ROWS_WEIGHT_ROWS, prefetch_bytes: int = PREFETCH_BYTES,
                         x_widen_bytes: int | None = None) -> Any:
     """A GEMV for a handful of rows (a dynamic count, typically 2-5: a speculative verification) of a
     float weight: per step, one weight vector is loaded and widened once and multiplied into
@@ -288,18 +288,13 @@ def build_gemv_few_rows(info: MatmulInfo, lanes: int, block: int = FEW_ROWS_BLOC
     depth = vl.bit_length() - 1
     M = _m_total(info)
     padded = tirx.floordiv(M + i64(block - 1), i64(block)) * i64(block)
+    # half x: the float16 values themselves (exact), widened where they are used
     half_x = x_widen_bytes is not None and block * K * 4 > x_widen_bytes and _is_half_load(info.x_expr)
-    if half_x:  # the float16 values themselves (exact), widened where they are used
-        xw = te.compute((padded, i64(K)), lambda m, k: X(tirx.min(m, M - i64(1)), k).astype("float16"), name="xw")
-    else:
-        xw = te.compute((padded, i64(K)), lambda m, k: X(tirx.min(m, M - i64(1)), k), name="xw")
-
-    def x_at(m: Any, k: Any) -> Any:
-        return xw(m, k).astype("float32") if half_x else xw(m, k)
-
+    xw = te.compute((padded, i64(K)), lambda m, k: X(tirx.min(m, M - i64(1)), k).astype("float16" if half_x else "float32"),
+                    name="xw")
     ko = te.reduce_axis((i64(0), i64(K // vl)), name="ko")
     rf = te.compute((padded, i64(N)) + (i64(2),) * depth,
-                    lambda m, n, *bits: te.sum(x_at(m, ko * vl + _lane_index(bits)) * W(n, ko * vl + _lane_index(bits)),
+                    lambda m, n, *bits: te.sum(xw(m, ko * vl + _lane_index(bits)).astype("float32") * W(n, ko * vl + _lane_index(bits)),
                                                axis=ko), name="rf")
     partial, levels = rf, []
     for d in range(depth, 0, -1):
@@ -439,7 +434,7 @@ def schedule_gemm(func: Any, n: int, lanes: int, nb: int, mb: int) -> Any:
 # ---- group-quantized GEMV: dequantize in registers, scale and zero point factored out -----------
 
 
-def build_gemv_q(info: MatmulInfo, gq: GroupQuant, lanes: int, rows: int = 4, prefetch_bytes: int | None = None) -> Any:
+def build_gemv_q(info: MatmulInfo, gq: GroupQuant, lanes: int, rows: int = 4, prefetch_bytes: int = PREFETCH_BYTES) -> Any:
     K, N = info.k_extent, info.n_extent
     P = gq.per_word
     # Rows are stored zero-padded to whole groups (q3f16_1: 576 -> 600 elements in 60 words):

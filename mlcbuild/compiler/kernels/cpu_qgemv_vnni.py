@@ -32,7 +32,7 @@ from tvm import tirx
 
 from mlcbuild.compiler.kernels._text_kernel import KernelExprs, parse, signature
 from mlcbuild.compiler.kernels._tir_expr import as_int, loads_in, pairwise_sum
-from mlcbuild.compiler.kernels.cpu_matmul import _divisor, line_starts, rows_ahead
+from mlcbuild.compiler.kernels.cpu_matmul import PREFETCH_BYTES, _divisor, line_starts, rows_ahead
 from mlcbuild.compiler.kernels.matmul_analysis import GroupQuant, MatmulInfo, NotMatched
 
 # Byte planes of the fixed-point activations per activation dtype: 16 bits for float16 (11-bit
@@ -175,7 +175,7 @@ def main({handles}):
 """
 
 
-def _prefetch_lines(weight: str, scale: str, gq: GroupQuant, rows: int, n: int, prefetch_bytes: int | None) -> str:
+def _prefetch_lines(weight: str, scale: str, gq: GroupQuant, rows: int, n: int, prefetch_bytes: int) -> str:
     """Kernel text: software prefetches of the packed words and the scales of the row
     ``prefetch_bytes`` ahead of each row the loop is about to read, one per 64-byte line (why and
     how far: ``cpu_matmul.PREFETCH_BYTES``, the same rule as ``prefetch_rows_ahead``); none for 0."""
@@ -207,7 +207,7 @@ def _split_planes(planes: int, group: int) -> str:
     return "\n".join(lines)
 
 
-def build(info: MatmulInfo, gq: GroupQuant, rows: int = 1, prefetch_bytes: int | None = None) -> Any:
+def build(info: MatmulInfo, gq: GroupQuant, rows: int = 1, prefetch_bytes: int = PREFETCH_BYTES) -> Any:
     """The GEMV as an (already scheduled) PrimFunc with the fused function's signature.
 
     ``rows``: output rows per iteration of the parallel loop, their words interleaved. One row at
