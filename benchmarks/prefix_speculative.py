@@ -127,6 +127,20 @@ def task_prompt(engine: Engine, task: str, tokens: int = 700) -> list[int]:
     return engine.tokenizer.encode(chatml(chat), add_special_tokens=False)
 
 
+def lookup_bound(prompt: list[int], tokens: list[int], k: int) -> float:
+    """What prompt lookup could give on this output at best: tokens per model step if every step drafts ``k``
+    tokens (the engine's proposer) and a verification cost no more than a decode step. The rest of the gap
+    to a target is the output's own: tokens that appear nowhere earlier cannot be drafted."""
+    from mlcbuild.runtime.speculative import prompt_lookup
+
+    pos, steps = 0, 0
+    while pos < len(tokens):
+        draft = prompt_lookup(prompt + tokens[:pos], min(k, len(tokens) - pos - 1)) if pos else []
+        accepted = next((i for i, t in enumerate(draft) if t != tokens[pos + i]), len(draft))
+        pos, steps = pos + accepted + 1, steps + 1
+    return len(tokens) / steps
+
+
 def bench_speculative(bundle: Bundle, draft: Bundle | None, rounds: int, max_tokens: int) -> None:
     print(f"(b) speculative decoding at batch 1, greedy, {max_tokens} tokens, {rounds} alternating rounds")
     plain = Engine(bundle, max_batch_size=1, prefix_cache=False)
@@ -158,7 +172,9 @@ def bench_speculative(bundle: Bundle, draft: Bundle | None, rounds: int, max_tok
                     print(f"    {mode:14} k={k} {name:9} ({len(prompt)} prompt tokens, {len(want)} generated): "
                           f"plain {statistics.median(plain_rates):6.1f} tok/s, speculative "
                           f"{statistics.median(spec_rates):6.1f} tok/s: {ratio:.2f}x  acceptance "
-                          f"{statistics.mean(accepted):.0%}  identical tokens: {same}")
+                          f"{statistics.mean(accepted):.0%}  identical tokens: {same}"
+                          + (f"  (bound at a verification's cost = a decode step's: {lookup_bound(prompt, want, k):.2f}x)"
+                             if mode == "prompt-lookup" else ""))
                 finally:
                     spec.shutdown()
     finally:

@@ -202,7 +202,9 @@ def test_prompt_lookup_drafts_what_followed_the_latest_longest_ngram():
 
     assert prompt_lookup([1, 2, 3, 4, 9, 2, 3, 5, 6, 2, 3], 2) == [5, 6]  # latest "2 3", not the first
     assert prompt_lookup([7, 1, 2, 3, 8, 1, 2, 3, 4, 0, 2, 3], 3) == [4, 0, 2]  # "2 3" then the rest
-    assert prompt_lookup([5, 6, 7], 4) == [] and prompt_lookup([5, 6, 5], 4) == [6, 5]
+    assert prompt_lookup([5, 6, 7], 4) == [] and prompt_lookup([5, 6, 5, 6], 4) == [5, 6]
+    # one recurring token is not a match unless asked for
+    assert prompt_lookup([5, 6, 5], 4) == [] and prompt_lookup([5, 6, 5], 4, min_ngram=1) == [6, 5]
 
 
 def test_rollback_at_every_number_of_accepted_tokens(bundle):

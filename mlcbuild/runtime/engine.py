@@ -884,7 +884,7 @@ class Engine:
 
     def _draft(self, request: _Request, seq: _Sequence) -> list[int]:
         """Prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's last n
-        tokens (n = 3, 2, 1) in its prompt and output, at most what its limits still allow. A draft model: as
+        tokens (n = 3, then 2) in its prompt and output, at most what its limits still allow. A draft model: as
         many placeholders as it may draft (:meth:`_propose` fills them once the batch is settled)."""
         # sliding-window sequences are not rolled back (popn is not defined across a slide): no speculation
         if self.speculative_mode == "off" or seq.matcher is not None or self.model.sliding_window:

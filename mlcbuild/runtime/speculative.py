@@ -19,10 +19,17 @@ from typing import Any
 import numpy as np
 
 
-def prompt_lookup(tokens: list[int], k: int, max_ngram: int = 3) -> list[int]:
-    """Up to ``k`` tokens that followed the latest earlier occurrence of the last n tokens (longest n first)."""
+def prompt_lookup(tokens: list[int], k: int, max_ngram: int = 3, min_ngram: int = 2) -> list[int]:
+    """Up to ``k`` tokens that followed the latest earlier occurrence of the last n tokens (longest n first,
+    n from ``max_ngram`` down to ``min_ngram``).
+
+    A match of one token is weak evidence (a common word or a newline recurs everywhere): its drafts are
+    mostly rejected, and a rejected draft costs the verification's extra rows. Replaying the demo's greedy
+    outputs through the engine's draft schedule with measured verification costs (AMD Zen 4: 2 rows 1.35x
+    a decode step, 4 rows 1.9x) gives, for n >= 2 against n >= 1: summarise 0.96x vs 0.87x, copy-edit
+    1.40x vs 1.29x; with Intel's cheaper verification (1.3x) 1.05 vs 1.02 and 1.71 vs 1.61."""
     arr = np.asarray(tokens, dtype=np.int64)
-    for n in range(min(max_ngram, len(arr) - 1), 0, -1):
+    for n in range(min(max_ngram, len(arr) - 1), max(min_ngram, 1) - 1, -1):
         windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # each start leaves a token after it
         starts = np.nonzero((windows == arr[-n:]).all(axis=1))[0]
         if len(starts):

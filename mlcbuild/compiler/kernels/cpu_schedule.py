@@ -125,7 +125,8 @@ def _schedule_matmul(func: Any, lanes: int, vnni: bool = False, on_failure: OnFa
     gq = matmul_analysis.match_group_quant(info)
     if few_rows and gq is None:
         candidates.append(("gemv-few-rows", lambda: cpu_matmul.build_gemv_few_rows(
-            info, lanes, weight_rows=tuning.few_rows_weight_rows, prefetch_bytes=tuning.prefetch_bytes,
+            info, lanes, block=tuning.few_rows_block, weight_rows=tuning.few_rows_weight_rows,
+            prefetch_bytes=tuning.prefetch_bytes,
             x_widen_bytes=tuning.few_rows_x_widen_bytes)))
     if gq is not None:
         if vnni:
