@@ -406,3 +406,19 @@ def test_draft_catches_up_a_long_prompt_a_chunk_per_step(draft_bundle):
     long, short = draft.new_state(), draft.new_state()
     got = draft.propose([(long, context, 2), (short, context[:5], 2)])
     assert got[0] == [] and len(got[1]) == 2 and long.fed == 27 and short.fed == 5
+
+
+def test_draft_prefills_with_the_model_and_drafts_from_the_first_decode_step(plain, drafted):
+    """A 70-token prompt prefills in three chunks of 32; the draft follows each chunk, so the first decode step
+    already drafts (caught up only then, it would feed the prompt a chunk per decode step and, with 4 tokens
+    to generate, never draft). Greedy tokens stay the plain run's."""
+    prompt = ids(70, 94)
+    out: queue.SimpleQueue = queue.SimpleQueue()
+    drafted.submit(prompt, GenerationConfig(SamplingParams(temperature=0), max_tokens=4, ignore_eos=True), out.put)
+    tokens: list[int] = []
+    while not (o := out.get(timeout=60)).finished:
+        tokens += [t for d in o.deltas for t in d.token_ids]
+    tokens += [t for d in o.deltas for t in d.token_ids]
+    assert o.error is None and o.stats.draft_tokens > 0, o.stats
+    assert tokens == run(plain, [prompt], max_tokens=4)[0]
+    assert drafted.draft.model.available_pages() == drafted.draft.model.total_pages

@@ -433,7 +433,8 @@ class Engine:
     draft accepted whole (up to ``speculative_tokens``), one fewer (down to 1) after a rejection, since a
     verified token costs more than a decoded one when it is rejected.
     ``speculative_mode="draft"`` proposes with ``draft``, a smaller bundle of the same tokenizer on the same
-    device with its own KV cache (greedy drafts: :mod:`.speculative` says why outputs stay the target's).
+    device with its own KV cache (greedy drafts: :mod:`.speculative` says why outputs stay the target's),
+    which prefills each prompt alongside the model (MLC LLM does the same), so drafting starts at once.
     """
 
     def __init__(self, bundle: Bundle, *, max_batch_size: int | None = None, context_window_size: int | None = None,
@@ -788,6 +789,8 @@ class Engine:
         masks = self._start_masks([(row, r.seqs[0]) for row, (r, chunk) in enumerate(work)
                                    if r.prefilled + len(chunk) == len(r.fill) and not r.seqs[0].tokens])
         logits = prefill(self.model, work)
+        if self.draft is not None:
+            self._follow_drafts(work)
         self._refresh_pages()  # before any output: a client that saw a token sees the pages it holds
         self._counters["prefill_steps"] += 1
         self._counters["prefill_tokens"] += sum(len(c) for _, c in work)
@@ -914,6 +917,27 @@ class Engine:
                 seq.draft = self.draft.new_state()
             work.append((seq.draft, context, k))  # type: ignore[arg-type]  (None only where k == 0)
         return self.draft.propose(work)
+
+    def _follow_drafts(self, work: list[tuple[_Request, list[int]]]) -> None:
+        """The draft model prefills what the target just prefilled (the sequences that will speculate, while
+        the draft's KV cache has room), so that drafting starts with the first decode step."""
+        assert self.draft is not None
+        if self.model.sliding_window:  # its sequences never speculate (see _draft)
+            return
+        free, follow = self.draft.model.available_pages(), []
+        for request, _ in work:
+            seq = request.seqs[0]
+            if seq.matcher is not None:  # constrained: decodes one token a step, never drafts
+                continue
+            context = (request.prompt + seq.tokens)[:seq.kv_len]
+            need = self.draft.pages_for(seq.draft, len(context), 0)
+            if need > free:
+                continue
+            free -= need
+            if seq.draft is None:
+                seq.draft = self.draft.new_state()
+            follow.append((seq.draft, context))
+        self.draft.follow(follow)
 
     def _drop_draft(self, seq: _Sequence) -> None:
         if seq.draft is not None and self.draft is not None:

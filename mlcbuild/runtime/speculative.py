@@ -118,25 +118,8 @@ class DraftModel:
                 self.model.popn(state.seq_id, state.fed - len(context) + 1)
                 state.fed = len(context) - 1
             pending[i] = context[state.fed:]
-        last_logits: dict[int, np.ndarray] = {}
-        # Catch up in one call of at most a prefill chunk: a sequence that needs more (a new prompt) gets that
-        # much now and its drafts on a later step, so that a long prompt does not stall the batch's step.
-        budget, batch = self.model.max_chunk_tokens, []
-        for i, rest in sorted(pending.items(), key=lambda item: len(item[1])):  # the short catch-ups first
-            if budget <= 0:
-                break
-            batch.append((i, rest[:budget]))
-            budget -= len(batch[-1][1])
-        if batch:
-            ids = [work[i][0].seq_id for i, _ in batch]
-            if all(len(chunk) == 1 for _, chunk in batch):
-                logits = self.model.forward_decode(ids, [chunk[0] for _, chunk in batch])
-            else:
-                logits = self.model.forward_prefill(ids, [chunk for _, chunk in batch])
-            for row, (i, chunk) in enumerate(batch):
-                work[i][0].fed += len(chunk)
-                if len(chunk) == len(pending[i]):
-                    last_logits[i] = logits[row]
+        caught_up = self._catch_up({i: (work[i][0], rest) for i, rest in pending.items()})
+        last_logits = {i: row_logits for i, row_logits in caught_up.items() if row_logits is not None}
         for i, row_logits in last_logits.items():
             drafts[i].append(self._greedy(row_logits))
         while True:  # one decode call per drafted position, batched over the sequences still drafting
@@ -148,6 +131,38 @@ class DraftModel:
                 work[i][0].tail.append(drafts[i][-1])
                 drafts[i].append(self._greedy(logits[row]))
         return drafts
+
+    def follow(self, work: list[tuple[DraftState, list[int]]]) -> None:
+        """Feed each ``(state, context)``'s tokens the draft has not seen, as the target prefills them (MLC LLM
+        prefills its draft models with the target), so that the draft drafts from the first decode step on
+        instead of catching a long prompt up then, a prefill chunk per step. At most one prefill chunk: the
+        rest follows at the next prefill step, or at the first :meth:`propose`."""
+        pending = {i: (state, context[state.fed:]) for i, (state, context) in enumerate(work)
+                   if not state.tail and len(context) > state.fed}
+        self._catch_up(pending)
+
+    def _catch_up(self, pending: dict[int, tuple[DraftState, list[int]]]) -> dict[int, np.ndarray | None]:
+        """Feed ``pending[i] = (state, tokens)`` in one call of at most a prefill chunk: a sequence that needs
+        more (a new prompt) gets that much now and the rest on a later step, so that a long prompt does not
+        stall the batch's step. The logits after each sequence fed whole (None: it got only part)."""
+        budget, batch = self.model.max_chunk_tokens, []
+        for i, (state, rest) in sorted(pending.items(), key=lambda item: len(item[1][1])):  # short ones first
+            if budget <= 0:
+                break
+            batch.append((i, state, rest[:budget]))
+            budget -= len(batch[-1][2])
+        if not batch:
+            return {}
+        ids = [state.seq_id for _, state, _ in batch]
+        if all(len(chunk) == 1 for _, _, chunk in batch):
+            logits = self.model.forward_decode(ids, [chunk[0] for _, _, chunk in batch])
+        else:
+            logits = self.model.forward_prefill(ids, [chunk for _, _, chunk in batch])
+        fed: dict[int, np.ndarray | None] = {}
+        for row, (i, state, chunk) in enumerate(batch):
+            state.fed += len(chunk)
+            fed[i] = logits[row] if len(chunk) == len(pending[i][1]) else None
+        return fed
 
     def rollback(self, state: DraftState, context: list[int]) -> None:
         """The target verified: keep the drafted tokens that are now part of ``context``, pop the rest."""
