@@ -241,13 +241,18 @@ def test_cuda_integer_dot_gemv_numerics_emulated(k: int, batch: int) -> None:
     assert not cuda_qgemv_dp4a.applies(info32, matmul_analysis.match_group_quant(info32))
 
 
-def test_attention_kernels_match_tvm_reference() -> None:
+@pytest.mark.parametrize("d", [32, 64])
+def test_attention_kernels_match_tvm_reference(d: int) -> None:
+    """Decode (its pages in one task per kv head, and split in two ranges merged after), ragged and paged
+    prefill against TVM's reference kernels: lengths inside a page, on a page boundary and across pages
+    (the scores of 16 rows are summed together, rows past the end masked), and a sequence without pages (a
+    prefix-sharing fork's depth it has no pages in: 0 and lse -5e4, not 0/0)."""
     from tvm.relax.frontend.nn.llm import _decode_kernels as dk
     from tvm.relax.frontend.nn.llm import _prefill_kernels as pk
 
-    h_kv, h_q, d, dtype, page = 2, 4, 32, "float16", 16
+    h_kv, h_q, dtype, page = 2, 4, "float16", 16
     rng = np.random.default_rng(2)
-    lens = [5, 37]
+    lens = [5, 37, 32, 0]
     npg = [(n + page - 1) // page for n in lens]
     indptr = np.concatenate([[0], np.cumsum(npg)]).astype("int32")
     values = rng.permutation(8)[: indptr[-1]].astype("int32")
@@ -265,11 +270,15 @@ def test_attention_kernels_match_tvm_reference() -> None:
     decode = [q, pages, indptr, values, last, np.zeros(b, "int32"), np.zeros(b, "int32"),
               np.zeros((b, h_q, d), dtype), np.zeros((b, h_q), "float32"), 0, 1.0, 1e4, 0.17]
     want = run(dk._attention_decode_cpu(h_kv, h_q, d, dtype, False, {}), decode)
-    got = run(cpu_attention.decode_kernel(h_kv, h_q, d, dtype, page), decode)
+    for splits in (1, 2, 3):  # 8 tasks, split in 1, 2, 3 page ranges (3: some empty)
+        got = run(cpu_attention.decode_kernel(h_kv, h_q, d, dtype, page, splits=splits, split_below=64), decode)
+        for w, g in zip(want[-2:], got[-2:]):
+            np.testing.assert_allclose(g, w, atol=2e-3, err_msg=f"decode in {splits} page ranges")
+    got = run(cpu_attention.decode_kernel(h_kv, h_q, d, dtype, page, split_below=2), decode)  # never split
     for w, g in zip(want[-2:], got[-2:]):
-        np.testing.assert_allclose(g, w, atol=2e-3)
+        np.testing.assert_allclose(g, w, atol=2e-3, err_msg="decode, no split")
 
-    qlens = [3, 11]
+    qlens = [3, 11, 20, 0]
     qo = sum(qlens)
     qi = np.concatenate([[0], np.cumsum(qlens)]).astype("int32")
     qq = rng.standard_normal((qo, h_q, d)).astype(dtype)

@@ -11,9 +11,14 @@ The kernels below keep the exact signatures (the KV cache calls them by position
 semantics (log2-domain softmax with ``sm_scale * log2(e)``, ``lse = m + log2(sum)``, causal mask
 ``col < kv_len - qo_len + row + 1``), and compute per (sequence, query head):
 
-    scores over the visible keys (vector dot products over head_dim),
+    scores over the visible keys (vector dot products over head_dim; the lane sums of 16 key rows
+    reduced together by shuffles, ``_row_sums``, not one horizontal sum per key),
     exp2 by a vectorizable polynomial (|rel err| < 3e-7, no libm call per element),
     output = sum p * v (vector over head_dim), then divide.
+
+Decode runs one task per (sequence, kv head), its query heads sharing each key and value row; with
+fewer tasks than ``SPLIT_BELOW`` (a batch of one: 3 kv heads on 2 threads) each sequence's pages are
+split in ``DECODE_SPLITS`` ranges whose partial softmax sums are merged (flash-decoding).
 
 They run only for RoPE modes other than inline (``rotary_mode == 1`` asserts at run time: the
 inline-RoPE path needs the model's rope scaling, which the compiled module does not carry);
@@ -22,6 +27,7 @@ inline-RoPE path needs the model's rope scaling, which the compiled module does 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import tvm
@@ -40,6 +46,33 @@ def _hsum(buf: Any, n: int) -> Any:
     return pairwise_sum([buf[i] for i in range(n)])
 
 
+def _row_sums(buf: Any, lead: list[Any], row0: Any, n: int) -> Any:
+    """A vector of ``n`` lanes whose lane r is ``sum(buf[*lead, row0 + r, 0:n])``: n row vectors of partial sums
+    (a dot product's lanes) reduced together by two-source shuffles and adds, log2(n) levels, n - 1 shuffle
+    pairs for the n rows, where a horizontal sum per row costs log2(n) shuffles and adds for each row (it
+    was most of a score's cost: three quarters of the decode kernel's instructions)."""
+    ramp = tirx.Ramp(tirx.const(0, "int32"), tirx.const(1, "int32"), n)
+    vecs = [tirx.BufferLoad(buf, [*lead, row0 + r, ramp]) for r in range(n)]
+    width = n  # each vector holds n // width rows' groups of `width` partial sums
+    while len(vecs) > 1:
+        half = width // 2
+        lo = [k for group in range(0, n, width) for k in range(group, group + half)]
+        lo += [n + k for k in lo]  # the second vector's lanes follow the first's
+        hi = [k + half for k in lo]
+        vecs = [tirx.Shuffle([x, y], [tirx.const(i, "int32") for i in lo])
+                + tirx.Shuffle([x, y], [tirx.const(i, "int32") for i in hi]) for x, y in zip(vecs[::2], vecs[1::2])]
+        width = half
+    return vecs[0]
+
+
+def _max_of(buf: Any, lead: list[Any], start: Any, n: int) -> Any:
+    """max of buf[*lead, start:start + n], as a tree."""
+    values = [buf[(*lead, start + i)] for i in range(n)]
+    while len(values) > 1:
+        values = [tirx.max(a, b) for a, b in zip(values[::2], values[1::2])]
+    return values[0]
+
+
 def _lanes(d: int) -> int:
     for lanes in (16, 8, 4, 2):
         if d % lanes == 0:
@@ -47,11 +80,20 @@ def _lanes(d: int) -> int:
     return 1
 
 
-def decode_kernel(h_kv: int, h_q: int, d: int, dtype: str, page_size: int) -> Any:
+# Decode tasks per (sequence, kv head) when there are few: the pages are split in this many ranges, each a
+# task, merged afterwards (flash-decoding's split-K), so that a batch of one with 3 kv heads keeps 2 threads
+# busy; from SPLIT_BELOW tasks on, there is enough parallelism without it.
+DECODE_SPLITS = 2
+SPLIT_BELOW = 8
+
+
+def decode_kernel(h_kv: int, h_q: int, d: int, dtype: str, page_size: int, splits: int = DECODE_SPLITS,
+                  split_below: int = SPLIT_BELOW) -> Any:
     """batch_decode_paged_kv_cpu (no sliding window)."""
     G = h_q // h_kv
-    VL = _lanes(d)
+    VL = _lanes(math.gcd(d, page_size))  # score lanes; also the rows whose sums are reduced together
     NJ = d // VL
+    NS = splits
     scale_log2 = LOG2E
 
     @T.prim_func(s_tir=True)
@@ -91,61 +133,112 @@ def decode_kernel(h_kv: int, h_q: int, d: int, dtype: str, page_size: int) -> An
         length_info = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_info_elem_offset)
 
         assert rotary_mode != 1, "mlcbuild CPU attention: inline RoPE is not supported"
-        # One task per (sequence, kv head): its G query heads share every key/value row load.
-        for bk in T.parallel(B * h_kv):
-            with T.sblock("attn"):
-                T.reads(Q[0:B, 0:h_q, 0:d], pages[0:max_num_pages, 0:2, 0:h_kv, 0:page_size, 0:d], page_table_indptr[0 : B + 1], page_table_values[0:nnz_pages], length_info[0:B])
-                T.writes(output[0:B, 0:h_q, 0:d], lse[0:B, 0:h_q])
-                S = T.sblock_alloc_buffer((G, page_size), "float32")
-                O = T.sblock_alloc_buffer((G, d), "float32")
-                Qf = T.sblock_alloc_buffer((G, d), "float32")
-                acc = T.sblock_alloc_buffer((VL,), "float32")
-                pacc = T.sblock_alloc_buffer((page_size,), "float32")
-                m = T.sblock_alloc_buffer((G,), "float32")
-                den = T.sblock_alloc_buffer((G,), "float32")
-                m_new = T.sblock_alloc_buffer((G,), "float32")
-                alpha = T.sblock_alloc_buffer((G,), "float32")
-                b: T.let[T.int32] = bk // h_kv
-                hk: T.let[T.int32] = bk % h_kv
-                page_begin: T.let[T.int32] = page_table_indptr[b]
-                num_pages: T.let[T.int32] = page_table_indptr[b + 1] - page_begin
-                for g in T.serial(G):
-                    m[g] = T.float32(-5e4)
-                    den[g] = T.float32(1.0)
-                    for i in T.vectorized(d):
-                        O[g, i] = T.float32(0)
-                        Qf[g, i] = T.Cast("float32", Q[b, hk * G + g, i]) * (sm_scale * scale_log2)
-                for p in T.serial(num_pages):
-                    page_no: T.let[T.int32] = page_table_values[page_begin + p]
-                    rows: T.let[T.int32] = T.if_then_else(p == num_pages - 1, length_info[b], page_size)
-                    # scores of this page's rows for the G query heads sharing the kv head
-                    for g in T.serial(G):
-                        m_new[g] = m[g]
-                        for r in T.serial(rows):
-                            for l in T.vectorized(VL):
-                                acc[l] = T.float32(0)
-                            for j in T.unroll(NJ):
-                                for l in T.vectorized(VL):
-                                    acc[l] = acc[l] + Qf[g, j * VL + l] * T.Cast("float32", pages[page_no, 0, hk, r, j * VL + l])
-                            S[g, r] = _hsum(acc, VL)
-                            m_new[g] = T.max(m_new[g], S[g, r])
-                        alpha[g] = _exp2(m[g] - m_new[g])
-                        m[g] = m_new[g]
-                        # the page's rows at once: exp2 vectorized, rows past the end masked to 0
-                        for r in T.vectorized(page_size):
-                            S[g, r] = T.if_then_else(r < rows, _exp2(S[g, r] - m_new[g]), T.float32(0))
-                            pacc[r] = S[g, r]
-                        den[g] = den[g] * alpha[g] + _hsum(pacc, page_size)
+        with T.sblock("root"):
+            ns: T.let[T.int32] = T.if_then_else(B * h_kv < split_below, NS, 1)
+            # the split tasks' unnormalized outputs, running maxima and sums
+            part_o = T.sblock_alloc_buffer((B * h_kv * NS, G, d), "float32")
+            part_m = T.sblock_alloc_buffer((B * h_kv * NS, G), "float32")
+            part_d = T.sblock_alloc_buffer((B * h_kv * NS, G), "float32")
+            # One task per (sequence, kv head[, page range]): its G query heads share every key/value row load.
+            for task in T.parallel(B * h_kv * ns):
+                with T.sblock("attn"):
+                    T.reads(Q[0:B, 0:h_q, 0:d], pages[0:max_num_pages, 0:2, 0:h_kv, 0:page_size, 0:d], page_table_indptr[0 : B + 1], page_table_values[0:nnz_pages], length_info[0:B])
+                    T.writes(output[0:B, 0:h_q, 0:d], lse[0:B, 0:h_q], part_o[0 : B * h_kv * NS, 0:G, 0:d], part_m[0 : B * h_kv * NS, 0:G], part_d[0 : B * h_kv * NS, 0:G])
+                    S = T.sblock_alloc_buffer((G, page_size), "float32")
+                    A = T.sblock_alloc_buffer((G, page_size, VL), "float32")
+                    O = T.sblock_alloc_buffer((G, d), "float32")
+                    Qf = T.sblock_alloc_buffer((G, d), "float32")
+                    Rf = T.sblock_alloc_buffer((d,), "float32")
+                    pacc = T.sblock_alloc_buffer((page_size,), "float32")
+                    m = T.sblock_alloc_buffer((G,), "float32")
+                    den = T.sblock_alloc_buffer((G,), "float32")
+                    m_new = T.sblock_alloc_buffer((G,), "float32")
+                    alpha = T.sblock_alloc_buffer((G,), "float32")
+                    bk: T.let[T.int32] = task // ns
+                    b: T.let[T.int32] = bk // h_kv
+                    hk: T.let[T.int32] = bk % h_kv
+                    page_begin: T.let[T.int32] = page_table_indptr[b]
+                    num_pages: T.let[T.int32] = page_table_indptr[b + 1] - page_begin
+                    per_task: T.let[T.int32] = (num_pages + ns - 1) // ns
+                    p0: T.let[T.int32] = T.min(task % ns * per_task, num_pages)
+                    p1: T.let[T.int32] = T.min(p0 + per_task, num_pages)
+                    for g in T.unroll(G):
+                        m[g] = T.float32(-5e4)
+                        den[g] = T.float32(0)  # (an empty page range adds nothing to the merge)
                         for i in T.vectorized(d):
-                            O[g, i] = O[g, i] * alpha[g]
-                    for r in T.serial(rows):
-                        for g in T.serial(G):
+                            O[g, i] = T.float32(0)
+                            Qf[g, i] = T.Cast("float32", Q[b, hk * G + g, i]) * (sm_scale * scale_log2)
+                    for p in T.serial(p1 - p0):
+                        page_no: T.let[T.int32] = page_table_values[page_begin + p0 + p]
+                        rows: T.let[T.int32] = T.if_then_else(p0 + p == num_pages - 1, length_info[b], page_size)
+                        # each key row widened once for the G query heads. Rows past the end repeat the last
+                        # one, so that every group of VL rows is summed at once: their scores repeat its
+                        # score, which leaves the max as it is, and the exp2 pass masks them (a stale row of
+                        # the page could hold anything, NaN included)
+                        for r in T.serial(page_size):
                             for i in T.vectorized(d):
-                                O[g, i] = O[g, i] + S[g, r] * T.Cast("float32", pages[page_no, 1, hk, r, i])
-                for g in T.serial(G):
-                    for i in T.vectorized(d):
-                        output[b, hk * G + g, i] = T.Cast(dtype, O[g, i] / den[g])
-                    lse[b, hk * G + g] = m[g] + T.log2(den[g])
+                                Rf[i] = T.Cast("float32", pages[page_no, 0, hk, T.min(r, rows - 1), i])
+                            for g in T.unroll(G):
+                                for l in T.vectorized(VL):
+                                    A[g, r, l] = Qf[g, l] * Rf[l]
+                                for j in T.unroll(1, NJ):
+                                    for l in T.vectorized(VL):
+                                        A[g, r, l] = A[g, r, l] + Qf[g, j * VL + l] * Rf[j * VL + l]
+                        for g in T.unroll(G):
+                            for ro in T.unroll(page_size // VL):
+                                S[g, T.ramp(ro * VL, 1, VL)] = _row_sums(A, [g], ro * VL, VL)
+                            m_new[g] = T.max(m[g], _max_of(S, [g], 0, page_size))
+                            alpha[g] = _exp2(m[g] - m_new[g])
+                            m[g] = m_new[g]
+                            # the page's rows at once: exp2 vectorized, rows past the end masked to 0
+                            for r in T.vectorized(page_size):
+                                S[g, r] = T.if_then_else(r < rows, _exp2(S[g, r] - m_new[g]), T.float32(0))
+                                pacc[r] = S[g, r]
+                            den[g] = den[g] * alpha[g] + _hsum(pacc, page_size)
+                            for i in T.vectorized(d):
+                                O[g, i] = O[g, i] * alpha[g]
+                        for r in T.serial(rows):
+                            for i in T.vectorized(d):
+                                Rf[i] = T.Cast("float32", pages[page_no, 1, hk, r, i])
+                            for g in T.unroll(G):
+                                for i in T.vectorized(d):
+                                    O[g, i] = O[g, i] + S[g, r] * Rf[i]
+                    if ns == 1:  # a sequence without pages here (a fork's depth): 0 and -5e4, as TVM's
+                        for g in T.unroll(G):
+                            for i in T.vectorized(d):
+                                output[b, hk * G + g, i] = T.Cast(dtype, T.if_then_else(den[g] > T.float32(0), O[g, i] / den[g], T.float32(0)))
+                            lse[b, hk * G + g] = T.if_then_else(den[g] > T.float32(0), m[g] + T.log2(den[g]), T.float32(-5e4))
+                    else:
+                        for g in T.unroll(G):
+                            for i in T.vectorized(d):
+                                part_o[task, g, i] = O[g, i]
+                            part_m[task, g] = m[g]
+                            part_d[task, g] = den[g]
+            if ns > 1:  # merge each (sequence, kv head)'s page ranges (few: ns > 1 only below split_below)
+                for bk in T.serial(B * h_kv):
+                    with T.sblock("merge"):
+                        T.reads(part_o[0 : B * h_kv * NS, 0:G, 0:d], part_m[0 : B * h_kv * NS, 0:G], part_d[0 : B * h_kv * NS, 0:G])
+                        T.writes(output[0:B, 0:h_q, 0:d], lse[0:B, 0:h_q])
+                        w = T.sblock_alloc_buffer((NS,), "float32")
+                        mx = T.sblock_alloc_buffer((1,), "float32")
+                        total = T.sblock_alloc_buffer((1,), "float32")
+                        Om = T.sblock_alloc_buffer((d,), "float32")
+                        for g in T.serial(G):
+                            mx[0] = part_m[bk * NS, g]
+                            for t in T.unroll(1, NS):
+                                mx[0] = T.max(mx[0], part_m[bk * NS + t, g])
+                            total[0] = T.float32(0)
+                            for t in T.unroll(NS):
+                                w[t] = _exp2(part_m[bk * NS + t, g] - mx[0])
+                                total[0] = total[0] + w[t] * part_d[bk * NS + t, g]
+                            for i in T.vectorized(d):
+                                Om[i] = part_o[bk * NS, g, i] * w[0]
+                            for t in T.unroll(1, NS):
+                                for i in T.vectorized(d):
+                                    Om[i] = Om[i] + part_o[bk * NS + t, g, i] * w[t]
+                            for i in T.vectorized(d):
+                                output[bk // h_kv, bk % h_kv * G + g, i] = T.Cast(dtype, T.if_then_else(total[0] > T.float32(0), Om[i] / total[0], T.float32(0)))
+                            lse[bk // h_kv, bk % h_kv * G + g] = T.if_then_else(total[0] > T.float32(0), mx[0] + T.log2(total[0]), T.float32(-5e4))
 
     return batch_decode_paged_kv
 
@@ -201,7 +294,7 @@ def prefill_ragged_kernel(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str) 
                 acc16 = T.sblock_alloc_buffer((16,), "float32")
                 O = T.sblock_alloc_buffer((d_v,), "float32")
                 Qf = T.sblock_alloc_buffer((d_qk,), "float32")
-                acc = T.sblock_alloc_buffer((VL,), "float32")
+                A = T.sblock_alloc_buffer((VL, VL), "float32")
                 st = T.sblock_alloc_buffer((2,), "float32")  # max, sum
                 b: T.let[T.int32] = bh // h_q
                 h: T.let[T.int32] = bh % h_q
@@ -215,14 +308,18 @@ def prefill_ragged_kernel(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str) 
                     for i in T.vectorized(d_qk):
                         Qf[i] = T.Cast("float32", q[q0 + qi, h, i]) * (sm_scale * LOG2E)
                     st[0] = T.float32(-5e4)
-                    for r in T.serial(visible):
-                        for l in T.vectorized(VL):
-                            acc[l] = T.float32(0)
-                        for j in T.unroll(NJ):
+                    # VL key rows at a time, their sums reduced together; rows past the visible ones repeat
+                    # the last (never read past the sequence; a repeated score leaves the max as it is) and
+                    # the exp2 pass masks them
+                    for ro in T.serial((visible + VL - 1) // VL):
+                        for r in T.serial(VL):
                             for l in T.vectorized(VL):
-                                acc[l] = acc[l] + Qf[j * VL + l] * T.Cast("float32", k[k0 + r, hk, j * VL + l])
-                        S[r] = _hsum(acc, VL)
-                        st[0] = T.max(st[0], S[r])
+                                A[r, l] = Qf[l] * T.Cast("float32", k[k0 + T.min(ro * VL + r, visible - 1), hk, l])
+                            for j in T.unroll(1, NJ):
+                                for l in T.vectorized(VL):
+                                    A[r, l] = A[r, l] + Qf[j * VL + l] * T.Cast("float32", k[k0 + T.min(ro * VL + r, visible - 1), hk, j * VL + l])
+                        S[T.ramp(ro * VL, 1, VL)] = _row_sums(A, [], 0, VL)
+                        st[0] = T.max(st[0], _max_of(S, [], ro * VL, VL))
                     for l in T.vectorized(16):
                         acc16[l] = T.float32(0)
                     for ro in T.serial((visible + 15) // 16):
@@ -250,7 +347,7 @@ def prefill_ragged_kernel(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str) 
 def prefill_paged_kernel(h_kv: int, h_q: int, d: int, dtype: str, page_size: int) -> Any:
     """batch_prefill_paged_kv_cpu (no sliding window): queries over the sequence's cached pages."""
     G = h_q // h_kv
-    VL = _lanes(d)
+    VL = _lanes(math.gcd(d, page_size))
     NJ = d // VL
 
     @T.prim_func(s_tir=True)
@@ -303,7 +400,7 @@ def prefill_paged_kernel(h_kv: int, h_q: int, d: int, dtype: str, page_size: int
                 acc16 = T.sblock_alloc_buffer((16,), "float32")
                 O = T.sblock_alloc_buffer((d,), "float32")
                 Qf = T.sblock_alloc_buffer((d,), "float32")
-                acc = T.sblock_alloc_buffer((VL,), "float32")
+                A = T.sblock_alloc_buffer((VL, VL), "float32")
                 st = T.sblock_alloc_buffer((2,), "float32")
                 b: T.let[T.int32] = bh // h_q
                 h: T.let[T.int32] = bh % h_q
@@ -318,14 +415,16 @@ def prefill_paged_kernel(h_kv: int, h_q: int, d: int, dtype: str, page_size: int
                     for i in T.vectorized(d):
                         Qf[i] = T.Cast("float32", q[q0 + qi, h, i]) * (sm_scale * LOG2E)
                     st[0] = T.float32(-5e4)
-                    for r in T.serial(visible):
-                        for l in T.vectorized(VL):
-                            acc[l] = T.float32(0)
-                        for j in T.unroll(NJ):
+                    # as in the ragged kernel: VL rows at a time (a group never crosses a page: VL | page_size)
+                    for ro in T.serial((visible + VL - 1) // VL):
+                        for r in T.serial(VL):
                             for l in T.vectorized(VL):
-                                acc[l] = acc[l] + Qf[j * VL + l] * T.Cast("float32", pages[page_values[pb + r // page_size], 0, hk, r % page_size, j * VL + l])
-                        S[r] = _hsum(acc, VL)
-                        st[0] = T.max(st[0], S[r])
+                                A[r, l] = Qf[l] * T.Cast("float32", pages[page_values[pb + T.min(ro * VL + r, visible - 1) // page_size], 0, hk, T.min(ro * VL + r, visible - 1) % page_size, l])
+                            for j in T.unroll(1, NJ):
+                                for l in T.vectorized(VL):
+                                    A[r, l] = A[r, l] + Qf[j * VL + l] * T.Cast("float32", pages[page_values[pb + T.min(ro * VL + r, visible - 1) // page_size], 0, hk, T.min(ro * VL + r, visible - 1) % page_size, j * VL + l])
+                        S[T.ramp(ro * VL, 1, VL)] = _row_sums(A, [], 0, VL)
+                        st[0] = T.max(st[0], _max_of(S, [], ro * VL, VL))
                     for l in T.vectorized(16):
                         acc16[l] = T.float32(0)
                     for ro in T.serial((visible + 15) // 16):
