@@ -50,24 +50,39 @@ def chatml(messages: list[tuple[str, str]]) -> str:
 
 
 def generate(engine: Engine, prompts: list[list[int]], max_tokens: int,
-             ignore_eos: bool = True) -> list[tuple[list[int], dict]]:
-    """Submit together, greedy; each request's tokens and its stats (usage extras)."""
+             ignore_eos: bool = True, margins: list[list[float]] | None = None) -> list[tuple[list[int], dict]]:
+    """Submit together, greedy; each request's tokens and its stats (usage extras). With ``margins``, each
+    request's gap between its two most likely tokens at every step is appended there (logprobs asked)."""
     outs = [queue.SimpleQueue() for _ in prompts]
-    config = GenerationConfig(SamplingParams(temperature=0), max_tokens=max_tokens, ignore_eos=ignore_eos)
+    sampling = SamplingParams(temperature=0, logprobs=margins is not None, top_logprobs=2 if margins is not None else 0)
+    config = GenerationConfig(sampling, max_tokens=max_tokens, ignore_eos=ignore_eos)
     for prompt, out in zip(prompts, outs):
         engine.submit(prompt, config, out.put)
     results = []
     for out in outs:
         tokens: list[int] = []
+        gaps: list[float] = []
         while True:
             o = out.get(timeout=600)
             if o.error is not None:
                 raise o.error
             tokens += [t for d in o.deltas for t in d.token_ids]
+            gaps += [lp.top[0][1] - lp.top[1][1] for d in o.deltas for lp in d.logprobs if len(lp.top) > 1]
             if o.finished:
                 results.append((tokens, o.stats.as_dict()))
+                if margins is not None:
+                    margins.append(gaps)
                 break
     return results
+
+
+def first_difference(want: list[int], got: list[int], gaps: list[float]) -> str:
+    """Where a speculative run left the plain one, and how close the plain run's top two tokens were there: a
+    half-precision model's verification (several rows at once, other kernels) rounds differently from its
+    decoding, which decides a near-tie the other way."""
+    at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+    gap = f", top-2 logit gap {gaps[at]:.4f} there" if at < len(gaps) else ""
+    return f" (first difference at token {at}{gap})"
 
 
 def system_prompt(engine: Engine, tokens: int) -> str:
@@ -158,12 +173,15 @@ def bench_speculative(bundle: Bundle, draft: Bundle | None, rounds: int, max_tok
                 spec = Engine(bundle, max_batch_size=1, prefix_cache=False, speculative_tokens=k,
                               speculative_mode=options.get("speculative_mode", "draft"), draft=options.get("draft"))
                 try:
-                    plain_rates, spec_rates, same, accepted = [], [], True, []
+                    plain_rates, spec_rates, same, accepted, where = [], [], True, [], ""
                     generate(spec, [prompt], 8)  # warm up both
                     generate(plain, [prompt], 8)
                     for _ in range(rounds):
-                        (want, base), = generate(plain, [prompt], max_tokens, ignore_eos=False)
+                        gaps: list[list[float]] = []
+                        (want, base), = generate(plain, [prompt], max_tokens, ignore_eos=False, margins=gaps)
                         (got, stats), = generate(spec, [prompt], max_tokens, ignore_eos=False)
+                        if got != want and same:
+                            where = first_difference(want, got, gaps[0])
                         same &= got == want
                         plain_rates.append(base["decode_tokens_per_s"])
                         spec_rates.append(stats["decode_tokens_per_s"])
@@ -172,7 +190,7 @@ def bench_speculative(bundle: Bundle, draft: Bundle | None, rounds: int, max_tok
                     print(f"    {mode:14} k={k} {name:9} ({len(prompt)} prompt tokens, {len(want)} generated): "
                           f"plain {statistics.median(plain_rates):6.1f} tok/s, speculative "
                           f"{statistics.median(spec_rates):6.1f} tok/s: {ratio:.2f}x  acceptance "
-                          f"{statistics.mean(accepted):.0%}  identical tokens: {same}"
+                          f"{statistics.mean(accepted):.0%}  identical tokens: {same}{where}"
                           + (f"  (bound at a verification's cost = a decode step's: {lookup_bound(prompt, want, k):.2f}x)"
                              if mode == "prompt-lookup" else ""))
                 finally:
