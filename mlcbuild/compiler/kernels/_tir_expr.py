@@ -188,6 +188,13 @@ def pairwise_sum(terms: list[Any]) -> Any:
     return terms[0]
 
 
+def pairwise_max(terms: list[Any]) -> Any:
+    """max(terms[0], terms[1], ...) as a balanced tree, like :func:`pairwise_sum`."""
+    while len(terms) > 1:
+        terms = [tirx.max(terms[i], terms[i + 1]) if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
 def map_stores(func: Any, fn: Callable[[str, Any], Any]) -> Any:
     """``func`` with the store of every block whose body is one ``BufferStore`` replaced by
     ``fn(block_name, store)`` (return the store itself to keep it); ``func`` when none changed."""

@@ -34,7 +34,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from mlcbuild.compiler.kernels._tir_expr import pairwise_sum
+from mlcbuild.compiler.kernels._tir_expr import pairwise_max, pairwise_sum
 from mlcbuild.compiler.kernels._tir_math import LOG2E
 from mlcbuild.compiler.kernels._tir_math import exp2_nonpositive as _exp2
 from mlcbuild.compiler.kernels.kv_cache_calls import ROPE_INLINE, kv_cache_rope_modes, shape_ints
@@ -67,10 +67,7 @@ def _row_sums(buf: Any, lead: list[Any], row0: Any, n: int) -> Any:
 
 def _max_of(buf: Any, lead: list[Any], start: Any, n: int) -> Any:
     """max of buf[*lead, start:start + n], as a tree."""
-    values = [buf[(*lead, start + i)] for i in range(n)]
-    while len(values) > 1:
-        values = [tirx.max(a, b) for a, b in zip(values[::2], values[1::2])]
-    return values[0]
+    return pairwise_max([buf[(*lead, start + i)] for i in range(n)])
 
 
 def _lanes(d: int) -> int:
@@ -313,11 +310,12 @@ def prefill_ragged_kernel(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str) 
                     # the exp2 pass masks them
                     for ro in T.serial((visible + VL - 1) // VL):
                         for r in T.serial(VL):
+                            key: T.let[T.int32] = k0 + T.min(ro * VL + r, visible - 1)
                             for l in T.vectorized(VL):
-                                A[r, l] = Qf[l] * T.Cast("float32", k[k0 + T.min(ro * VL + r, visible - 1), hk, l])
+                                A[r, l] = Qf[l] * T.Cast("float32", k[key, hk, l])
                             for j in T.unroll(1, NJ):
                                 for l in T.vectorized(VL):
-                                    A[r, l] = A[r, l] + Qf[j * VL + l] * T.Cast("float32", k[k0 + T.min(ro * VL + r, visible - 1), hk, j * VL + l])
+                                    A[r, l] = A[r, l] + Qf[j * VL + l] * T.Cast("float32", k[key, hk, j * VL + l])
                         S[T.ramp(ro * VL, 1, VL)] = _row_sums(A, [], 0, VL)
                         st[0] = T.max(st[0], _max_of(S, [], ro * VL, VL))
                     for l in T.vectorized(16):
@@ -418,11 +416,13 @@ def prefill_paged_kernel(h_kv: int, h_q: int, d: int, dtype: str, page_size: int
                     # as in the ragged kernel: VL rows at a time (a group never crosses a page: VL | page_size)
                     for ro in T.serial((visible + VL - 1) // VL):
                         for r in T.serial(VL):
+                            key: T.let[T.int32] = T.min(ro * VL + r, visible - 1)
+                            key_page: T.let[T.int32] = page_values[pb + key // page_size]
                             for l in T.vectorized(VL):
-                                A[r, l] = Qf[l] * T.Cast("float32", pages[page_values[pb + T.min(ro * VL + r, visible - 1) // page_size], 0, hk, T.min(ro * VL + r, visible - 1) % page_size, l])
+                                A[r, l] = Qf[l] * T.Cast("float32", pages[key_page, 0, hk, key % page_size, l])
                             for j in T.unroll(1, NJ):
                                 for l in T.vectorized(VL):
-                                    A[r, l] = A[r, l] + Qf[j * VL + l] * T.Cast("float32", pages[page_values[pb + T.min(ro * VL + r, visible - 1) // page_size], 0, hk, T.min(ro * VL + r, visible - 1) % page_size, j * VL + l])
+                                    A[r, l] = A[r, l] + Qf[j * VL + l] * T.Cast("float32", pages[key_page, 0, hk, key % page_size, j * VL + l])
                         S[T.ramp(ro * VL, 1, VL)] = _row_sums(A, [], 0, VL)
                         st[0] = T.max(st[0], _max_of(S, [], ro * VL, VL))
                     for l in T.vectorized(16):

@@ -31,7 +31,7 @@ from typing import Any
 from tvm import tirx
 
 from mlcbuild.compiler.kernels._text_kernel import KernelExprs, parse, signature
-from mlcbuild.compiler.kernels._tir_expr import as_int, loads_in, pairwise_sum
+from mlcbuild.compiler.kernels._tir_expr import as_int, loads_in, pairwise_max, pairwise_sum
 from mlcbuild.compiler.kernels.cpu_matmul import PREFETCH_BYTES, _divisor, line_starts, rows_ahead
 from mlcbuild.compiler.kernels.matmul_analysis import GroupQuant, MatmulInfo, NotMatched
 
@@ -101,10 +101,7 @@ class _Exprs(KernelExprs):
 
     def hmax(self, buf: Any) -> Any:
         """max over a 16-element float32 buffer."""
-        values = [buf[i] for i in range(16)]
-        while len(values) > 1:
-            values = [tirx.max(a, b) for a, b in zip(values[::2], values[1::2])]
-        return values[0]
+        return pairwise_max([buf[i] for i in range(16)])
 
     def deinterleave(self, pl: Any, m: Any, h: Any, wo: Any, p: int) -> Any:
         """Plane h's bytes of the even (p=0) or odd (p=1) weights of the vl words at wo, as the
