@@ -18,9 +18,12 @@ template around a fixed user text, cut or padded to exactly ``--prompt-len`` tok
 Repeats run round-robin over the engines (one repeat of each, then the next), so slow phases of a
 noisy shared machine hit every row alike; the table shows medians. Ratios compare each mlcbuild row
 with the llama.cpp row of equal bits (4-bit rows with Q4_1, 16/32-bit rows with F16). The
-bandwidth bound is measured in the same run (a numpy reduction reading a 1 GiB array, best of 5, one
-and ``--threads`` threads, the faster counts: a decode step is a read stream): bound = read bandwidth /
-weight bytes read per decode step; the copy bandwidth (read + write bytes) is printed beside it. No
+bandwidth bound is measured in the same run (a numpy reduction reading an array, one and ``--threads``
+threads, the faster counts: a decode step is a read stream): 1 GiB best of 5 at the start, then 256 MiB
+best of 3 before each round; bound = the rounds' median read bandwidth / weight bytes read per decode
+step (a shared host's bandwidth drifts within the hour: the start figure and the rounds' range are
+printed too); the copy bandwidth (read + write bytes) is printed beside it. "decode range" is the
+slowest and fastest round. No
 assertions: numbers to compare within one run. Peers are optional (``pip install -e ".[bench]"``); a
 missing one prints as "not installed".
 """
@@ -265,6 +268,11 @@ def build_bundles(work: Path, cache_dir: Path, quants: list[str], rebuild: bool)
 # ----------------------------------------------------------------------------------------------
 # Bandwidth
 # ----------------------------------------------------------------------------------------------
+
+
+# The per-round bandwidth probe: big enough to stream from DRAM (32 MB of L3 here), small enough to
+# take ~0.1 s a round.
+ROUND_PROBE_BYTES = 256 << 20
 
 
 def stream_bandwidth(threads: int, kind: str, nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
@@ -594,13 +602,13 @@ def render_table(rows: list[Row], bandwidth: float) -> str:
     for r in rows:
         if r.engine == "llama.cpp" and r.status == "ok":
             ref[4 if r.bits == 4 else 16] = r
-    header = ["engine", "weights", "prefill tok/s", "decode tok/s", "prefill vs llama.cpp", "decode vs llama.cpp",
-              "MB read/token", "bound tok/s", "% of bound"]
+    header = ["engine", "weights", "prefill tok/s", "decode tok/s", "decode range", "prefill vs llama.cpp",
+              "decode vs llama.cpp", "MB read/token", "bound tok/s", "% of bound"]
     lines = []
     for r in rows:
         if r.status != "ok" or not r.decode:
             mb = _fmt(r.weight_bytes and r.weight_bytes / 1e6, ".1f")
-            lines.append([r.engine, r.weights, r.status, "", "", "", mb, "", ""])
+            lines.append([r.engine, r.weights, r.status, "", "", "", "", mb, "", ""])
             continue
         pre, dec = r.prefill_median, r.decode_median
         px = dx = "—"
@@ -611,10 +619,11 @@ def render_table(rows: list[Row], bandwidth: float) -> str:
                 dx = f"{dec / peer.decode_median:.2f}×"
         bound = bandwidth / r.weight_bytes if r.weight_bytes else None
         frac = "—" if not bound else f"{100 * dec / bound:.{1 if dec / bound < 0.1 else 0}f}%"
-        lines.append([r.engine, r.weights, f"{pre:.1f}", f"{dec:.1f}", px, dx,
+        spread = f"{min(r.decode):.0f}-{max(r.decode):.0f}"
+        lines.append([r.engine, r.weights, f"{pre:.1f}", f"{dec:.1f}", spread, px, dx,
                       _fmt(r.weight_bytes and r.weight_bytes / 1e6, ".1f"), _fmt(bound, ".0f"), frac])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    right = {2, 3, 4, 5, 6, 7, 8}
+    right = {2, 3, 4, 5, 6, 7, 8, 9}
 
     def fmt_line(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
@@ -769,7 +778,13 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{runner.row.engine} {runner.row.weights} failed:\n{traceback.format_exc()}")
             runners.remove(runner)
     meter.lap()
+    # The read bandwidth again at each round: on a shared host it drifts by up to 2x within the hour (the
+    # host's other tenants), so the bound uses what memory gave while the rounds ran.
+    round_bw: list[float] = []
     for rep in range(args.repeats):
+        if runners:
+            round_bw.append(max(stream_bandwidth(args.threads, "read", ROUND_PROBE_BYTES, 3).values()))
+            meter.lap()
         for runner in list(runners):
             r = runner.row
             if args.wait_idle > 0:
@@ -792,6 +807,8 @@ def main(argv: list[str] | None = None) -> int:
         runner.close()
 
     # ---- report ----
+    if round_bw:
+        bandwidth = statistics.median(round_bw)
     table = render_table(rows, bandwidth)
     print()
     print(f"SmolLM2-135M-Instruct, batch 1, {args.prompt_len}-token chat prompt, {args.gen_len} greedy decode steps, "
@@ -801,8 +818,11 @@ def main(argv: list[str] | None = None) -> int:
     def threads_gbs(measured: dict[str, float]) -> str:
         return ", ".join(f"{k} thread{'s' if k != '1' else ''} {v / 1e9:.1f} GB/s" for k, v in measured.items())
 
-    print(f"read bandwidth (numpy reduction of 1 GiB, best of 5): {threads_gbs(bw)}; "
-          f"bound = {bandwidth / 1e9:.1f} GB/s / MB read per token")
+    print(f"read bandwidth (numpy reduction of 1 GiB, best of 5) at the start: {threads_gbs(bw)}")
+    if round_bw:
+        print(f"read bandwidth at each round ({ROUND_PROBE_BYTES >> 20} MiB, best of 3, {args.threads} threads): median "
+              f"{bandwidth / 1e9:.1f} GB/s, range {min(round_bw) / 1e9:.1f}-{max(round_bw) / 1e9:.1f}")
+    print(f"bound = {bandwidth / 1e9:.1f} GB/s / MB read per token")
     print(f"(copy bandwidth, read + write bytes: {threads_gbs(copy_bw)})")
     print()
     print(table)
@@ -826,7 +846,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "notes": notes, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "repeats": args.repeats,
-            "read_bandwidth_bytes_s": bw, "copy_bandwidth_bytes_s": copy_bw, "rows": [asdict(r) for r in rows],
+            "read_bandwidth_bytes_s": bw, "copy_bandwidth_bytes_s": copy_bw, "round_read_bandwidth_bytes_s": round_bw,
+            "bound_bandwidth_bytes_s": bandwidth, "rows": [asdict(r) for r in rows],
         }, indent=2, default=str) + "\n")
     return 0
 
