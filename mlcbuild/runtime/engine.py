@@ -909,14 +909,24 @@ class Engine:
         work: list[tuple[DraftState, list[int], int]] = []
         for (request, seq), k in zip(seqs, lengths):
             context = request.prompt + seq.tokens
-            need = self.draft.pages_for(seq.draft, len(context), k) if k else 0
-            if need > free:
+            left = self._reserve_draft(seq, len(context), k, free) if k else None
+            if left is None:
                 k = 0
-            free -= need if k else 0
-            if k and seq.draft is None:
-                seq.draft = self.draft.new_state()
+            else:
+                free = left
             work.append((seq.draft, context, k))  # type: ignore[arg-type]  (None only where k == 0)
         return self.draft.propose(work)
+
+    def _reserve_draft(self, seq: _Sequence, tokens: int, k: int, free: int) -> int | None:
+        """The draft cache's pages left of ``free`` once it holds ``tokens`` of ``seq`` and ``k`` drafted ones
+        (the sequence's draft state made on first use); None where they do not fit."""
+        assert self.draft is not None
+        need = self.draft.pages_for(seq.draft, tokens, k)
+        if need > free:
+            return None
+        if seq.draft is None:
+            seq.draft = self.draft.new_state()
+        return free - need
 
     def _follow_drafts(self, work: list[tuple[_Request, list[int]]]) -> None:
         """The draft model prefills what the target just prefilled (the sequences that will speculate, while
@@ -930,12 +940,10 @@ class Engine:
             if seq.matcher is not None:  # constrained: decodes one token a step, never drafts
                 continue
             context = (request.prompt + seq.tokens)[:seq.kv_len]
-            need = self.draft.pages_for(seq.draft, len(context), 0)
-            if need > free:
+            left = self._reserve_draft(seq, len(context), 0, free)
+            if left is None:
                 continue
-            free -= need
-            if seq.draft is None:
-                seq.draft = self.draft.new_state()
+            free = left
             follow.append((seq.draft, context))
         self.draft.follow(follow)
 
