@@ -135,7 +135,8 @@ HOST_RULE = "gemv-q-vnni" if cpu_qgemv_vnni.supported(TARGET) else "gemv-q"
         ("q4f32_1", 128, 1, TARGET, HOST_RULE),  # float32 activations: 24-bit fixed point (3 byte planes)
         ("q4f32_1", 192, 3, TARGET, HOST_RULE),
         ("q4f16_1", 192, 3, TARGET, HOST_RULE),  # symbolic batch of 3 rows
-        # a row's group scales made 16 groups a vector: 18 groups (16 + 2), 32 groups (16 + 16)
+        # a row's group scales made 16 groups a vector: 18 groups (16 + 2), 32 groups (16 + 16); 72 words
+        # (and 24 above): 16-word dots and an 8-word tail
         ("q4f16_1", 576, 1, TARGET, HOST_RULE),
         ("q4f16_1", 1024, 3, TARGET, HOST_RULE),
     ],

@@ -12,7 +12,7 @@ from typing import Any
 
 # A note of which generation of CPU kernels this is. The compile node's key covers the code of
 # these passes itself (pipeline.code_digest): forgetting to bump it rebuilds nothing stale.
-SCHEDULE_VERSION = "14"
+SCHEDULE_VERSION = "15"
 
 _LAZY = {"CPUSchedule", "apply_cpu_schedules", "last_report", "vector_lanes"}
 

@@ -20,8 +20,9 @@ float kernel's). With the group's integer zero point ``z``::
 
 Bytes of the packed words line up with the dot instruction: byte ``b`` of word ``w`` holds
 nibbles ``2b`` (low half) and ``2b + 1`` (high half), i.e. weights ``8w + 2b`` and
-``8w + 2b + 1``; the activation bytes are laid out per call to match (even/odd, then lane,
-then byte).
+``8w + 2b + 1``; the activation bytes are laid out per call to match: for the dot over the words
+``w0 .. w0 + vl``, bytes ``8 w0 ..`` hold the even weights' (then lane, then byte), then the odd
+weights'.
 """
 
 from __future__ import annotations
@@ -69,12 +70,12 @@ class _Exprs(KernelExprs):
         super().__init__(info)
         self.vl, self.gw, self.planes = vl, gw, planes
 
-    def dot(self, W: Any, sd: Any, xb: Any, zw: Any, n: Any, ni: Any, m: Any, wo: Any) -> Any:
+    def dot(self, W: Any, sd: Any, xb: Any, zw: Any, n: Any, ni: Any, m: Any, w0: Any, vl: int) -> Any:
         """float32 x vl partial sums of row n over the vl words at wo: (s * d) * (q . xq - z sum xq), with
         the row's products s * d per group already in float32 (``sd[ni]``, made once per row)."""
-        vl, gw = self.vl, self.gw
+        gw = self.gw
         i32, i8 = f"int32x{vl}", f"int8x{4 * vl}"
-        lanes = tirx.Ramp(wo * vl, 1, vl)
+        lanes = tirx.Ramp(w0, 1, vl)
         words = tirx.reinterpret(i32, tirx.BufferLoad(W, [n, lanes]))
         mask = tirx.Broadcast(tirx.const(0x0F0F0F0F, "int32"), vl)
         nibbles = (
@@ -86,7 +87,7 @@ class _Exprs(KernelExprs):
         def dots(h: int) -> Any:
             acc = tirx.Broadcast(tirx.const(0, "int32"), vl)
             for p in (0, 1):
-                x = tirx.BufferLoad(xb, [m, h, wo, p, tirx.Ramp(0, 1, 4 * vl)])
+                x = tirx.BufferLoad(xb, [m, h, tirx.Ramp(w0 * 8 + p * 4 * vl, 1, 4 * vl)])
                 acc = tirx.call_llvm_pure_intrin(i32, intrin, acc, nibbles[p], x)
             return acc
 
@@ -95,7 +96,7 @@ class _Exprs(KernelExprs):
             total = total * tirx.Broadcast(tirx.const(256, "int32"), vl) + dots(h)
         total = total - tirx.BufferLoad(zw, [m, lanes])
         per_word = vl // gw
-        scales = tirx.BufferLoad(sd, [ni, tirx.Ramp(wo * per_word, 1, per_word)])
+        scales = tirx.BufferLoad(sd, [ni, tirx.Ramp(tirx.floordiv(w0, gw), 1, per_word)])
         scale = tirx.Shuffle([scales] * gw, [tirx.const(i // gw, "int32") for i in range(vl)])
         return tirx.Cast(f"float32x{vl}", total) * scale
 
@@ -103,11 +104,11 @@ class _Exprs(KernelExprs):
         """max over a 16-element float32 buffer."""
         return pairwise_max([buf[i] for i in range(16)])
 
-    def deinterleave(self, pl: Any, m: Any, h: Any, wo: Any, p: int) -> Any:
+    def deinterleave(self, pl: Any, m: Any, h: Any, w0: Any, vl: int, p: int) -> Any:
         """Plane h's bytes of the even (p=0) or odd (p=1) weights of the vl words at wo, as the
         dot instruction pairs them with the nibbles: byte j of the vector is k = 2j + p."""
-        n = 4 * self.vl
-        pairs = tirx.reinterpret(f"int16x{n}", tirx.BufferLoad(pl, [m, h, tirx.Ramp(wo * 2 * n, 1, 2 * n)]))
+        n = 4 * vl
+        pairs = tirx.reinterpret(f"int16x{n}", tirx.BufferLoad(pl, [m, h, tirx.Ramp(w0 * 8, 1, 2 * n)]))
         if p:
             pairs = tirx.shift_right(pairs, tirx.Broadcast(tirx.const(8, "int16"), n))
         return tirx.Cast(f"int8x{n}", pairs)  # the low byte of each pair
@@ -126,7 +127,7 @@ def main({handles}):
     amax = T.alloc_buffer(({M}, {NG}), "float32")
     zw = T.alloc_buffer(({M}, {KW}), "int32")
     dg = T.alloc_buffer(({M}, {NG}), "float32")
-    xb = T.alloc_buffer(({M}, {P}, {WO}, 2, {VL4}), "int8")
+    xb = T.alloc_buffer(({M}, {P}, {KW8}), "int8")
     xs = T.alloc_buffer(({M}, {K}), "float32")
     xq = T.alloc_buffer(({M}, {K}), "int32")
     pl = T.alloc_buffer(({M}, {P}, {K}), "int8")
@@ -155,8 +156,9 @@ def main({handles}):
             zw[m, w] = ({ZSUM}) * {ZERO}
         for h in range({P}):
             for wo in range({WO}):
-                xb[m, h, wo, 0, T.ramp(0, 1, {VL4})] = E.deinterleave(pl, m, h, wo, 0)
-                xb[m, h, wo, 1, T.ramp(0, 1, {VL4})] = E.deinterleave(pl, m, h, wo, 1)
+                xb[m, h, T.ramp(wo * {VL8}, 1, {VL4})] = E.deinterleave(pl, m, h, wo * {VL}, {VL}, 0)
+                xb[m, h, T.ramp(wo * {VL8} + {VL4}, 1, {VL4})] = E.deinterleave(pl, m, h, wo * {VL}, {VL}, 1)
+{TAIL_X}
     for no in T.parallel({NO}):
         acc = T.alloc_buffer(({R}, {VL}), "float32")
         sd = T.alloc_buffer(({R}, {NG}), "float32")
@@ -170,7 +172,8 @@ def main({handles}):
 {ROW_SCALES}
             for wo in range({WO}):
                 for ni in T.unroll({R}):
-                    acc[ni, T.ramp(0, 1, {VL})] = acc[ni, T.ramp(0, 1, {VL})] + E.dot({W}, sd, xb, zw, no * {R} + ni, ni, m, wo)
+                    acc[ni, T.ramp(0, 1, {VL})] = acc[ni, T.ramp(0, 1, {VL})] + E.dot({W}, sd, xb, zw, no * {R} + ni, ni, m, wo * {VL}, {VL})
+{TAIL_DOT}
             for ni in T.unroll({R}):
                 {OUT}[{OUT_IDX}no * {R} + ni] = E.out(m, no * {R} + ni, E.hsum(acc, ni), {names})
 """
@@ -209,6 +212,26 @@ def _row_scales(scale: str, rows: int, groups: int) -> str:
     return "\n".join(lines)
 
 
+def _tail_x(w0: int, tail: int) -> str:
+    """Kernel text: the activation bytes of the ``tail`` words from word ``w0`` on, laid out for an
+    8-word (256-bit) dot; nothing without a tail."""
+    if not tail:
+        return ""
+    pad = " " * 12
+    return (f"{pad}xb[m, h, T.ramp({w0 * 8}, 1, {4 * tail})] = E.deinterleave(pl, m, h, {w0}, {tail}, 0)\n"
+            f"{pad}xb[m, h, T.ramp({w0 * 8 + 4 * tail}, 1, {4 * tail})] = E.deinterleave(pl, m, h, {w0}, {tail}, 1)")
+
+
+def _tail_dot(weight: str, rows: int, w0: int, tail: int) -> str:
+    """Kernel text: each row's 8-word (256-bit) dot over the ``tail`` words from ``w0`` on, added into the
+    first lanes of its 16-lane partial sums; nothing without a tail."""
+    if not tail:
+        return ""
+    pad = " " * 12
+    return (f"{pad}for ni in T.unroll({rows}):\n{pad}    acc[ni, T.ramp(0, 1, {tail})] = acc[ni, T.ramp(0, 1, {tail})] + "
+            f"E.dot({weight}, sd, xb, zw, no * {rows} + ni, ni, m, {w0}, {tail})")
+
+
 def _split_planes(planes: int, group: int) -> str:
     """Kernel text: the fixed-point values ``xq`` into signed byte planes, most significant first,
     in k order (``E.deinterleave`` lays them out for the dots). r_0 = xq, r_i+1 = (r_i + 128) >> 8;
@@ -241,16 +264,21 @@ def build(info: MatmulInfo, gq: GroupQuant, rows: int = 1, prefetch_bytes: int =
     if len(x_dtypes) != 1 or next(iter(x_dtypes)) not in PLANES:
         raise NotMatched(f"activations of dtype {x_dtypes}")
     planes = PLANES[next(iter(x_dtypes))]
-    vl = _divisor(kw, [16, 8])
+    # 16-word (512-bit) dots, and one 8-word dot for the rest of a row of 16 n + 8 words (K = 576: 4 + 1
+    # instead of 9 8-word dots; whole q4f16_1 decode step on Zen 4 1.04-1.06x; 512-bit dots are two
+    # 256-bit halves there, but a row costs fewer instructions)
+    vl = 16 if kw >= 16 else 8
+    tail = kw % vl
     gw = gq.group // 8  # words per group
-    if kw % vl or vl % gw:
+    if tail % 8 or vl % gw or (tail and tail % gw):
         raise NotMatched("groups do not tile the vector")
     rows = _divisor(N, [rows, 2, 1])
     sig = signature(info, gq, RESERVED)
     prefetch = _prefetch_lines(sig.weight, sig.scale, gq, rows, N, prefetch_bytes)
     text = KERNEL.format(
         handles=sig.handles, symbols=sig.symbols, buffers=sig.buffers, W=sig.weight, S=sig.scale,
-        M=sig.m_extent, NG=K // gq.group, KW=kw, WO=kw // vl, VL=vl, VL4=4 * vl, G=gq.group, GW=gw,
+        M=sig.m_extent, NG=K // gq.group, KW=kw, KW8=8 * kw, WO=kw // vl, VL=vl, VL4=4 * vl, VL8=8 * vl,
+        TAIL_X=_tail_x(kw - tail, tail), TAIL_DOT=_tail_dot(sig.weight, rows, kw - tail, tail), G=gq.group, GW=gw,
         R=rows, NO=N // rows,
         ZERO=int(gq.zero), XMAX=float(X_MAX[planes]), DSCALE=repr(1.0 / X_MAX[planes]), names=sig.names,
         P=planes, SPLIT=_split_planes(planes, gq.group), K=K, K16=K // 16, G16=gq.group // 16,
