@@ -48,7 +48,7 @@ X_MAX = {2: 127 * 257, 3: 127 * (1 + 256 + 65536) - 16}  # 32639, 8355695
 X16_MAX = X_MAX[2]
 # names the kernel text uses itself
 RESERVED = {
-    "T", "E", "amax", "zw", "dg", "sd", "go", "gv", "xb", "xs", "xq", "pl", "hm", "acc", "m", "g", "c", "kv", "ko", "wg",
+    "T", "E", "amax", "zw", "dg", "sd", "go", "gv", "xb", "xs", "xq", "pl", "hm", "acc", "m", "g", "c", "kv", "ko",
     "h", "w", "no", "ni", "wo", "main",
 }
 
@@ -71,7 +71,7 @@ class _Exprs(KernelExprs):
         self.vl, self.gw, self.planes = vl, gw, planes
 
     def dot(self, W: Any, sd: Any, xb: Any, zw: Any, n: Any, ni: Any, m: Any, w0: Any, vl: int) -> Any:
-        """float32 x vl partial sums of row n over the vl words at wo: (s * d) * (q . xq - z sum xq), with
+        """float32 x vl partial sums of row n over the vl words from w0 on: (s * d) * (q . xq - z sum xq), with
         the row's products s * d per group already in float32 (``sd[ni]``, made once per row)."""
         gw = self.gw
         i32, i8 = f"int32x{vl}", f"int8x{4 * vl}"
@@ -105,7 +105,7 @@ class _Exprs(KernelExprs):
         return pairwise_max([buf[i] for i in range(16)])
 
     def deinterleave(self, pl: Any, m: Any, h: Any, w0: Any, vl: int, p: int) -> Any:
-        """Plane h's bytes of the even (p=0) or odd (p=1) weights of the vl words at wo, as the
+        """Plane h's bytes of the even (p=0) or odd (p=1) weights of the vl words from w0 on, as the
         dot instruction pairs them with the nibbles: byte j of the vector is k = 2j + p."""
         n = 4 * vl
         pairs = tirx.reinterpret(f"int16x{n}", tirx.BufferLoad(pl, [m, h, tirx.Ramp(w0 * 8, 1, 2 * n)]))
@@ -156,9 +156,8 @@ def main({handles}):
             zw[m, w] = ({ZSUM}) * {ZERO}
         for h in range({P}):
             for wo in range({WO}):
-                xb[m, h, T.ramp(wo * {VL8}, 1, {VL4})] = E.deinterleave(pl, m, h, wo * {VL}, {VL}, 0)
-                xb[m, h, T.ramp(wo * {VL8} + {VL4}, 1, {VL4})] = E.deinterleave(pl, m, h, wo * {VL}, {VL}, 1)
-{TAIL_X}
+{X_MAIN}
+{X_TAIL}
     for no in T.parallel({NO}):
         acc = T.alloc_buffer(({R}, {VL}), "float32")
         sd = T.alloc_buffer(({R}, {NG}), "float32")
@@ -171,9 +170,8 @@ def main({handles}):
                 # projections: 1.02-1.17x of widening and multiplying the scales in every step)
 {ROW_SCALES}
             for wo in range({WO}):
-                for ni in T.unroll({R}):
-                    acc[ni, T.ramp(0, 1, {VL})] = acc[ni, T.ramp(0, 1, {VL})] + E.dot({W}, sd, xb, zw, no * {R} + ni, ni, m, wo * {VL}, {VL})
-{TAIL_DOT}
+{DOT_MAIN}
+{DOT_TAIL}
             for ni in T.unroll({R}):
                 {OUT}[{OUT_IDX}no * {R} + ni] = E.out(m, no * {R} + ni, E.hsum(acc, ni), {names})
 """
@@ -212,24 +210,18 @@ def _row_scales(scale: str, rows: int, groups: int) -> str:
     return "\n".join(lines)
 
 
-def _tail_x(w0: int, tail: int) -> str:
-    """Kernel text: the activation bytes of the ``tail`` words from word ``w0`` on, laid out for an
-    8-word (256-bit) dot; nothing without a tail."""
-    if not tail:
-        return ""
-    pad = " " * 12
-    return (f"{pad}xb[m, h, T.ramp({w0 * 8}, 1, {4 * tail})] = E.deinterleave(pl, m, h, {w0}, {tail}, 0)\n"
-            f"{pad}xb[m, h, T.ramp({w0 * 8 + 4 * tail}, 1, {4 * tail})] = E.deinterleave(pl, m, h, {w0}, {tail}, 1)")
+def _x_layout(w0: str, vl: int, pad: int) -> str:
+    """Kernel text: the activation bytes of the vl words from word ``w0`` on (an expression), laid out
+    for one vl-word dot: the even weights' bytes, then the odd weights'."""
+    return "\n".join(f"{' ' * pad}xb[m, h, T.ramp({w0} * 8 + {p * 4 * vl}, 1, {4 * vl})] = "
+                     f"E.deinterleave(pl, m, h, {w0}, {vl}, {p})" for p in (0, 1))
 
 
-def _tail_dot(weight: str, rows: int, w0: int, tail: int) -> str:
-    """Kernel text: each row's 8-word (256-bit) dot over the ``tail`` words from ``w0`` on, added into the
-    first lanes of its 16-lane partial sums; nothing without a tail."""
-    if not tail:
-        return ""
-    pad = " " * 12
-    return (f"{pad}for ni in T.unroll({rows}):\n{pad}    acc[ni, T.ramp(0, 1, {tail})] = acc[ni, T.ramp(0, 1, {tail})] + "
-            f"E.dot({weight}, sd, xb, zw, no * {rows} + ni, ni, m, {w0}, {tail})")
+def _dot_step(weight: str, rows: int, w0: str, vl: int, pad: int) -> str:
+    """Kernel text: each row's vl-word dot from word ``w0`` on (an expression), added into the first vl
+    lanes of its partial sums."""
+    return (f"{' ' * pad}for ni in T.unroll({rows}):\n{' ' * pad}    acc[ni, T.ramp(0, 1, {vl})] = "
+            f"acc[ni, T.ramp(0, 1, {vl})] + E.dot({weight}, sd, xb, zw, no * {rows} + ni, ni, m, {w0}, {vl})")
 
 
 def _split_planes(planes: int, group: int) -> str:
@@ -277,8 +269,11 @@ def build(info: MatmulInfo, gq: GroupQuant, rows: int = 1, prefetch_bytes: int =
     prefetch = _prefetch_lines(sig.weight, sig.scale, gq, rows, N, prefetch_bytes)
     text = KERNEL.format(
         handles=sig.handles, symbols=sig.symbols, buffers=sig.buffers, W=sig.weight, S=sig.scale,
-        M=sig.m_extent, NG=K // gq.group, KW=kw, KW8=8 * kw, WO=kw // vl, VL=vl, VL4=4 * vl, VL8=8 * vl,
-        TAIL_X=_tail_x(kw - tail, tail), TAIL_DOT=_tail_dot(sig.weight, rows, kw - tail, tail), G=gq.group, GW=gw,
+        M=sig.m_extent, NG=K // gq.group, KW=kw, KW8=8 * kw, WO=kw // vl, VL=vl, G=gq.group, GW=gw,
+        # the row's vl-word dots in a loop, then (rows of 16 n + 8 words) one 8-word dot on the rest
+        X_MAIN=_x_layout(f"wo * {vl}", vl, 16), DOT_MAIN=_dot_step(sig.weight, rows, f"wo * {vl}", vl, 16),
+        X_TAIL=_x_layout(str(kw - tail), tail, 12) if tail else "",
+        DOT_TAIL=_dot_step(sig.weight, rows, str(kw - tail), tail, 12) if tail else "",
         R=rows, NO=N // rows,
         ZERO=int(gq.zero), XMAX=float(X_MAX[planes]), DSCALE=repr(1.0 / X_MAX[planes]), names=sig.names,
         P=planes, SPLIT=_split_planes(planes, gq.group), K=K, K16=K // 16, G16=gq.group // 16,
